@@ -1,0 +1,43 @@
+# The two commands that matter: `make demo` and `make test`.
+# Both work on a fresh machine with only Python (and root, for the broker
+# package): they create .venv and install what they need on first use.
+
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.edgeota-installed
+
+.PHONY: demo test lint system-deps bench clean help
+
+help:
+	@echo "make demo   - install into .venv and run the end-to-end demo"
+	@echo "make test   - install into .venv (and mosquitto) and run ruff + the whole test suite"
+	@echo "make bench  - run the benchmarks in bench/ (prints ratios against measured limits)"
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+# Tests that need a broker start their own Mosquitto from the binary; install
+# the Debian package when it is missing (root is required for that only).
+system-deps:
+	@command -v mosquitto >/dev/null 2>&1 || test -x /usr/sbin/mosquitto || { \
+	  echo "installing mosquitto (Debian package)"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq mosquitto >/dev/null; }
+
+demo: $(STAMP)
+	$(BIN)/edgeota demo
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+
+test: $(STAMP) system-deps lint
+	$(BIN)/pytest
+
+bench: $(STAMP)
+	@for b in bench/*.py; do echo "== $$b"; $(BIN)/python $$b || exit 1; done
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache test-artifacts

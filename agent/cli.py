@@ -1,0 +1,1 @@
+"""The ``edgeota-agent`` CLI (placeholder)."""

@@ -1,0 +1,420 @@
+"""Streaming authenticated encryption of a bundle (the STREAM construction).
+
+Why STREAM rather than one AEAD call: a model can be larger than a device's
+free memory, so both sealing and opening must work chunk by chunk, and a
+chunk-level AEAD alone would let an attacker drop, reorder or cut chunks.
+STREAM (Hoang, Reyhanitabar, Rogaway, Vizár 2015) fixes each chunk's position
+and finality into its nonce::
+
+    nonce = prefix (7 bytes) || counter (u32, big-endian) || last-flag (1 byte)
+
+and the header is the associated data of every chunk, so a header edit breaks
+every chunk. A separate HMAC over the header (keyed from the content key)
+lets a reader refuse a wrong key or an edited header before reading any body.
+
+Sealed layout::
+
+    header:  magic "EOTB" | version u8 | suite u8 | chunk size u32 | nonce prefix 7B
+             | reserved u8 (=0) | header MAC 32B (HMAC-SHA256)
+    body:    chunk 0 || chunk 1 || ... || chunk n-1, each plaintext chunk + 16-byte tag;
+             every chunk but the last holds exactly ``chunk_size`` plaintext bytes,
+             the last holds 0..chunk_size bytes and carries last-flag 1.
+
+The content key never encrypts directly: HKDF-SHA256 derives one key for the
+AEAD and one for the header MAC, salted with the random nonce prefix.
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+import hmac
+import io
+import os
+import struct
+from dataclasses import dataclass
+from typing import BinaryIO
+
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM, ChaCha20Poly1305
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+from edgeota.protocol.errors import (
+    ChunkAuthenticationError,
+    ChunkOrderError,
+    HeaderAuthenticationError,
+    MalformedBundleError,
+    TrailingDataError,
+    TruncatedBundleError,
+    UnsupportedSuiteError,
+)
+
+__all__ = [
+    "DEFAULT_CHUNK_SIZE",
+    "HEADER_SIZE",
+    "TAG_SIZE",
+    "AeadSuite",
+    "SealedHeader",
+    "StreamOpener",
+    "StreamSealer",
+    "read_header",
+    "sealed_size_for",
+]
+
+MAGIC = b"EOTB"
+FORMAT_VERSION = 1
+DEFAULT_CHUNK_SIZE = 64 * 1024
+MIN_CHUNK_SIZE = 1024
+MAX_CHUNK_SIZE = 4 * 1024 * 1024
+TAG_SIZE = 16
+NONCE_PREFIX_SIZE = 7
+MAC_SIZE = 32
+_FIXED = struct.Struct(">4sBBI7sB")
+HEADER_SIZE = _FIXED.size + MAC_SIZE
+# The counter is 32 bits: with 64 KiB chunks that is 256 TiB per bundle.
+_MAX_CHUNKS = 2**32
+# How far from the expected position a failing chunk is probed to tell
+# "reordered or duplicated" from "modified". Bounded so a tampered file
+# costs at most this many extra AEAD attempts, and only once.
+_ORDER_PROBE_WINDOW = 64
+
+
+class AeadSuite(enum.Enum):
+    """Chunk ciphers. ChaCha20-Poly1305 is the default: fast on Pi cores lacking AES instructions."""
+
+    CHACHA20_POLY1305 = "chacha20-poly1305"
+    AES_256_GCM = "aes-256-gcm"
+
+    @property
+    def wire_id(self) -> int:
+        return 1 if self is AeadSuite.CHACHA20_POLY1305 else 2
+
+    @classmethod
+    def from_wire_id(cls, wire_id: int) -> AeadSuite:
+        if wire_id == 1:
+            return cls.CHACHA20_POLY1305
+        if wire_id == 2:
+            return cls.AES_256_GCM
+        raise UnsupportedSuiteError(
+            f"unknown bundle cipher suite id {wire_id} (known: 1 = chacha20-poly1305, "
+            "2 = aes-256-gcm)"
+        )
+
+    def cipher(self, key: bytes) -> ChaCha20Poly1305 | AESGCM:
+        return ChaCha20Poly1305(key) if self is AeadSuite.CHACHA20_POLY1305 else AESGCM(key)
+
+
+@dataclass(frozen=True)
+class SealedHeader:
+    """The parsed, not yet authenticated, header of a sealed bundle."""
+
+    version: int
+    suite: AeadSuite
+    chunk_size: int
+    nonce_prefix: bytes
+    mac: bytes
+    raw: bytes
+
+    @property
+    def mac_input(self) -> bytes:
+        return self.raw[: _FIXED.size]
+
+    def plaintext_size(self, sealed_size: int) -> int:
+        """The plaintext size implied by a sealed file's total size.
+
+        Raises ``MalformedBundleError`` when no sequence of chunks has that size,
+        which already betrays a truncation inside a chunk.
+        """
+        body = sealed_size - HEADER_SIZE
+        stride = self.chunk_size + TAG_SIZE
+        if body < TAG_SIZE:
+            raise MalformedBundleError(f"sealed size {sealed_size} is too small for even one chunk")
+        full, rest = divmod(body, stride)
+        if rest == 0:
+            return full * self.chunk_size
+        if rest < TAG_SIZE:
+            raise MalformedBundleError(
+                f"sealed size {sealed_size} ends inside a chunk tag (truncated or padded)"
+            )
+        return full * self.chunk_size + rest - TAG_SIZE
+
+    def chunk_count(self, sealed_size: int) -> int:
+        return max(1, -(-self.plaintext_size(sealed_size) // self.chunk_size))
+
+
+def sealed_size_for(plaintext_size: int, chunk_size: int = DEFAULT_CHUNK_SIZE) -> int:
+    """Size of the sealed file for a plaintext of ``plaintext_size`` bytes."""
+    chunks = max(1, -(-plaintext_size // chunk_size))
+    return HEADER_SIZE + plaintext_size + chunks * TAG_SIZE
+
+
+def _derive(content_key: bytes, nonce_prefix: bytes, purpose: bytes) -> bytes:
+    return HKDF(
+        algorithm=hashes.SHA256(), length=32, salt=nonce_prefix, info=b"edgeota/v1 " + purpose
+    ).derive(content_key)
+
+
+def _nonce(prefix: bytes, counter: int, last: bool) -> bytes:
+    return prefix + counter.to_bytes(4, "big") + (b"\x01" if last else b"\x00")
+
+
+def parse_header(raw: bytes) -> SealedHeader:
+    """Parse the fixed header; checks structure only, not authenticity."""
+    if len(raw) < HEADER_SIZE:
+        raise MalformedBundleError(
+            f"file is {len(raw)} bytes, shorter than the {HEADER_SIZE}-byte bundle header"
+        )
+    magic, version, suite_id, chunk_size, prefix, reserved = _FIXED.unpack_from(raw)
+    if magic != MAGIC:
+        raise MalformedBundleError(f"not a sealed edgeota bundle (magic {magic!r}, want {MAGIC!r})")
+    if version != FORMAT_VERSION:
+        raise UnsupportedSuiteError(f"unsupported bundle format version {version}")
+    suite = AeadSuite.from_wire_id(suite_id)
+    if not MIN_CHUNK_SIZE <= chunk_size <= MAX_CHUNK_SIZE:
+        raise MalformedBundleError(
+            f"chunk size {chunk_size} outside [{MIN_CHUNK_SIZE}, {MAX_CHUNK_SIZE}]"
+        )
+    if reserved != 0:
+        raise UnsupportedSuiteError(f"unknown header flags {reserved:#04x}")
+    return SealedHeader(
+        version=version,
+        suite=suite,
+        chunk_size=chunk_size,
+        nonce_prefix=prefix,
+        mac=raw[_FIXED.size : HEADER_SIZE],
+        raw=raw[:HEADER_SIZE],
+    )
+
+
+def read_header(src: BinaryIO) -> SealedHeader:
+    """Read and parse the header at the current position of ``src`` (no key needed)."""
+    return parse_header(_read_exactly(src, HEADER_SIZE, allow_short=True))
+
+
+def _read_exactly(src: BinaryIO, size: int, *, allow_short: bool = False) -> bytes:
+    parts: list[bytes] = []
+    remaining = size
+    while remaining:
+        part = src.read(remaining)
+        if not part:
+            break
+        parts.append(part)
+        remaining -= len(part)
+    data = b"".join(parts)
+    if remaining and not allow_short:
+        raise TruncatedBundleError(f"stream ended {remaining} bytes early")
+    return data
+
+
+class StreamSealer(io.RawIOBase):
+    """A writable stream that seals everything written to it into ``dst``.
+
+    Memory is one chunk whatever the total size. ``close()`` writes the final
+    chunk; a sealer dropped without ``close()`` leaves a file no reader accepts
+    (it lacks the last-flag chunk), which is the safe failure.
+    """
+
+    def __init__(
+        self,
+        dst: BinaryIO,
+        content_key: bytes,
+        *,
+        suite: AeadSuite = AeadSuite.CHACHA20_POLY1305,
+        chunk_size: int = DEFAULT_CHUNK_SIZE,
+    ) -> None:
+        super().__init__()
+        if len(content_key) != 32:
+            raise ValueError("content key must be 32 bytes")
+        if not MIN_CHUNK_SIZE <= chunk_size <= MAX_CHUNK_SIZE:
+            raise ValueError(f"chunk size must be in [{MIN_CHUNK_SIZE}, {MAX_CHUNK_SIZE}]")
+        self._dst = dst
+        self._chunk_size = chunk_size
+        self._prefix = os.urandom(NONCE_PREFIX_SIZE)
+        self._cipher = suite.cipher(_derive(content_key, self._prefix, b"aead"))
+        fixed = _FIXED.pack(MAGIC, FORMAT_VERSION, suite.wire_id, chunk_size, self._prefix, 0)
+        mac_key = _derive(content_key, self._prefix, b"header-mac")
+        self._header = fixed + hmac.new(mac_key, fixed, hashlib.sha256).digest()
+        self._buffer = bytearray()
+        self._counter = 0
+        self.plaintext_size = 0
+        self.sealed_size = 0
+        self._plain_hash = hashlib.sha256()
+        self._sealed_hash = hashlib.sha256()
+        self._emit(self._header)
+
+    def writable(self) -> bool:
+        return True
+
+    def _emit(self, data: bytes) -> None:
+        self._dst.write(data)
+        self._sealed_hash.update(data)
+        self.sealed_size += len(data)
+
+    def _seal_chunk(self, chunk: bytes, last: bool) -> None:
+        if self._counter >= _MAX_CHUNKS:
+            raise ValueError("bundle exceeds the 2**32-chunk limit of the nonce counter")
+        nonce = _nonce(self._prefix, self._counter, last)
+        self._emit(self._cipher.encrypt(nonce, chunk, self._header))
+        self._counter += 1
+
+    def write(self, data: bytes | bytearray | memoryview) -> int:  # type: ignore[override]
+        if self.closed:
+            raise ValueError("write to a closed sealer")
+        view = memoryview(data).cast("B")
+        size = len(view)
+        self._plain_hash.update(view)
+        self.plaintext_size += size
+        self._buffer += view
+        # Hold back a full chunk: it may turn out to be the last one, and the
+        # last chunk's nonce differs.
+        while len(self._buffer) > self._chunk_size:
+            self._seal_chunk(bytes(self._buffer[: self._chunk_size]), last=False)
+            del self._buffer[: self._chunk_size]
+        return size
+
+    def close(self) -> None:
+        if not self.closed:
+            self._seal_chunk(bytes(self._buffer), last=True)
+            self._buffer.clear()
+            self._dst.flush()
+        super().close()
+
+    @property
+    def plaintext_sha256(self) -> str:
+        return self._plain_hash.hexdigest()
+
+    @property
+    def sealed_sha256(self) -> str:
+        return self._sealed_hash.hexdigest()
+
+
+class StreamOpener(io.RawIOBase):
+    """A readable stream of authenticated plaintext from a sealed source.
+
+    Every byte returned by ``read`` has passed its chunk's AEAD check; the end
+    of the stream is reported only after the chunk sealed as last has been
+    verified, so a truncated file raises instead of looking complete.
+    """
+
+    def __init__(self, src: BinaryIO, content_key: bytes) -> None:
+        super().__init__()
+        if len(content_key) != 32:
+            raise ValueError("content key must be 32 bytes")
+        self._src = src
+        self.header = read_header(src)
+        mac_key = _derive(content_key, self.header.nonce_prefix, b"header-mac")
+        expected = hmac.new(mac_key, self.header.mac_input, hashlib.sha256).digest()
+        if not hmac.compare_digest(expected, self.header.mac):
+            raise HeaderAuthenticationError(
+                "bundle header does not authenticate: the header was modified or the "
+                "content key is not this bundle's"
+            )
+        self._cipher = self.header.suite.cipher(
+            _derive(content_key, self.header.nonce_prefix, b"aead")
+        )
+        self._stride = self.header.chunk_size + TAG_SIZE
+        self._counter = 0
+        self._done = False
+        self._pending = memoryview(b"")
+        # One sealed chunk of lookahead: a chunk is the last one exactly when
+        # nothing follows it, and that decides its nonce.
+        self._next = _read_exactly(src, self._stride, allow_short=True)
+        self._plain_hash = hashlib.sha256()
+        self.plaintext_size = 0
+
+    def readable(self) -> bool:
+        return True
+
+    @property
+    def plaintext_sha256(self) -> str:
+        """Digest of the plaintext returned so far (complete once EOF was reached)."""
+        return self._plain_hash.hexdigest()
+
+    @property
+    def finished(self) -> bool:
+        """True once the last chunk authenticated and was fully read."""
+        return self._done and not self._pending
+
+    def _advance(self) -> None:
+        sealed = self._next
+        if len(sealed) < TAG_SIZE:
+            raise TruncatedBundleError(
+                f"bundle ends inside chunk {self._counter} ({len(sealed)} bytes where a "
+                f"chunk needs at least {TAG_SIZE})"
+            )
+        following = b""
+        if len(sealed) == self._stride:
+            following = _read_exactly(self._src, self._stride, allow_short=True)
+        last = not following
+        plain = self._try_open(self._counter, last, sealed)
+        if plain is None:
+            self._diagnose_failure(sealed, last)
+        if not last and len(plain) != self.header.chunk_size:  # pragma: no cover - AEAD-bound
+            raise ChunkAuthenticationError(f"chunk {self._counter} has a wrong length")
+        self._counter += 1
+        self._next = following
+        self._done = last
+        self._plain_hash.update(plain)
+        self.plaintext_size += len(plain)
+        self._pending = memoryview(plain)
+
+    def _try_open(self, counter: int, last: bool, sealed: bytes) -> bytes | None:
+        try:
+            return self._cipher.decrypt(
+                _nonce(self.header.nonce_prefix, counter, last), sealed, self.header.raw
+            )
+        except InvalidTag:
+            return None
+
+    def _diagnose_failure(self, sealed: bytes, last: bool) -> None:
+        """Name what is wrong with a chunk that failed, then raise.
+
+        Only runs on failure, so the extra AEAD attempts cost nothing on the
+        good path; the probe window bounds them on a hostile file.
+        """
+        counter = self._counter
+        if self._try_open(counter, not last, sealed) is not None:
+            if last:
+                raise TruncatedBundleError(
+                    f"bundle ends after chunk {counter}, but that chunk was not sealed "
+                    "as the last one (truncated at a chunk boundary)"
+                )
+            raise TrailingDataError(
+                f"chunk {counter} was sealed as the last one, but more data follows it"
+            )
+        low = max(0, counter - _ORDER_PROBE_WINDOW)
+        for other in range(low, counter + _ORDER_PROBE_WINDOW + 1):
+            if other == counter:
+                continue
+            for flag in (False, True):
+                if self._try_open(other, flag, sealed) is not None:
+                    what = "duplicated" if other < counter else "reordered"
+                    raise ChunkOrderError(
+                        f"chunk at position {counter} is chunk {other} of this bundle: "
+                        f"chunks were {what}"
+                    )
+        raise ChunkAuthenticationError(
+            f"chunk {counter} (sealed bytes {HEADER_SIZE + counter * self._stride}.."
+            f"{HEADER_SIZE + counter * self._stride + len(sealed)}) fails authentication: "
+            "its bytes were modified"
+        )
+
+    def readinto(self, buffer: bytearray | memoryview) -> int:  # type: ignore[override]
+        target = memoryview(buffer).cast("B")
+        while not self._pending:
+            if self._done:
+                return 0
+            self._advance()
+        count = min(len(target), len(self._pending))
+        target[:count] = self._pending[:count]
+        self._pending = self._pending[count:]
+        return count
+
+    def read_all_remaining(self, block: int = DEFAULT_CHUNK_SIZE) -> int:
+        """Drain the rest of the stream (authenticating it); return the bytes skipped."""
+        skipped = 0
+        while True:
+            data = self.read(block)
+            if not data:
+                return skipped
+            skipped += len(data)

@@ -1,0 +1,59 @@
+"""The ``edgeota`` command line: one typer app, one module per command group.
+
+Every command fails the same way: an ``EdgeotaError`` (or an ``OSError`` on a
+path the user named) becomes one line on stderr and exit status 1, never a
+traceback, so scripts can rely on the exit code and people on the message.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+import click
+import typer
+from edgeota.protocol.errors import EdgeotaError
+from edgeota.server.cli import bundle as bundle_cli
+from edgeota.server.cli import demo as demo_cli
+
+__all__ = ["app", "main"]
+
+app = typer.Typer(
+    name="edgeota",
+    help=(
+        "Signed, encrypted over-the-air updates of ONNX models for edge fleets.\n\n"
+        "Operators publish releases and roll them out; devices verify, decrypt and "
+        "hot-swap them. Run `edgeota demo` to see the whole flow on this machine."
+    ),
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+app.add_typer(bundle_cli.app, name="bundle")
+app.command(name="demo")(demo_cli.demo)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Console-script entry point: run the app and turn known failures into one line."""
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        app(args=argv, standalone_mode=False)
+    except EdgeotaError as e:
+        typer.echo(f"edgeota: error: {e}", err=True)
+        return 1
+    except OSError as e:
+        typer.echo(f"edgeota: error: {e.strerror or e}: {e.filename or ''}".rstrip(": "), err=True)
+        return 1
+    except click.ClickException as e:  # usage errors: click prints them with a hint
+        e.show()
+        return e.exit_code
+    except click.exceptions.Exit as e:
+        return e.exit_code
+    except click.Abort:
+        typer.echo("edgeota: aborted", err=True)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
