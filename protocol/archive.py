@@ -24,6 +24,8 @@ from edgeota.protocol.errors import UnsafeArchiveError
 __all__ = ["ArchiveMember", "ExtractLimits", "iter_members", "write_member"]
 
 _COPY_BLOCK = 256 * 1024
+# Zero padding a tar writer may add after the end-of-archive marker.
+_MAX_TAR_PADDING = 1024 * 1024
 _SAFE_COMPONENT = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,127}")
 
 
@@ -106,6 +108,7 @@ def iter_members(
             except tarfile.TarError as e:
                 raise UnsafeArchiveError(f"corrupt tar header: {e}") from e
             if member is None:
+                _drain_after_end(tar)
                 return
             count += 1
             if count > limits.max_members:
@@ -141,6 +144,19 @@ def iter_members(
                     f"{member.size}"
                 )
             yield ArchiveMember(member.name, written, digest.hexdigest())
+
+
+def _drain_after_end(tar: tarfile.TarFile) -> None:
+    """Read what follows the end-of-archive marker; only zero padding may.
+
+    Reads through ``tar.fileobj`` (tarfile's own stream) because tarfile has
+    already buffered past the marker: reading the source stream would miss it.
+    """
+    seen = 0
+    while block := tar.fileobj.read(_COPY_BLOCK):  # type: ignore[union-attr]
+        seen += len(block)
+        if seen > _MAX_TAR_PADDING or block.count(0) != len(block):
+            raise UnsafeArchiveError("bundle carries data after the end of its tar archive")
 
 
 def write_member(tar: tarfile.TarFile, name: str, source: BinaryIO, size: int) -> None:

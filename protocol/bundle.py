@@ -55,8 +55,6 @@ __all__ = [
 
 ProgressCallback = Callable[[int], None]
 _READ_BLOCK = 256 * 1024
-# Zero padding a tar writer may add after the end-of-archive marker.
-_MAX_TAR_PADDING = 1024 * 1024
 
 
 def generate_content_key() -> bytes:
@@ -277,7 +275,8 @@ def open_bundle(
             missing = len(verifier.manifest.files) - (verifier.index - 1)
             if missing:
                 raise UnsafeArchiveError(f"bundle lacks {missing} file(s) named by the manifest")
-            _drain_padding(plain)
+            if plain.read(1):  # pragma: no cover - iter_members drained the stream
+                raise UnsafeArchiveError("bundle carries data after the end of its tar archive")
             if not opener.finished:  # pragma: no cover - draining reaches the last chunk
                 raise UnsafeArchiveError("bundle stream did not reach its last chunk")
         if (
@@ -303,15 +302,6 @@ def open_bundle(
         plaintext_size=opener.plaintext_size,
         plaintext_sha256=opener.plaintext_sha256,
     )
-
-
-def _drain_padding(plain: BinaryIO) -> None:
-    """Read to the authenticated end; only tar's zero padding may remain."""
-    seen = 0
-    while block := plain.read(_READ_BLOCK):
-        seen += len(block)
-        if seen > _MAX_TAR_PADDING or block.count(0) != len(block):
-            raise UnsafeArchiveError("bundle carries data after the end of its tar archive")
 
 
 def _fsync_file(path: Path) -> None:

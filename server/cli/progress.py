@@ -25,10 +25,10 @@ def byte_progress(
 ) -> Iterator[Callable[[int], None]]:
     """Yield an ``advance(nbytes)`` callback that drives a progress bar on stderr.
 
-    Disabled (a no-op callback) for JSON output, so machine-readable stdout
-    stays clean; rich itself turns the bar off when stderr is not a terminal.
+    Disabled (a no-op callback) for JSON output and when stderr is not a
+    terminal, so logs and machine-readable output stay clean.
     """
-    if not enabled:
+    if not enabled or not sys.stderr.isatty():
         yield lambda _count: None
         return
     progress = Progress(
@@ -38,7 +38,6 @@ def byte_progress(
         TransferSpeedColumn(),
         TimeRemainingColumn(),
         console=Console(stderr=True),
-        transient=not sys.stderr.isatty(),
     )
     with progress:
         task = progress.add_task(label, total=total)

@@ -1,0 +1,64 @@
+"""Shared fixtures: small sealed bundles built through the real writer."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from edgeota.protocol.bundle import BundleInfo, describe_payload, generate_content_key, seal_bundle
+from edgeota.protocol.manifest import Manifest, TensorSpec
+from edgeota.protocol.stream import DEFAULT_CHUNK_SIZE, AeadSuite
+
+
+@dataclass(frozen=True)
+class SealedFixture:
+    """A bundle sealed from a random payload, with everything needed to open it."""
+
+    info: BundleInfo
+    content_key: bytes
+    payload: bytes
+    manifest: Manifest
+
+
+def make_manifest(model: Path, **overrides: object) -> Manifest:
+    fields: dict[str, object] = {
+        "name": "digits",
+        "version": "1.0.0",
+        "model": describe_payload(model, "model.onnx"),
+        "opset": 17,
+        "inputs": (TensorSpec("input", "FP32", (None, 64)),),
+        "outputs": (TensorSpec("label", "INT64", (None,)),),
+        "hardware": ("rpi4",),
+    }
+    fields.update(overrides)
+    return Manifest(**fields)  # type: ignore[arg-type]
+
+
+@pytest.fixture
+def seal_random(tmp_path: Path) -> Callable[..., SealedFixture]:
+    """Seal a random model of ``size`` bytes; each call gets its own folder."""
+    counter = iter(range(1_000_000))
+
+    def build(
+        size: int,
+        suite: AeadSuite = AeadSuite.CHACHA20_POLY1305,
+        chunk_size: int = DEFAULT_CHUNK_SIZE,
+    ) -> SealedFixture:
+        folder = tmp_path / f"sealed-{next(counter)}"
+        folder.mkdir()
+        payload = os.urandom(size)
+        model = folder / "model.onnx"
+        model.write_bytes(payload)
+        manifest = make_manifest(model)
+        key = generate_content_key()
+        info = seal_bundle(
+            manifest, {"model.onnx": model}, folder / "bundle.eotb", key,
+            suite=suite, chunk_size=chunk_size,
+        )
+        return SealedFixture(info, key, payload, manifest)
+
+    return build
