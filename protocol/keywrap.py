@@ -26,6 +26,7 @@ from dataclasses import dataclass
 
 from cryptography.hazmat.primitives import hpke
 from cryptography.hazmat.primitives.asymmetric import mlkem, x25519
+
 from edgeota.protocol.errors import KeyUnwrapError, MalformedKeyError, UnsupportedSuiteError
 
 __all__ = [

@@ -39,6 +39,7 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM, ChaCha20Poly1305
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
 from edgeota.protocol.errors import (
     ChunkAuthenticationError,
     ChunkOrderError,
@@ -80,7 +81,7 @@ _ORDER_PROBE_WINDOW = 64
 
 
 class AeadSuite(enum.Enum):
-    """Chunk ciphers. ChaCha20-Poly1305 is the default: fast on Pi cores lacking AES instructions."""
+    """Chunk ciphers; ChaCha20-Poly1305 is the default (fast on Pi cores lacking AES units)."""
 
     CHACHA20_POLY1305 = "chacha20-poly1305"
     AES_256_GCM = "aes-256-gcm"

@@ -121,7 +121,7 @@ def test_reordered_chunks() -> None:
         sealed[:HEADER_SIZE] + sealed[chunk_span(0)] + sealed[chunk_span(2)]
         + sealed[chunk_span(1)] + sealed[chunk_span(3).start :]
     )
-    with pytest.raises(ChunkOrderError, match="position 1 is chunk 2.*reordered"):
+    with pytest.raises(ChunkOrderError, match=r"position 1 is chunk 2.*reordered"):
         open_all(swapped)
 
 
@@ -131,7 +131,7 @@ def test_duplicated_chunk() -> None:
         sealed[:HEADER_SIZE] + sealed[chunk_span(0)] + sealed[chunk_span(1)]
         + sealed[chunk_span(1)] + sealed[chunk_span(3).start :]
     )
-    with pytest.raises(ChunkOrderError, match="position 2 is chunk 1.*duplicated"):
+    with pytest.raises(ChunkOrderError, match=r"position 2 is chunk 1.*duplicated"):
         open_all(duplicated)
 
 

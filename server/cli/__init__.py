@@ -12,6 +12,7 @@ import sys
 
 import click
 import typer
+
 from edgeota.protocol.errors import EdgeotaError
 from edgeota.server.cli import bundle as bundle_cli
 from edgeota.server.cli import demo as demo_cli

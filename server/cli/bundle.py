@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+
 from edgeota.protocol.bundle import BundleSummary, inspect_bundle, open_bundle
 from edgeota.protocol.errors import MalformedKeyError
 from edgeota.protocol.files import read_private_file

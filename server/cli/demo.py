@@ -17,6 +17,9 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich.console import Console
+from rich.table import Table
+
 from edgeota.protocol.bundle import BundleInfo, generate_content_key, open_bundle, seal_bundle
 from edgeota.protocol.errors import BundleIntegrityError, KeyUnwrapError
 from edgeota.protocol.identity import DeviceIdentity
@@ -24,8 +27,6 @@ from edgeota.protocol.keywrap import KemSuite, unwrap_content_key, wrap_content_
 from edgeota.protocol.stream import AeadSuite
 from edgeota.server.cli.progress import byte_progress
 from edgeota.server.manifest_builder import build_manifest
-from rich.console import Console
-from rich.table import Table
 
 _HARDWARE = ("rpi4", "rpi5")
 
