@@ -27,9 +27,11 @@ from pathlib import Path
 from typing import BinaryIO
 
 from edgeota.protocol.archive import ExtractLimits, iter_members, write_member
+from edgeota.protocol.digest import Digest, DigestWorker
 from edgeota.protocol.errors import (
     ManifestError,
     PlaintextDigestError,
+    SealedDigestError,
     UnsafeArchiveError,
 )
 from edgeota.protocol.files import fsync_dir
@@ -89,11 +91,11 @@ class BundleInfo:
 class _CountingReader(io.RawIOBase):
     """Reads a payload file while hashing it: the writer checks what it seals in the same pass."""
 
-    def __init__(self, source: BinaryIO, progress: ProgressCallback | None) -> None:
+    def __init__(self, source: BinaryIO, progress: ProgressCallback | None, digest: Digest) -> None:
         super().__init__()
         self._source = source
         self._progress = progress
-        self.digest = hashlib.sha256()
+        self.digest = digest
         self.size = 0
 
     def readable(self) -> bool:
@@ -102,8 +104,7 @@ class _CountingReader(io.RawIOBase):
     def readinto(self, buffer: bytearray | memoryview) -> int:  # type: ignore[override]
         count = self._source.readinto(buffer)  # type: ignore[attr-defined]
         if count:
-            view = memoryview(buffer)[:count]
-            self.digest.update(view)
+            self.digest.update(bytes(memoryview(buffer)[:count]))
             self.size += count
             if self._progress is not None:
                 self._progress(count)
@@ -136,13 +137,15 @@ def seal_bundle(
         raise ManifestError(f"manifest is {len(manifest_bytes)} bytes (limit {MAX_MANIFEST_SIZE})")
     partial = dst.with_name(f".{dst.name}.{secrets.token_hex(4)}.partial")
     try:
-        with partial.open("xb") as raw_out:
-            sealer = StreamSealer(raw_out, content_key, suite=suite, chunk_size=chunk_size)
+        with partial.open("xb") as raw_out, DigestWorker() as hasher:
+            sealer = StreamSealer(
+                raw_out, content_key, suite=suite, chunk_size=chunk_size, new_digest=hasher.digest
+            )
             with sealer, tarfile.open(fileobj=sealer, mode="w|", format=tarfile.PAX_FORMAT) as tar:
                 write_member(tar, MANIFEST_PATH, io.BytesIO(manifest_bytes), len(manifest_bytes))
                 for pinned in manifest.files:
                     with payload[pinned.path].open("rb") as source:
-                        reader = _CountingReader(source, progress)
+                        reader = _CountingReader(source, progress, hasher.digest())
                         write_member(tar, pinned.path, reader, pinned.size)  # type: ignore[arg-type]
                     if reader.digest.hexdigest() != pinned.sha256 or reader.size != pinned.size:
                         raise ManifestError(
@@ -151,6 +154,7 @@ def seal_bundle(
                         )
             raw_out.flush()
             os.fsync(raw_out.fileno())
+            sealed_sha256, plaintext_sha256 = sealer.sealed_sha256, sealer.plaintext_sha256
         os.replace(partial, dst)
         fsync_dir(dst.parent)
     except BaseException:
@@ -161,9 +165,9 @@ def seal_bundle(
         suite=suite,
         chunk_size=chunk_size,
         sealed_size=sealer.sealed_size,
-        sealed_sha256=sealer.sealed_sha256,
+        sealed_sha256=sealed_sha256,
         plaintext_size=sealer.plaintext_size,
-        plaintext_sha256=sealer.plaintext_sha256,
+        plaintext_sha256=plaintext_sha256,
     )
 
 
@@ -238,14 +242,18 @@ def open_bundle(
     dest: Path,
     *,
     expected_plaintext_sha256: str | None = None,
+    expected_sealed_sha256: str | None = None,
     limits: ExtractLimits | None = None,
     progress: ProgressCallback | None = None,
 ) -> OpenedBundle:
     """Decrypt, authenticate and unpack ``src`` into the new folder ``dest``.
 
-    ``expected_plaintext_sha256`` is the digest from signed metadata; when
-    given, a bundle that opens but does not match it is refused. ``dest`` must
-    not exist: it appears, complete, only on success.
+    ``expected_sealed_sha256`` (the TUF target hash) and
+    ``expected_plaintext_sha256`` (from the target's signed ``custom``) are
+    checked in the same single pass over the file; a bundle that opens but
+    does not match either is refused. ``dest`` must not exist: it appears,
+    complete, only on success. Hashing runs on a worker thread beside the
+    decryption.
     """
     if dest.exists():
         raise FileExistsError(f"destination {dest} already exists")
@@ -254,18 +262,25 @@ def open_bundle(
     staging.mkdir(parents=True, mode=0o700)
     verifier = _Verifier()
     try:
-        with src.open("rb") as raw_in:
-            opener = StreamOpener(raw_in, content_key)
+        with src.open("rb") as raw_in, DigestWorker() as hasher:
+            opener = StreamOpener(raw_in, content_key, new_digest=hasher.digest)
             plain = io.BufferedReader(opener, buffer_size=_READ_BLOCK)
             for member in iter_members(
-                plain, staging, limits, on_bytes=progress, before_write=verifier.before_write
+                plain,
+                staging,
+                limits,
+                on_bytes=progress,
+                before_write=verifier.before_write,
+                # The whole-plaintext digest from signed metadata covers every
+                # member byte; hashing each file again would be a third pass.
+                new_digest=None if expected_plaintext_sha256 is not None else hasher.digest,
             ):
                 if member.path == MANIFEST_PATH and verifier.manifest is None:
                     verifier.manifest = Manifest.from_json((staging / MANIFEST_PATH).read_bytes())
                     continue
                 assert verifier.manifest is not None
                 pinned = verifier.manifest.files[verifier.index - 2]
-                if member.sha256 != pinned.sha256:
+                if member.sha256 is not None and member.sha256 != pinned.sha256:
                     raise PlaintextDigestError(
                         f"{member.path} has sha256 {member.sha256}, the manifest pins "
                         f"{pinned.sha256}"
@@ -279,12 +294,18 @@ def open_bundle(
                 raise UnsafeArchiveError("bundle carries data after the end of its tar archive")
             if not opener.finished:  # pragma: no cover - draining reaches the last chunk
                 raise UnsafeArchiveError("bundle stream did not reach its last chunk")
-        if (
-            expected_plaintext_sha256 is not None
-            and opener.plaintext_sha256 != expected_plaintext_sha256
-        ):
+            if (
+                expected_sealed_sha256 is not None
+                and opener.sealed_sha256 != expected_sealed_sha256
+            ):
+                raise SealedDigestError(
+                    f"sealed bundle has sha256 {opener.sealed_sha256}, the signed target hash "
+                    f"is {expected_sealed_sha256}"
+                )
+            plaintext_sha256 = opener.plaintext_sha256
+        if expected_plaintext_sha256 is not None and plaintext_sha256 != expected_plaintext_sha256:
             raise PlaintextDigestError(
-                f"decrypted bundle has sha256 {opener.plaintext_sha256}, signed metadata "
+                f"decrypted bundle has sha256 {plaintext_sha256}, signed metadata "
                 f"says {expected_plaintext_sha256}"
             )
         for path in staging.rglob("*"):
@@ -300,7 +321,7 @@ def open_bundle(
         folder=dest,
         header=opener.header,
         plaintext_size=opener.plaintext_size,
-        plaintext_sha256=opener.plaintext_sha256,
+        plaintext_sha256=plaintext_sha256,
     )
 
 

@@ -21,6 +21,7 @@ __all__ = [
     "ManifestError",
     "PlaintextDigestError",
     "ProtocolError",
+    "SealedDigestError",
     "TrailingDataError",
     "TruncatedBundleError",
     "UnsafeArchiveError",
@@ -78,6 +79,10 @@ class TruncatedBundleError(BundleIntegrityError):
 
 class TrailingDataError(BundleIntegrityError):
     """Bytes follow the chunk sealed as the last one."""
+
+
+class SealedDigestError(BundleIntegrityError):
+    """The sealed file does not hash to the target hash in signed metadata."""
 
 
 class PlaintextDigestError(BundleIntegrityError):

@@ -32,6 +32,7 @@ import hmac
 import io
 import os
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import BinaryIO
 
@@ -40,6 +41,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM, ChaCha20Poly1305
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
+from edgeota.protocol.digest import Digest, SyncDigest
 from edgeota.protocol.errors import (
     ChunkAuthenticationError,
     ChunkOrderError,
@@ -222,6 +224,7 @@ class StreamSealer(io.RawIOBase):
         *,
         suite: AeadSuite = AeadSuite.CHACHA20_POLY1305,
         chunk_size: int = DEFAULT_CHUNK_SIZE,
+        new_digest: Callable[[], Digest] = SyncDigest,
     ) -> None:
         super().__init__()
         if len(content_key) != 32:
@@ -239,8 +242,8 @@ class StreamSealer(io.RawIOBase):
         self._counter = 0
         self.plaintext_size = 0
         self.sealed_size = 0
-        self._plain_hash = hashlib.sha256()
-        self._sealed_hash = hashlib.sha256()
+        self._plain_hash = new_digest()
+        self._sealed_hash = new_digest()
         self._emit(self._header)
 
     def writable(self) -> bool:
@@ -263,7 +266,7 @@ class StreamSealer(io.RawIOBase):
             raise ValueError("write to a closed sealer")
         view = memoryview(data).cast("B")
         size = len(view)
-        self._plain_hash.update(view)
+        self._plain_hash.update(bytes(view))
         self.plaintext_size += size
         self._buffer += view
         # Hold back a full chunk: it may turn out to be the last one, and the
@@ -297,12 +300,18 @@ class StreamOpener(io.RawIOBase):
     verified, so a truncated file raises instead of looking complete.
     """
 
-    def __init__(self, src: BinaryIO, content_key: bytes) -> None:
+    def __init__(
+        self, src: BinaryIO, content_key: bytes, *, new_digest: Callable[[], Digest] = SyncDigest
+    ) -> None:
         super().__init__()
         if len(content_key) != 32:
             raise ValueError("content key must be 32 bytes")
         self._src = src
         self.header = read_header(src)
+        # The sealed bytes are hashed as they are read, so a caller holding the
+        # TUF target hash needs no second pass over the file.
+        self._sealed_hash = new_digest()
+        self._sealed_hash.update(self.header.raw)
         mac_key = _derive(content_key, self.header.nonce_prefix, b"header-mac")
         expected = hmac.new(mac_key, self.header.mac_input, hashlib.sha256).digest()
         if not hmac.compare_digest(expected, self.header.mac):
@@ -320,7 +329,7 @@ class StreamOpener(io.RawIOBase):
         # One sealed chunk of lookahead: a chunk is the last one exactly when
         # nothing follows it, and that decides its nonce.
         self._next = _read_exactly(src, self._stride, allow_short=True)
-        self._plain_hash = hashlib.sha256()
+        self._plain_hash = new_digest()
         self.plaintext_size = 0
 
     def readable(self) -> bool:
@@ -330,6 +339,11 @@ class StreamOpener(io.RawIOBase):
     def plaintext_sha256(self) -> str:
         """Digest of the plaintext returned so far (complete once EOF was reached)."""
         return self._plain_hash.hexdigest()
+
+    @property
+    def sealed_sha256(self) -> str:
+        """Digest of the sealed bytes consumed so far (the whole file once EOF was reached)."""
+        return self._sealed_hash.hexdigest()
 
     @property
     def finished(self) -> bool:
@@ -355,6 +369,7 @@ class StreamOpener(io.RawIOBase):
         self._counter += 1
         self._next = following
         self._done = last
+        self._sealed_hash.update(sealed)
         self._plain_hash.update(plain)
         self.plaintext_size += len(plain)
         self._pending = memoryview(plain)

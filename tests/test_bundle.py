@@ -214,3 +214,18 @@ def test_payload_map_must_match_the_manifest(tmp_path: Path) -> None:
     with pytest.raises(ManifestError, match="do not match"):
         seal_bundle(make_manifest(model), {"other.onnx": model}, tmp_path / "b.eotb",
                     generate_content_key())
+
+
+def test_sealed_digest_is_checked_in_the_same_pass(seal_random: SealRandom, tmp_path: Path) -> None:
+    from edgeota.protocol.errors import SealedDigestError
+
+    sealed = seal_random(3 * CHUNK)
+    opened = open_into(sealed.info.path, sealed.content_key, tmp_path / "ok",
+                       expected_sealed_sha256=sealed.info.sealed_sha256,
+                       expected_plaintext_sha256=sealed.info.plaintext_sha256)
+    assert opened.model_path.read_bytes() == sealed.payload
+    with pytest.raises(SealedDigestError, match="signed target hash"):
+        open_into(sealed.info.path, sealed.content_key, tmp_path / "out",
+                  expected_sealed_sha256="f" * 64)
+    assert not (tmp_path / "out").exists()
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
