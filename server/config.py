@@ -1,0 +1,259 @@
+"""The edgeota home folder and the two config files in it.
+
+A home holds two configs on purpose:
+
+* ``server.toml`` -- what the server process reads: database, blob store,
+  HTTP bind, expiry periods and the *online* keys (snapshot, timestamp,
+  director, key-wrap). Nothing in it can sign a release.
+* ``operator.toml`` -- what the operator CLI reads: the server URL, the API
+  token file and the *release* keys. The server never opens it, which is what
+  makes "a stolen server cannot publish a model" true even in a dev home where
+  both files sit side by side.
+
+Paths in the files are relative to the home unless absolute, so a home can
+be moved. Settings are validated when loaded, with errors that name the file
+and the field.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from dataclasses import dataclass, field
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import tomli_w
+
+from edgeota.protocol.errors import EdgeotaError
+from edgeota.protocol.files import atomic_write, write_private_file
+
+__all__ = [
+    "OPERATOR_CONFIG",
+    "SERVER_CONFIG",
+    "ConfigError",
+    "ExpirySettings",
+    "KeyRef",
+    "OperatorConfig",
+    "ServerConfig",
+    "load_operator_config",
+    "load_server_config",
+]
+
+SERVER_CONFIG = "server.toml"
+OPERATOR_CONFIG = "operator.toml"
+DEFAULT_HTTP = "127.0.0.1:8742"
+_MAX_CONFIG_SIZE = 256 * 1024
+
+
+class ConfigError(EdgeotaError):
+    """A home folder or config file that is missing, malformed or inconsistent."""
+
+
+@dataclass(frozen=True)
+class KeyRef:
+    """A signing key: its securesystemslib URI and the file holding its public key."""
+
+    uri: str
+    public_key: Path
+
+    def to_toml(self, home: Path) -> dict[str, str]:
+        return {"uri": self.uri, "public": _relative(self.public_key, home)}
+
+
+@dataclass(frozen=True)
+class ExpirySettings:
+    """How long each role's metadata stays valid; online roles are re-signed before that."""
+
+    root_days: float = 365
+    targets_days: float = 365
+    bins_days: float = 365
+    snapshot_days: float = 7
+    timestamp_days: float = 1
+    director_targets_days: float = 30
+    director_snapshot_days: float = 7
+    director_timestamp_days: float = 1
+    refresh_interval_seconds: float = 300
+
+    def as_timedeltas(self) -> dict[str, timedelta]:
+        return {
+            name.removesuffix("_days"): timedelta(days=value)
+            for name, value in self.__dict__.items()
+            if name.endswith("_days")
+        }
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """Everything the server process needs; holds no release key by construction."""
+
+    home: Path
+    database_url: str
+    blob_dir: Path
+    http_host: str
+    http_port: int
+    public_url: str
+    image_snapshot_key: KeyRef
+    image_timestamp_key: KeyRef
+    director_key: KeyRef
+    keywrap_key: Path
+    ca_dir: Path
+    expiry: ExpirySettings = field(default_factory=ExpirySettings)
+
+    def to_toml(self) -> dict[str, Any]:
+        return {
+            "server": {
+                "database": self.database_url,
+                "blobs": _relative(self.blob_dir, self.home),
+                "http": f"{self.http_host}:{self.http_port}",
+                "public_url": self.public_url,
+                "ca": _relative(self.ca_dir, self.home),
+            },
+            "online_keys": {
+                "image_snapshot": self.image_snapshot_key.to_toml(self.home),
+                "image_timestamp": self.image_timestamp_key.to_toml(self.home),
+                "director": self.director_key.to_toml(self.home),
+                "keywrap": _relative(self.keywrap_key, self.home),
+            },
+            "expiry": dict(self.expiry.__dict__),
+        }
+
+    def save(self) -> None:
+        atomic_write(self.home / SERVER_CONFIG, tomli_w.dumps(self.to_toml()).encode())
+
+
+@dataclass(frozen=True)
+class OperatorConfig:
+    """What the operator CLI needs: where the server is, how to log in, how to sign releases."""
+
+    home: Path
+    server_url: str
+    token_file: Path
+    release_keys: tuple[KeyRef, ...]
+    root_keys: tuple[KeyRef, ...] = ()
+
+    def token(self) -> str:
+        from edgeota.protocol.files import read_private_file
+
+        try:
+            return read_private_file(self.token_file, 4096).decode("ascii").strip()
+        except FileNotFoundError as e:
+            raise ConfigError(f"API token file {self.token_file} does not exist") from e
+
+    def to_toml(self) -> dict[str, Any]:
+        return {
+            "operator": {
+                "server_url": self.server_url,
+                "token_file": _relative(self.token_file, self.home),
+            },
+            "release_keys": [k.to_toml(self.home) for k in self.release_keys],
+            "root_keys": [k.to_toml(self.home) for k in self.root_keys],
+        }
+
+    def save(self) -> None:
+        # 0600: it names the token file and the key URIs an attacker would look for.
+        write_private_file(self.home / OPERATOR_CONFIG, tomli_w.dumps(self.to_toml()).encode())
+
+
+def _relative(path: Path, home: Path) -> str:
+    try:
+        return str(path.relative_to(home))
+    except ValueError:
+        return str(path)
+
+
+def _read(home: Path, name: str) -> dict[str, Any]:
+    path = home / name
+    if not path.is_file():
+        raise ConfigError(f"{path} not found: is {home} an edgeota home? (create one with "
+                          "`edgeota init --home DIR`)")
+    raw = path.read_bytes()
+    if len(raw) > _MAX_CONFIG_SIZE:
+        raise ConfigError(f"{path} is larger than {_MAX_CONFIG_SIZE} bytes")
+    try:
+        return tomllib.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, tomllib.TOMLDecodeError) as e:
+        raise ConfigError(f"{path}: not valid TOML: {e}") from e
+
+
+def _field(data: dict[str, Any], dotted: str, kind: type, where: Path) -> Any:
+    value: Any = data
+    for part in dotted.split("."):
+        if not isinstance(value, dict) or part not in value:
+            raise ConfigError(f"{where}: missing {dotted}")
+        value = value[part]
+    if not isinstance(value, kind):
+        raise ConfigError(f"{where}: {dotted} must be a {kind.__name__}")
+    return value
+
+
+def _path(home: Path, value: str) -> Path:
+    path = Path(value)
+    return path if path.is_absolute() else home / path
+
+
+def _key(home: Path, data: dict[str, Any], dotted: str, where: Path) -> KeyRef:
+    table = _field(data, dotted, dict, where)
+    uri, public = table.get("uri"), table.get("public")
+    if not isinstance(uri, str) or not isinstance(public, str):
+        raise ConfigError(f"{where}: {dotted} needs string fields uri and public")
+    return KeyRef(uri=uri, public_key=_path(home, public))
+
+
+def parse_http(value: str, where: str) -> tuple[str, int]:
+    """``HOST:PORT`` -> (host, port), with a clear error."""
+    host, sep, port = value.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) < 65536:
+        raise ConfigError(f"{where}: HTTP address {value!r} is not HOST:PORT")
+    return host.strip("[]"), int(port)
+
+
+def load_server_config(home: Path) -> ServerConfig:
+    home = home.resolve()
+    where = home / SERVER_CONFIG
+    data = _read(home, SERVER_CONFIG)
+    host, port = parse_http(_field(data, "server.http", str, where), str(where))
+    expiry_table = data.get("expiry", {})
+    if not isinstance(expiry_table, dict):
+        raise ConfigError(f"{where}: [expiry] must be a table")
+    known = set(ExpirySettings.__dataclass_fields__)
+    unknown = set(expiry_table) - known
+    if unknown:
+        raise ConfigError(f"{where}: unknown expiry settings {sorted(unknown)}")
+    for name, value in expiry_table.items():
+        if not isinstance(value, int | float) or isinstance(value, bool) or value <= 0:
+            raise ConfigError(f"{where}: expiry.{name} must be a positive number")
+    return ServerConfig(
+        home=home,
+        database_url=_field(data, "server.database", str, where),
+        blob_dir=_path(home, _field(data, "server.blobs", str, where)),
+        http_host=host,
+        http_port=port,
+        public_url=_field(data, "server.public_url", str, where).rstrip("/"),
+        image_snapshot_key=_key(home, data, "online_keys.image_snapshot", where),
+        image_timestamp_key=_key(home, data, "online_keys.image_timestamp", where),
+        director_key=_key(home, data, "online_keys.director", where),
+        keywrap_key=_path(home, _field(data, "online_keys.keywrap", str, where)),
+        ca_dir=_path(home, _field(data, "server.ca", str, where)),
+        expiry=ExpirySettings(**expiry_table),
+    )
+
+
+def load_operator_config(home: Path) -> OperatorConfig:
+    home = home.resolve()
+    where = home / OPERATOR_CONFIG
+    data = _read(home, OPERATOR_CONFIG)
+
+    def keys(section: str) -> tuple[KeyRef, ...]:
+        entries = data.get(section, [])
+        if not isinstance(entries, list):
+            raise ConfigError(f"{where}: {section} must be an array of tables")
+        return tuple(_key(home, {"k": entry}, "k", where) for entry in entries)
+
+    return OperatorConfig(
+        home=home,
+        server_url=_field(data, "operator.server_url", str, where).rstrip("/"),
+        token_file=_path(home, _field(data, "operator.token_file", str, where)),
+        release_keys=keys("release_keys"),
+        root_keys=keys("root_keys"),
+    )
