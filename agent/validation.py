@@ -36,7 +36,7 @@ import numpy as np
 import onnxruntime as ort
 
 from edgeota.protocol.errors import EdgeotaError
-from edgeota.protocol.manifest import Manifest, Tensor, TensorSpec
+from edgeota.protocol.manifest import ONNXRUNTIME_TYPES, Manifest, Tensor, TensorSpec
 
 __all__ = [
     "CHECK_NAMES",
@@ -97,23 +97,6 @@ _NUMPY_TYPES: dict[str, np.dtype] = {
 }
 _DATATYPES_BY_DTYPE = {dtype: name for name, dtype in _NUMPY_TYPES.items()}
 
-# onnxruntime's NodeArg.type strings -> OIP datatypes. The server keeps the same
-# table in manifest_builder; the agent cannot import server code, so it is here too.
-_ORT_TYPES = {
-    "tensor(bool)": "BOOL",
-    "tensor(uint8)": "UINT8",
-    "tensor(uint16)": "UINT16",
-    "tensor(uint32)": "UINT32",
-    "tensor(uint64)": "UINT64",
-    "tensor(int8)": "INT8",
-    "tensor(int16)": "INT16",
-    "tensor(int32)": "INT32",
-    "tensor(int64)": "INT64",
-    "tensor(float16)": "FP16",
-    "tensor(float)": "FP32",
-    "tensor(double)": "FP64",
-    "tensor(string)": "BYTES",
-}
 
 _OPTIMIZATION_LEVELS = {
     "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
@@ -356,7 +339,7 @@ def check_memory(
 
 def _session_spec(node: ort.NodeArg) -> TensorSpec | str:
     """A NodeArg as a TensorSpec, or a description of why it cannot be one."""
-    datatype = _ORT_TYPES.get(node.type)
+    datatype = ONNXRUNTIME_TYPES.get(node.type)
     if datatype is None:
         return f"{node.name!r} has type {node.type}, which is not served (maps, sequences)"
     shape = node.shape if isinstance(node.shape, Sequence) else ()

@@ -26,6 +26,7 @@ __all__ = [
     "DATATYPES",
     "MANIFEST_FORMAT",
     "MAX_MANIFEST_SIZE",
+    "ONNXRUNTIME_TYPES",
     "GoldenSet",
     "Manifest",
     "PayloadFile",
@@ -58,6 +59,25 @@ DATATYPES: dict[str, type] = {
     "FP32": float,
     "FP64": float,
     "BYTES": str,
+}
+
+# onnxruntime's type strings -> Open Inference Protocol v2 datatypes. Plain
+# strings, so the server (manifest builder) and the agent (validation gate)
+# share one table without either importing the other.
+ONNXRUNTIME_TYPES: dict[str, str] = {
+    "tensor(bool)": "BOOL",
+    "tensor(uint8)": "UINT8",
+    "tensor(uint16)": "UINT16",
+    "tensor(uint32)": "UINT32",
+    "tensor(uint64)": "UINT64",
+    "tensor(int8)": "INT8",
+    "tensor(int16)": "INT16",
+    "tensor(int32)": "INT32",
+    "tensor(int64)": "INT64",
+    "tensor(float16)": "FP16",
+    "tensor(float)": "FP32",
+    "tensor(double)": "FP64",
+    "tensor(string)": "BYTES",
 }
 
 NAME_PATTERN = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}")

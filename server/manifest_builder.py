@@ -16,6 +16,7 @@ from edgeota.protocol.bundle import describe_payload
 from edgeota.protocol.errors import ManifestError
 from edgeota.protocol.manifest import (
     MAX_MANIFEST_SIZE,
+    ONNXRUNTIME_TYPES,
     GoldenSet,
     Manifest,
     TensorSpec,
@@ -24,22 +25,6 @@ from edgeota.protocol.manifest import (
 
 __all__ = ["ModelSignature", "build_manifest", "datatype_for_onnx_type", "read_model_signature"]
 
-# onnxruntime's type strings -> Open Inference Protocol v2 datatypes.
-_ORT_TYPES = {
-    "tensor(bool)": "BOOL",
-    "tensor(uint8)": "UINT8",
-    "tensor(uint16)": "UINT16",
-    "tensor(uint32)": "UINT32",
-    "tensor(uint64)": "UINT64",
-    "tensor(int8)": "INT8",
-    "tensor(int16)": "INT16",
-    "tensor(int32)": "INT32",
-    "tensor(int64)": "INT64",
-    "tensor(float16)": "FP16",
-    "tensor(float)": "FP32",
-    "tensor(double)": "FP64",
-    "tensor(string)": "BYTES",
-}
 
 
 class ModelLoadError(ManifestError):
@@ -49,7 +34,7 @@ class ModelLoadError(ManifestError):
 def datatype_for_onnx_type(ort_type: str) -> str:
     """Map an onnxruntime type string such as ``tensor(float)`` to ``FP32``."""
     try:
-        return _ORT_TYPES[ort_type]
+        return ONNXRUNTIME_TYPES[ort_type]
     except KeyError as e:
         raise ManifestError(
             f"unsupported tensor type {ort_type!r} (sequences and maps are not "
