@@ -131,6 +131,12 @@ class OperatorConfig:
     token_file: Path
     release_keys: tuple[KeyRef, ...]
     root_keys: tuple[KeyRef, ...] = ()
+    director_root_keys: tuple[KeyRef, ...] = ()
+    # Pinned at init: release content keys are wrapped to this key only, and
+    # new devices bootstrap from these roots, never from what a server says.
+    keywrap_public: Path | None = None
+    trusted_image_root: Path | None = None
+    trusted_director_root: Path | None = None
 
     def token(self) -> str:
         from edgeota.protocol.files import read_private_file
@@ -141,13 +147,19 @@ class OperatorConfig:
             raise ConfigError(f"API token file {self.token_file} does not exist") from e
 
     def to_toml(self) -> dict[str, Any]:
+        operator = {
+            "server_url": self.server_url,
+            "token_file": _relative(self.token_file, self.home),
+        }
+        for name in ("keywrap_public", "trusted_image_root", "trusted_director_root"):
+            value = getattr(self, name)
+            if value is not None:
+                operator[name] = _relative(value, self.home)
         return {
-            "operator": {
-                "server_url": self.server_url,
-                "token_file": _relative(self.token_file, self.home),
-            },
+            "operator": operator,
             "release_keys": [k.to_toml(self.home) for k in self.release_keys],
             "root_keys": [k.to_toml(self.home) for k in self.root_keys],
+            "director_root_keys": [k.to_toml(self.home) for k in self.director_root_keys],
         }
 
     def save(self) -> None:
@@ -250,10 +262,22 @@ def load_operator_config(home: Path) -> OperatorConfig:
             raise ConfigError(f"{where}: {section} must be an array of tables")
         return tuple(_key(home, {"k": entry}, "k", where) for entry in entries)
 
+    def optional_path(name: str) -> Path | None:
+        value = data.get("operator", {}).get(name)
+        if value is None:
+            return None
+        if not isinstance(value, str):
+            raise ConfigError(f"{where}: operator.{name} must be a string")
+        return _path(home, value)
+
     return OperatorConfig(
         home=home,
         server_url=_field(data, "operator.server_url", str, where).rstrip("/"),
         token_file=_path(home, _field(data, "operator.token_file", str, where)),
         release_keys=keys("release_keys"),
         root_keys=keys("root_keys"),
+        director_root_keys=keys("director_root_keys"),
+        keywrap_public=optional_path("keywrap_public"),
+        trusted_image_root=optional_path("trusted_image_root"),
+        trusted_director_root=optional_path("trusted_director_root"),
     )

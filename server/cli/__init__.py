@@ -16,6 +16,11 @@ import typer
 from edgeota.protocol.errors import EdgeotaError
 from edgeota.server.cli import bundle as bundle_cli
 from edgeota.server.cli import demo as demo_cli
+from edgeota.server.cli import device as device_cli
+from edgeota.server.cli import init as init_cli
+from edgeota.server.cli import operate as operate_cli
+from edgeota.server.cli import release as release_cli
+from edgeota.server.cli import serve as serve_cli
 
 __all__ = ["app", "main"]
 
@@ -30,6 +35,14 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     add_completion=False,
 )
+app.command(name="init")(init_cli.init)
+app.command(name="serve")(serve_cli.serve)
+app.add_typer(device_cli.app, name="device")
+app.add_typer(release_cli.app, name="release")
+app.command(name="deploy")(operate_cli.deploy)
+app.add_typer(operate_cli.fleet_app, name="fleet")
+app.add_typer(operate_cli.audit_app, name="audit")
+app.add_typer(operate_cli.token_app, name="token")
 app.add_typer(bundle_cli.app, name="bundle")
 app.command(name="demo")(demo_cli.demo)
 

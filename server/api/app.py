@@ -1,0 +1,103 @@
+"""The FastAPI application: repository files, the operator API and health.
+
+``create_app`` takes a ready ``ServerContext`` (no globals), so tests and
+replicas build as many independent apps as they need. A background task
+re-signs timestamp and snapshot metadata before it expires.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+from sqlalchemy import text
+
+from edgeota.protocol.errors import EdgeotaError, ProtocolError
+from edgeota.server.api.routes import admin, deployments, devices, releases, repo
+from edgeota.server.context import ServerContext
+from edgeota.server.db.session import lock
+from edgeota.server.services.errors import ServiceError
+from edgeota.server.tokens import AuthenticationError
+
+__all__ = ["create_app", "refresh_expiring_metadata"]
+
+logger = logging.getLogger(__name__)
+
+
+def refresh_expiring_metadata(ctx: ServerContext) -> list[str]:
+    """Re-sign online metadata close to expiry; serialised with publishing across replicas."""
+    refreshed: list[str] = []
+    with ctx.sessions() as session, session.begin():
+        lock(session, "image")
+        refreshed += [f"image/{role}" for role in ctx.image.refresh()]
+    with ctx.sessions() as session, session.begin():
+        lock(session, "director")
+        count = ctx.director.refresh_all()
+        if count:
+            refreshed.append(f"director/{count} devices")
+    if refreshed:
+        logger.info("re-signed expiring metadata", extra={"refreshed": refreshed})
+    return refreshed
+
+
+def create_app(ctx: ServerContext, *, background_refresh: bool = True) -> FastAPI:
+    @contextlib.asynccontextmanager
+    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        task = None
+        if background_refresh:
+            task = asyncio.create_task(_refresh_loop(ctx))
+        try:
+            yield
+        finally:
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+
+    app = FastAPI(
+        title="edgeota update server",
+        description="TUF image and director repositories and the operator API.",
+        version="0.1.0",
+        lifespan=lifespan,
+    )
+    app.state.ctx = ctx
+    for module in (repo, devices, releases, deployments, admin):
+        app.include_router(module.router)
+
+    @app.get("/healthz", tags=["health"])
+    def healthz() -> dict[str, str]:
+        with ctx.engine.connect() as connection:
+            connection.execute(text("SELECT 1"))
+        return {"status": "ok"}
+
+    @app.exception_handler(ServiceError)
+    async def service_error(_request: Request, exc: ServiceError) -> JSONResponse:
+        return JSONResponse({"detail": str(exc)}, status_code=exc.status)
+
+    @app.exception_handler(AuthenticationError)
+    async def auth_error(_request: Request, exc: AuthenticationError) -> JSONResponse:
+        return JSONResponse({"detail": str(exc)}, status_code=401)
+
+    @app.exception_handler(ProtocolError)
+    async def protocol_error(_request: Request, exc: ProtocolError) -> JSONResponse:
+        return JSONResponse({"detail": str(exc)}, status_code=400)
+
+    @app.exception_handler(EdgeotaError)
+    async def edgeota_error(_request: Request, exc: EdgeotaError) -> JSONResponse:
+        return JSONResponse({"detail": str(exc)}, status_code=400)
+
+    return app
+
+
+async def _refresh_loop(ctx: ServerContext) -> None:
+    interval = ctx.config.expiry.refresh_interval_seconds
+    while True:
+        try:
+            await asyncio.to_thread(refresh_expiring_metadata, ctx)
+        except Exception:
+            logger.exception("re-signing expiring metadata failed")
+        await asyncio.sleep(interval)

@@ -1,0 +1,61 @@
+"""FastAPI dependencies: the server context, one DB transaction per request, the caller.
+
+A request's database work is one transaction: committed when the endpoint
+returns, rolled back when it raises, so a refused request changes nothing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import Annotated
+
+from fastapi import Depends, HTTPException, Request
+from sqlalchemy.orm import Session
+
+from edgeota.server.context import ServerContext
+from edgeota.server.tokens import AuthenticationError, Principal, Role, authenticate
+
+__all__ = ["ContextDep", "CurrentPrincipal", "SessionDep", "require"]
+
+_BEARER = "bearer "
+
+
+def get_context(request: Request) -> ServerContext:
+    return request.app.state.ctx
+
+
+ContextDep = Annotated[ServerContext, Depends(get_context)]
+
+
+def get_session(ctx: ContextDep) -> Iterator[Session]:
+    with ctx.sessions() as session, session.begin():
+        yield session
+
+
+SessionDep = Annotated[Session, Depends(get_session)]
+
+
+def get_principal(request: Request, session: SessionDep) -> Principal:
+    header = request.headers.get("authorization", "")
+    if not header.lower().startswith(_BEARER):
+        raise HTTPException(401, "missing bearer token", headers={"WWW-Authenticate": "Bearer"})
+    try:
+        return authenticate(session, header[len(_BEARER):].strip())
+    except AuthenticationError as e:
+        raise HTTPException(401, str(e), headers={"WWW-Authenticate": "Bearer"}) from e
+
+
+CurrentPrincipal = Annotated[Principal, Depends(get_principal)]
+
+
+def require(role: Role) -> Callable[[Principal], Principal]:
+    """A dependency that admits callers whose role allows ``role``."""
+
+    def check(principal: CurrentPrincipal) -> Principal:
+        if not principal.allows(role):
+            raise HTTPException(
+                403, f"token {principal.name!r} has role {principal.role}; this needs {role}"
+            )
+        return principal
+
+    return check

@@ -1,0 +1,120 @@
+"""Request and response bodies of the ``/api/v1`` API (pydantic).
+
+Parsed at the boundary: FastAPI answers 422 with the field and the reason for
+anything malformed, so services only ever see typed, bounded values.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+_ID = r"^[a-z0-9-]{1,64}$"
+_NAME = r"^[a-z0-9][a-z0-9._-]{0,63}$"
+_SHA256 = r"^[0-9a-f]{64}$"
+_TAG_KEY = r"^[A-Za-z0-9_.-]{1,64}$"
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class EnrollRequest(Strict):
+    device_id: str = Field(pattern=_ID)
+    hardware: str = Field(pattern=_NAME)
+    tags: dict[str, str] = Field(default_factory=dict, max_length=32)
+    identity: dict[str, Any]
+    tls_public_key_pem: str = Field(max_length=4096)
+
+
+class EnrollResponse(BaseModel):
+    device_id: str
+    token: str
+    certificate_pem: str
+    ca_pem: str
+    image_root: str
+    director_root: str
+    repository_url: str
+
+
+class DeviceOut(BaseModel):
+    id: str
+    hardware: str
+    tags: dict[str, str]
+    enrolled_at: datetime
+    last_seen: datetime | None
+    online: bool
+    reported_state: dict[str, Any] | None
+    assigned: dict[str, str] = Field(default_factory=dict)  # model name -> version
+
+
+class ReleaseSubmit(Strict):
+    name: str = Field(pattern=_NAME)
+    version: str = Field(max_length=128)
+    target_path: str = Field(max_length=256)
+    bundle_sha256: str = Field(pattern=_SHA256)
+    bin_metadata: dict[str, Any]
+    wrapped_content_key: str = Field(max_length=8192)  # base64, wrapped to the server's key
+    allow_breaking: bool = False
+
+
+class ReleaseSignature(Strict):
+    bin_metadata: dict[str, Any]
+
+
+class ReleaseOut(BaseModel):
+    id: int
+    name: str
+    version: str
+    status: str
+    target_path: str
+    release_counter: int
+    length: int
+    sha256: str
+    bin_role: str
+    bin_version: int
+    signatures: int | None = None
+    threshold: int | None = None
+    created_at: datetime
+    created_by: str
+    published_at: datetime | None
+    manifest: dict[str, Any] | None = None
+    pending_metadata: dict[str, Any] | None = None
+
+
+class DeployRequest(Strict):
+    name: str = Field(pattern=_NAME)
+    version: str = Field(max_length=128)
+    devices: list[str] = Field(default_factory=list, max_length=100_000)
+    tags: dict[str, str] = Field(default_factory=dict, max_length=16)
+
+
+class DeployResponse(BaseModel):
+    deployment_id: int
+    release: str
+    target_path: str
+    assigned: list[str]
+    skipped: dict[str, str]
+    superseded: list[int]
+
+
+class TokenCreate(Strict):
+    name: str = Field(min_length=1, max_length=128)
+    role: str
+
+
+class TokenOut(BaseModel):
+    id: int
+    name: str
+    role: str
+    token: str | None = None
+
+
+class AuditOut(BaseModel):
+    ok: bool
+    entries: int
+    first_bad_id: int | None
+    reason: str
+    head_hash: str | None = None
