@@ -167,13 +167,10 @@ def _check_and_open(
 
 
 def _publish(ctx: ServerContext, release: Release, upload: Path, bin_bytes: bytes) -> None:
-    stored = ctx.store.put_target(release.target_path, upload)
-    try:
-        ctx.image.publish_bin(bin_bytes)
-    except Exception:
-        # The metadata never referenced it: remove it so a refusal leaves no trace.
-        ctx.store.check_target(stored).unlink(missing_ok=True)
-        raise
+    # Every check passed before this point; the target file is content-addressed,
+    # so it is never removed again (another release may share its bytes).
+    ctx.store.put_target(release.target_path, upload)
+    ctx.image.publish_bin(bin_bytes)
     release.status = ReleaseStatus.PUBLISHED
     release.published_at = ctx.clock()
     release.pending_metadata = None
