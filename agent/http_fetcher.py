@@ -72,6 +72,9 @@ class HttpFetcher(FetcherInterface):
                 raise exceptions.SlowRetrievalError from e
             raise exceptions.DownloadError(f"cannot reach {url}: {e.reason}") from e
         if response.status >= 400:
+            # Drain (bounded by urllib3) before the connection goes back to the
+            # pool: an unread error body would be parsed as the next response.
+            response.drain_conn()
             response.release_conn()
             raise exceptions.DownloadHTTPError(f"HTTP {response.status} for {url}",
                                                response.status)

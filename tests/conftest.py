@@ -13,6 +13,9 @@ from edgeota.protocol.bundle import BundleInfo, describe_payload, generate_conte
 from edgeota.protocol.manifest import Manifest, TensorSpec
 from edgeota.protocol.stream import DEFAULT_CHUNK_SIZE, AeadSuite
 
+# Real databases (SQLite and PostgreSQL) and a real server on loopback.
+pytest_plugins = ["dbsupport", "server_support"]
+
 
 @dataclass(frozen=True)
 class SealedFixture:

@@ -35,12 +35,15 @@ def get_session(ctx: ContextDep) -> Iterator[Session]:
 SessionDep = Annotated[Session, Depends(get_session)]
 
 
-def get_principal(request: Request, session: SessionDep) -> Principal:
+def get_principal(request: Request, ctx: ContextDep) -> Principal:
     header = request.headers.get("authorization", "")
     if not header.lower().startswith(_BEARER):
         raise HTTPException(401, "missing bearer token", headers={"WWW-Authenticate": "Bearer"})
+    # Its own short transaction: authentication may record last use, and that
+    # write must not hold SQLite's lock for the whole request.
     try:
-        return authenticate(session, header[len(_BEARER):].strip())
+        with ctx.sessions() as session, session.begin():
+            return authenticate(session, header[len(_BEARER):].strip())
     except AuthenticationError as e:
         raise HTTPException(401, str(e), headers={"WWW-Authenticate": "Bearer"}) from e
 

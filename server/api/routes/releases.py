@@ -55,14 +55,13 @@ async def upload_blob(
 
 
 @router.post("/releases", status_code=201)
-def submit(
-    body: ReleaseSubmit, ctx: ContextDep, session: SessionDep, principal: ReleaseManager
-) -> ReleaseOut:
+def submit(body: ReleaseSubmit, ctx: ContextDep, principal: ReleaseManager) -> ReleaseOut:
     """Verify, re-validate and publish a signed release (or hold it for more signatures)."""
     try:
-        return service.submit_release(ctx, session, principal.name, body)
+        with ctx.sessions() as session, session.begin():
+            return service.submit_release(ctx, session, principal.name, body)
     except ReleaseRefusedError as e:
-        # The request's transaction rolls back; the refusal is recorded on its own.
+        # The release's transaction has rolled back; the refusal is recorded on its own.
         with ctx.sessions() as audit_session, audit_session.begin():
             audit.append(audit_session, actor=principal.name, action="release.refused",
                          subject=f"{body.name}@{body.version}", detail={"reason": str(e)})
