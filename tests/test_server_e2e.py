@@ -408,3 +408,42 @@ def test_sql_state_survives_a_restart(server: RunningServer) -> None:
     with server.ctx.engine.connect() as connection:
         assert connection.execute(text("SELECT count(*) FROM releases")).scalar() == 1
     shutil.rmtree(server.enrolled["pi-1"])
+
+
+@pytest.mark.parametrize("role", ["image-timestamp", "image-snapshot", "image-root"])
+def test_image_key_rotation_is_followed_by_old_clients(
+    server: RunningServer, tmp_path: Path, role: str
+) -> None:
+    published(server)
+    image_updater(server, tmp_path / "image").refresh()  # a client that knows root v1
+    server.stop()
+    result = server.cli("keys", "rotate", role, "--json")
+    assert result.code == 0, result.err
+    rotated = json.loads(result.out)
+    assert rotated["root_version"] == 2
+    assert rotated["restart_server"] is (role != "image-root")
+    server.start()
+    published(server, "digits_v2", "2.0.0")  # the restarted server signs with the new key
+    image = image_updater(server, tmp_path / "image")
+    image.refresh()
+    assert json.loads((tmp_path / "image" / "root.json").read_text())["signed"]["version"] == 2
+    assert image.get_targetinfo("models/digits/2.0.0.eotb") is not None
+    if role == "image-root":  # new enrolments bootstrap from the new root
+        trusted = json.loads(server.operator.trusted_image_root.read_text())
+        assert trusted["signed"]["version"] == 2
+
+
+@pytest.mark.parametrize("role", ["director", "director-root"])
+def test_director_key_rotation_is_followed_by_devices(
+    server: RunningServer, tmp_path: Path, role: str
+) -> None:
+    device = server.enroll("pi-1")
+    published(server)
+    director_updater(device, tmp_path / "director").refresh()
+    server.stop()
+    assert server.cli("keys", "rotate", role).code == 0
+    server.start()
+    assert server.cli("deploy", "digits@1.0.0", "--devices", "pi-1").code == 0
+    director = director_updater(device, tmp_path / "director")
+    director.refresh()
+    assert director.get_targetinfo(V1_TARGET) is not None

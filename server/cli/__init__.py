@@ -18,6 +18,7 @@ from edgeota.server.cli import bundle as bundle_cli
 from edgeota.server.cli import demo as demo_cli
 from edgeota.server.cli import device as device_cli
 from edgeota.server.cli import init as init_cli
+from edgeota.server.cli import keys as keys_cli
 from edgeota.server.cli import operate as operate_cli
 from edgeota.server.cli import release as release_cli
 from edgeota.server.cli import serve as serve_cli
@@ -43,6 +44,7 @@ app.command(name="deploy")(operate_cli.deploy)
 app.add_typer(operate_cli.fleet_app, name="fleet")
 app.add_typer(operate_cli.audit_app, name="audit")
 app.add_typer(operate_cli.token_app, name="token")
+app.add_typer(keys_cli.app, name="keys")
 app.add_typer(bundle_cli.app, name="bundle")
 app.command(name="demo")(demo_cli.demo)
 
