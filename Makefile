@@ -22,10 +22,13 @@ $(STAMP): pyproject.toml
 
 # Tests that need a broker start their own Mosquitto from the binary; install
 # the Debian package when it is missing (root is required for that only).
+# The database tests run on SQLite and on PostgreSQL: make sure one listens on
+# 127.0.0.1:5432 (installed and started when missing).
 system-deps:
 	@command -v mosquitto >/dev/null 2>&1 || test -x /usr/sbin/mosquitto || { \
 	  echo "installing mosquitto (Debian package)"; \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq mosquitto >/dev/null; }
+	@bash scripts/ensure-postgres.sh
 
 demo: $(STAMP)
 	$(BIN)/edgeota demo

@@ -447,3 +447,58 @@ def test_director_key_rotation_is_followed_by_devices(
     director = director_updater(device, tmp_path / "director")
     director.refresh()
     assert director.get_targetinfo(V1_TARGET) is not None
+
+
+def test_two_replicas_share_one_database_and_blob_store(
+    server: RunningServer, tmp_path: Path
+) -> None:
+    """Two server processes' worth of state over one DB and one blob folder stay consistent."""
+    import threading
+
+    from server_support import RunningServer as Replica
+    from server_support import _bound_socket
+
+    replica = Replica(home=server.home, sock=_bound_socket())
+    replica.start()
+    try:
+        server.enroll("pi-1")
+        published(server)
+        # The second replica serves what the first published.
+        with httpx.Client(base_url=replica.url) as client:
+            assert client.get("/repo/image/metadata/timestamp.json").status_code == 200
+        # Concurrent publishes, one through each replica, land as distinct bin versions.
+        import dataclasses
+
+        from edgeota.server.client import OperatorClient
+        from edgeota.server.publisher import PublishRequest, publish_release
+
+        results: dict[str, str] = {}
+
+        def publish_via(target: RunningServer, version: str) -> None:
+            config = dataclasses.replace(server.operator, server_url=target.url)
+            with OperatorClient(target.url, config.token()) as client:
+                answer = publish_release(config, client, PublishRequest(
+                    model=SAMPLES / "digits_v2.onnx", name="digits", version=version,
+                    hardware=("rpi4",)))
+            results[version] = answer["status"]
+
+        threads = [threading.Thread(target=publish_via, args=(server, "2.0.0")),
+                   threading.Thread(target=publish_via, args=(replica, "2.1.0"))]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(120)
+        assert results == {"2.0.0": "published", "2.1.0": "published"}
+        image = image_updater(replica, tmp_path / "image")
+        image.refresh()
+        for version in ("1.0.0", "2.0.0", "2.1.0"):
+            assert image.get_targetinfo(f"models/digits/{version}.eotb") is not None
+        with OperatorClient(replica.url, server.operator.token()) as client:
+            answer = client.post("/api/v1/deployments", {
+                "name": "digits", "version": "2.1.0", "devices": ["pi-1"], "tags": {}})
+        assert answer["assigned"] == ["pi-1"]
+        fleet = json.loads(server.cli("fleet", "status", "--json").out)
+        assert fleet[0]["assigned"] == {"digits": "2.1.0"}
+    finally:
+        replica.stop()
+        replica.sock.close()
