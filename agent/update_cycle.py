@@ -1,0 +1,163 @@
+"""One verified update check and install, the core of the agent's update cycle.
+
+Each check creates fresh ``tuf.ngclient.Updater`` objects for both
+repositories, but over *persistent* metadata folders: a fresh cache would
+accept an older (still unexpired) timestamp, so keeping the cache is what
+protects a device from replayed metadata. The install downloads the bundle
+through ngclient (length and hash checked against signed metadata), unwraps
+the content key with the device's own key, opens the bundle into a new
+version folder (digests from signed metadata checked in the same pass) and
+runs the validation gate. Nothing here swaps a live model: that is the model
+host's job once the journal and hot swap land.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from tuf.api.metadata import Metadata, TargetFile, Targets
+from tuf.ngclient import FetcherInterface, Updater
+
+from edgeota.agent.config import AgentConfig
+from edgeota.agent.http_fetcher import HttpFetcher, HttpFetcherConfig
+from edgeota.agent.uptane import DeviceFacts, InstallDecision, decide
+from edgeota.agent.validation import ValidationReport, validate_model
+from edgeota.protocol.bundle import OpenedBundle, open_bundle
+from edgeota.protocol.errors import ManifestError
+from edgeota.protocol.identity import DeviceIdentity
+from edgeota.protocol.keywrap import unwrap_content_key
+
+__all__ = ["InstalledModel", "UpdateClient"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class InstalledModel:
+    """A verified, decrypted and validated model in its own version folder."""
+
+    decision: InstallDecision
+    bundle: OpenedBundle
+    report: ValidationReport
+
+    @property
+    def model_path(self) -> Path:
+        return self.bundle.model_path
+
+
+class UpdateClient:
+    """Verified checks and installs for one device, per its ``agent.toml``."""
+
+    def __init__(
+        self,
+        config: AgentConfig,
+        *,
+        identity: DeviceIdentity | None = None,
+        fetcher_factory: Callable[[str | None], FetcherInterface] | None = None,
+    ) -> None:
+        self._config = config
+        self._identity = identity or DeviceIdentity.load(config.identity_dir)
+        if self._identity.device_id != config.device_id:
+            raise ManifestError(
+                f"identity in {config.identity_dir} is for {self._identity.device_id!r}, "
+                f"agent.toml says {config.device_id!r}"
+            )
+        self._fetcher_factory = fetcher_factory or (
+            lambda token: HttpFetcher(HttpFetcherConfig(token=token))
+        )
+        self._token = config.token()
+        self._tuf_dir = config.state_dir / "tuf"
+        self._downloads = config.state_dir / "downloads"
+        self._models = config.state_dir / "models"
+
+    def _updater(self, name: str, metadata_url: str, bootstrap: Path,
+                 target_url: str | None, token: str | None) -> Updater:
+        folder = self._tuf_dir / name
+        folder.mkdir(parents=True, exist_ok=True)
+        cached_root = folder / "root.json"
+        return Updater(
+            metadata_dir=str(folder),
+            metadata_base_url=metadata_url,
+            target_dir=str(self._downloads),
+            target_base_url=target_url,
+            fetcher=self._fetcher_factory(token),
+            # Once a root is cached, trust the cache (it may be newer than the
+            # enrolment root): re-bootstrapping would reset what we learned.
+            bootstrap=None if cached_root.exists() else bootstrap.read_bytes(),
+        )
+
+    def _image(self) -> Updater:
+        self._downloads.mkdir(parents=True, exist_ok=True)
+        return self._updater("image", self._config.image_metadata_url, self._config.image_root,
+                             self._config.image_targets_url, None)
+
+    def _director(self) -> Updater:
+        return self._updater("director", self._config.director_metadata_url,
+                             self._config.director_root, None, self._token)
+
+    def check(self, release_floor: int = 0) -> list[InstallDecision]:
+        """Refresh both repositories and return what this device should run, verified.
+
+        Raises ``UptaneRefusal`` when the director asks for anything the image
+        repository does not back, and ngclient's errors for bad metadata.
+        """
+        director = self._director()
+        director.refresh()
+        image = self._image()
+        image.refresh()
+        facts = DeviceFacts(self._config.device_id, self._config.hardware, release_floor)
+        targets = _verified_targets(self._tuf_dir / "director" / "targets.json")
+        decisions = []
+        for path in sorted(targets):
+            decisions.append(decide(path, targets[path], image.get_targetinfo(path), facts))
+        return decisions
+
+    def install(self, decision: InstallDecision) -> InstalledModel:
+        """Download, verify, decrypt, unpack and validate one decided target."""
+        image = self._image()
+        image.refresh()
+        info = image.get_targetinfo(decision.target_path)
+        if info is None or info.hashes.get("sha256") != decision.sha256:
+            raise ManifestError(f"{decision.target_path} changed since it was checked")
+        bundle_path = Path(image.find_cached_target(info) or image.download_target(info))
+        content_key = unwrap_content_key(
+            decision.director.wrapped_key, self._identity.kem_private_key, self._config.device_id
+        )
+        version_folder = f"{decision.image.version}-{decision.sha256[:12]}"
+        dest = self._models / decision.image.name / version_folder
+        if dest.exists():
+            shutil.rmtree(dest)  # a folder from an earlier attempt is never trusted
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        opened = open_bundle(
+            bundle_path,
+            content_key,
+            dest,
+            expected_sealed_sha256=decision.sha256,
+            expected_plaintext_sha256=decision.image.plaintext_sha256,
+        )
+        try:
+            manifest = opened.manifest
+            if (manifest.name, manifest.version) != (decision.image.name, decision.image.version):
+                raise ManifestError(
+                    f"bundle holds {manifest.name} {manifest.version}, signed metadata says "
+                    f"{decision.image.name} {decision.image.version}"
+                )
+            report = validate_model(opened.model_path, manifest)
+        except BaseException:
+            shutil.rmtree(dest, ignore_errors=True)
+            raise
+        bundle_path.unlink(missing_ok=True)
+        return InstalledModel(decision, opened, report)
+
+
+def _verified_targets(cached: Path) -> dict[str, TargetFile]:
+    """The director's top-level targets, read from the cache ``refresh`` just verified.
+
+    ngclient offers lookups by path only, but the device must learn *which*
+    paths its director lists; ngclient persists only metadata it verified.
+    """
+    return dict(Metadata[Targets].from_bytes(cached.read_bytes()).signed.targets)
