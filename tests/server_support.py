@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import io
 import socket
-import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -18,9 +17,7 @@ from datetime import datetime
 from pathlib import Path
 
 import pytest
-import uvicorn
 
-from edgeota.server.api.app import create_app
 from edgeota.server.cli import main as cli_main
 from edgeota.server.config import (
     OperatorConfig,
@@ -29,6 +26,7 @@ from edgeota.server.config import (
     load_server_config,
 )
 from edgeota.server.context import ServerContext
+from edgeota.server.embedded import EmbeddedServer, bind_loopback
 from edgeota.server.home import HomeOptions, init_home
 from edgeota.server.tokens import Role, issue_token
 
@@ -65,17 +63,21 @@ class RunningServer:
     home: Path
     sock: socket.socket
     clock: Callable[[], datetime] | None = None
-    ctx: ServerContext | None = None
-    _server: uvicorn.Server | None = None
-    _thread: threading.Thread | None = None
     enrolled: dict[str, Path] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        self.sock_port: int = self.sock.getsockname()[1]
+        self._embedded = EmbeddedServer(load_server_config(self.home), self.sock,
+                                        clock=self.clock)
+        self.sock_port: int = self._embedded.port
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.sock_port}"
+        return self._embedded.url
+
+    @property
+    def ctx(self) -> ServerContext:
+        assert self._embedded.ctx is not None, "server is not running"
+        return self._embedded.ctx
 
     @property
     def config(self) -> ServerConfig:
@@ -86,26 +88,13 @@ class RunningServer:
         return load_operator_config(self.home)
 
     def start(self) -> None:
-        if self.sock.fileno() == -1:  # uvicorn closes its socket on shutdown: bind the port again
-            self.sock = _bound_socket(self.sock_port)
-        self.ctx = ServerContext.open(self.config, clock=self.clock)
-        app = create_app(self.ctx, background_refresh=False)
-        self._server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
-        self._thread = threading.Thread(
-            target=self._server.run, kwargs={"sockets": [self.sock]}, daemon=True
-        )
-        self._thread.start()
-        server = self._server
-        wait_for(lambda: server.started, START_TIMEOUT, "uvicorn to start")
+        # Re-read server.toml: a key rotation may have changed it while stopped.
+        self._embedded.config = load_server_config(self.home)
+        self._embedded.start()
+        self.sock = self._embedded.sock
 
     def stop(self) -> None:
-        if self._server is not None and self._thread is not None:
-            self._server.should_exit = True
-            self._thread.join(START_TIMEOUT)
-            assert not self._thread.is_alive(), "server thread did not stop"
-        if self.ctx is not None:
-            self.ctx.close()
-        self._server = self._thread = self.ctx = None
+        self._embedded.stop()
 
     def restart(self) -> None:
         self.stop()
@@ -139,10 +128,7 @@ class RunningServer:
 
 
 def _bound_socket(port: int = 0) -> socket.socket:
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind(("127.0.0.1", port))
-    return sock
+    return bind_loopback(port)
 
 
 @contextlib.contextmanager
@@ -166,7 +152,7 @@ def running_server(
         yield server
     finally:
         server.stop()
-        server.sock.close()
+        server._embedded.sock.close()
 
 
 @pytest.fixture

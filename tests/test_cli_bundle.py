@@ -27,8 +27,9 @@ def write_key(folder: Path, key: bytes, mode: int = 0o600) -> Path:
 
 def run(*args: str) -> subprocess.CompletedProcess[str]:
     assert EDGEOTA, "the edgeota console script is not installed in this environment"
-    return subprocess.run([EDGEOTA, *args], capture_output=True, text=True, timeout=120,
-                          check=False)
+    env = {**os.environ, "COLUMNS": "200"}  # rich wraps at 80 columns without a terminal
+    return subprocess.run([EDGEOTA, *args], capture_output=True, text=True, timeout=300,
+                          check=False, env=env)
 
 
 def test_inspect_header_without_a_key(seal_random: Callable[..., SealedFixture]) -> None:
@@ -111,16 +112,17 @@ def test_demo_runs_and_reports_real_accuracies(tmp_path: Path) -> None:
     from edgeota.samples import load_catalog
 
     catalog = load_catalog()
-    result = run("demo", "--workdir", str(tmp_path / "demo"))
+    result = run("demo", "--devices", "4", "--workdir", str(tmp_path / "demo"))
     assert result.returncode == 0, result.stderr
     out = result.stdout
-    for key in ("digits_v1", "digits_v2"):
-        assert f"{catalog[key].test_accuracy:.4f}" in out
-    assert out.count("refused") >= 2
+    v1, v2 = (f"{catalog[k].test_accuracy:.4f}" for k in ("digits_v1", "digits_v2"))
+    assert f"installed 1.0.0; measured accuracy {v1}" in out
+    assert f"installed 2.0.0; measured accuracy {v2}" in out
+    assert out.count(f"digits 2.0.0 │ {v2}") == 4
+    assert out.count("refused") >= 4
     assert "BUG" not in out
-    opened = sorted(p.relative_to(tmp_path / "demo").as_posix()
-                    for p in (tmp_path / "demo").glob("*/*/model.onnx"))
-    assert opened == [
-        "demo-pi-classic/1.0.0/model.onnx", "demo-pi-classic/2.0.0/model.onnx",
-        "demo-pi-pq/1.0.0/model.onnx", "demo-pi-pq/2.0.0/model.onnx",
-    ]
+    devices = tmp_path / "demo" / "devices"
+    installed = sorted(p.relative_to(devices).parts[0]
+                       for p in devices.glob("*/state/models/*/*/model.onnx"))
+    assert installed == ["pi-001", "pi-001", "pi-002", "pi-002", "pi-003", "pi-003",
+                         "pi-004", "pi-004"]

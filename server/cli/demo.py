@@ -1,178 +1,175 @@
-"""``edgeota demo``: the whole flow on this machine, on embedded defaults.
+"""``edgeota demo``: the whole release flow on this machine, on embedded defaults.
 
-Today the demo covers what exists end to end: building manifests from the
-sample models, sealing bundles with both ciphers, wrapping each release's
-content key to devices with both KEM suites, and each device unwrapping,
-authenticating, decrypting and unpacking its bundle, then measuring the
-model's accuracy on the digits test split in onnxruntime. It also shows two
-refusals a device must make. The TUF repositories, MQTT transport, hot swap
-and staged rollouts join as they land (see the open issues).
+A temporary home (SQLite, local keys), the update server in this process on
+a loopback port, a small simulated fleet on two hardware classes. Release
+managers publish digits v1 and v2 through the same code as `release
+publish`; each device runs the agent's verified check and install (Uptane
+full verification with ngclient over HTTP, key unwrap, one-pass decrypt,
+validation gate) and the demo measures the accuracy each device's model
+reaches on the digits test split. Then four attacks, refused. The MQTT
+transport, hot swap and staged rollouts join as they land.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import tempfile
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.progress import Progress
 from rich.table import Table
 
-from edgeota.protocol.bundle import BundleInfo, generate_content_key, open_bundle, seal_bundle
-from edgeota.protocol.errors import BundleIntegrityError, KeyUnwrapError
-from edgeota.protocol.identity import DeviceIdentity
-from edgeota.protocol.keywrap import KemSuite, unwrap_content_key, wrap_content_key
-from edgeota.protocol.stream import AeadSuite
-from edgeota.server.cli.progress import byte_progress
-from edgeota.server.manifest_builder import build_manifest
+from edgeota.protocol.errors import EdgeotaError
 
 _HARDWARE = ("rpi4", "rpi5")
 
 
-@dataclass(frozen=True)
-class _Release:
-    key: str
-    version: str
-    suite: AeadSuite
-    info: BundleInfo
-    content_key: bytes
-
-
 def demo(
+    devices: Annotated[int, typer.Option(min=1, max=200, help="Simulated devices.")] = 10,
     workdir: Annotated[
         Path | None,
         typer.Option(help="Keep the demo's files here instead of a temporary folder."),
     ] = None,
 ) -> None:
-    """Seal the sample models, deliver them to two simulated devices and measure what they serve."""
-    from edgeota.samples import accuracy, load_catalog, load_test_split, sample_path
-
-    console = Console()
+    """Publish two releases; watch a simulated fleet verify, decrypt, validate and install them."""
     with tempfile.TemporaryDirectory(prefix="edgeota-demo-") as scratch:
-        home = workdir or Path(scratch)
-        home.mkdir(parents=True, exist_ok=True)
-        console.rule("edgeota demo")
-        console.print(f"working folder: {home}")
-        catalog = load_catalog()
+        base = workdir or Path(scratch)
+        base.mkdir(parents=True, exist_ok=True)
+        _run(base.resolve(), devices, Console())
 
-        console.print("\n[bold]1. Release managers seal two releases of the digits model[/]")
-        releases: list[_Release] = []
-        for key, suite in (
-            ("digits_v1", AeadSuite.CHACHA20_POLY1305),
-            ("digits_v2", AeadSuite.AES_256_GCM),
-        ):
+
+def _run(base: Path, count: int, console: Console) -> None:
+    from edgeota.agent.update_cycle import UpdateClient
+    from edgeota.samples import accuracy, load_catalog, load_test_split, sample_path
+    from edgeota.server.client import OperatorClient
+    from edgeota.server.config import load_operator_config, load_server_config
+    from edgeota.server.embedded import EmbeddedServer, bind_loopback
+    from edgeota.server.enrollment import enroll_device
+    from edgeota.server.home import HomeOptions, init_home
+    from edgeota.server.publisher import PublishRequest, publish_release
+
+    console.rule("edgeota demo")
+    sock = bind_loopback()
+    init_home(base / "home", HomeOptions(http=f"127.0.0.1:{sock.getsockname()[1]}", bin_bits=4))
+    operator = load_operator_config(base / "home")
+    catalog = load_catalog()
+    x_test, y_test = load_test_split()
+    with EmbeddedServer(load_server_config(base / "home"), sock) as server, OperatorClient(
+        server.url, operator.token()
+    ) as client:
+        console.print(f"server {server.url} (home {base / 'home'}, SQLite, HTTP)")
+        console.print(f"\n[bold]1. Enrol {count} devices on {len(_HARDWARE)} hardware classes[/]")
+        fleet = []
+        for index in range(count):
+            hardware = _HARDWARE[index % len(_HARDWARE)]
+            device_id = f"pi-{index + 1:03d}"
+            agent = enroll_device(operator, client, device_id, hardware=hardware,
+                                  tags={"fleet": "demo"}, out=base / "devices" / device_id)
+            fleet.append(agent)
+        console.print(f"  {count} identities (HPKE + Ed25519 + TLS), device tokens, agent.toml")
+
+        served: dict[str, tuple[str, float]] = {}
+        for step, key in ((2, "digits_v1"), (3, "digits_v2")):
             sample = catalog[key]
-            manifest = build_manifest(
-                sample.path,
-                name=sample.name,
-                version=sample.version,
-                hardware=_HARDWARE,
-                vectors=sample.vectors_path,
-                golden=sample_path("digits_golden.json"),
-                min_accuracy=sample.recommended_min_accuracy,
-            )
-            content_key = generate_content_key()
-            target = home / f"{sample.name}-{sample.version}.eotb"
-            with byte_progress(f"sealing {target.name}", manifest.model.size) as advance:
-                info = seal_bundle(
-                    manifest,
-                    {"model.onnx": sample.path},
-                    target,
-                    content_key,
-                    suite=suite,
-                    progress=advance,
-                )
-            console.print(
-                f"  {target.name}: {info.sealed_size} bytes sealed with {suite.value}, "
-                f"sha256 {info.sealed_sha256[:16]}..."
-            )
-            releases.append(_Release(key, sample.version, suite, info, content_key))
+            console.print(f"\n[bold]{step}. Release manager publishes digits {sample.version}; "
+                          "the operator deploys it to the fleet[/]")
+            release = publish_release(operator, client, PublishRequest(
+                model=sample.path, name="digits", version=sample.version, hardware=_HARDWARE,
+                vectors=sample.vectors_path, golden=sample_path("digits_golden.json"),
+                min_accuracy=sample.recommended_min_accuracy))
+            console.print(f"  release {release['id']} {release['status']}: "
+                          f"{release['target_path']} ({release['length']} bytes sealed)")
+            answer = client.post("/api/v1/deployments", {
+                "name": "digits", "version": sample.version, "tags": {"fleet": "demo"},
+                "devices": []})
+            console.print(f"  deployment {answer['deployment_id']}: "
+                          f"{len(answer['assigned'])} devices")
+            with Progress(console=console, transient=True) as progress:
+                task = progress.add_task("devices verify, decrypt and validate", total=count)
+                for agent in fleet:
+                    updater = UpdateClient(agent)
+                    for decision in updater.check():
+                        installed = updater.install(decision)
+                        score = accuracy(installed.model_path, x_test, y_test)
+                        served[agent.device_id] = (decision.image.version, score)
+                    progress.advance(task)
+            versions = sorted({v for v, _ in served.values()})
+            scores = sorted({f"{s:.4f}" for _, s in served.values()})
+            console.print(f"  every device verified both repositories and installed "
+                          f"{', '.join(versions)}; measured accuracy {', '.join(scores)}")
 
-        console.print("\n[bold]2. Two devices are enrolled; each release key is wrapped to each[/]")
-        devices = [
-            DeviceIdentity.generate("demo-pi-classic", KemSuite.X25519),
-            DeviceIdentity.generate("demo-pi-pq", KemSuite.MLKEM768_X25519),
-        ]
-        wrapped = {
-            (device.device_id, release.key): wrap_content_key(
-                release.content_key, device.public().kem_public_key, device.device_id
-            )
-            for device in devices
-            for release in releases
-        }
-        for device in devices:
-            console.print(f"  {device.device_id}: key wrap {device.kem_private_key.suite.value}")
+        console.print("\n[bold]4. Attacks, refused[/]")
+        _attacks(console, base, operator, client, fleet, catalog)
 
-        console.print("\n[bold]3. Each device opens each release and serves it[/]")
-        x_test, y_test = load_test_split()
         table = Table(title="what each device serves")
-        for column in (
-            "device",
-            "key wrap",
-            "release",
-            "cipher",
-            "plaintext sha256",
-            "accuracy (digits test split)",
-        ):
+        for column in ("device", "hardware", "model", "accuracy (digits test split)"):
             table.add_column(column)
-        for device in devices:
-            for release in releases:
-                content_key = unwrap_content_key(
-                    wrapped[(device.device_id, release.key)],
-                    device.kem_private_key,
-                    device.device_id,
-                )
-                folder = home / device.device_id / release.version
-                opened = open_bundle(
-                    release.info.path,
-                    content_key,
-                    folder,
-                    expected_plaintext_sha256=release.info.plaintext_sha256,
-                )
-                score = accuracy(opened.model_path, x_test, y_test)
-                table.add_row(
-                    device.device_id,
-                    device.kem_private_key.suite.value,
-                    f"digits {release.version}",
-                    release.suite.value,
-                    opened.plaintext_sha256[:16] + "...",
-                    f"{score:.4f}",
-                )
+        for agent in fleet:
+            version, score = served[agent.device_id]
+            table.add_row(agent.device_id, agent.hardware, f"digits {version}", f"{score:.4f}")
         console.print(table)
+    expected = catalog["digits_v2"].test_accuracy
+    wrong = [d for d, (v, s) in served.items() if v != "2.0.0" or abs(s - expected) > 1e-4]
+    if wrong:
+        raise EdgeotaError(f"devices not on digits 2.0.0 with accuracy {expected}: {wrong}")
+    console.rule("done")
+    console.print(f"{count} devices on digits 2.0.0 (accuracy {expected:.4f}). Coming next: the "
+                  "MQTT transport, the running agent with hot swap and rollback, staged rollouts "
+                  "and the fleet simulator.")
 
-        console.print("\n[bold]4. Two attacks, refused[/]")
-        thief, victim = devices
-        try:
-            unwrap_content_key(
-                wrapped[(victim.device_id, "digits_v2")], thief.kem_private_key, thief.device_id
-            )
-            console.print("  [red]BUG: a key wrapped for another device opened[/]")
-            raise typer.Exit(1)
-        except KeyUnwrapError as e:
-            console.print(
-                f"  key wrapped for {victim.device_id} used by {thief.device_id}: "
-                f"[green]refused[/] ({type(e).__name__})"
-            )
-        tampered = home / "tampered.eotb"
-        data = bytearray(releases[1].info.path.read_bytes())
-        data[len(data) // 2] ^= 0x01
-        tampered.write_bytes(bytes(data))
-        try:
-            open_bundle(tampered, releases[1].content_key, home / "tampered-out")
-            console.print("  [red]BUG: a tampered bundle opened[/]")
-            raise typer.Exit(1)
-        except BundleIntegrityError as e:
-            console.print(
-                f"  one flipped bit in the bundle: [green]refused[/] ({type(e).__name__}: "
-                f"{e}); nothing unpacked: {not (home / 'tampered-out').exists()}"
-            )
 
-        console.rule("done")
-        console.print(
-            "The demo sealed 2 releases, wrapped 4 content keys, opened 4 bundles and refused 2 "
-            "attacks.\nComing next (open issues): TUF image and director repositories, the MQTT "
-            "transport,\nthe device agent with hot swap and rollback, staged rollouts and the "
-            "fleet simulator."
-        )
+def _attacks(console: Console, base: Path, operator, client, fleet, catalog) -> None:
+    from tuf.api.exceptions import DownloadHTTPError
+    from tuf.ngclient import Updater
+
+    from edgeota.agent.http_fetcher import HttpFetcher, HttpFetcherConfig
+    from edgeota.agent.update_cycle import UpdateClient
+    from edgeota.agent.validation import ValidationError
+    from edgeota.protocol.errors import KeyUnwrapError
+    from edgeota.server.publisher import PublishRequest, publish_release
+
+    bad = catalog["digits_bad"]
+    try:
+        publish_release(operator, client, PublishRequest(
+            model=bad.path, name="digits", version="3.0.0", hardware=_HARDWARE,
+            vectors=catalog["digits_v2"].vectors_path))
+        raise EdgeotaError("BUG: the bad model was published")
+    except ValidationError as e:
+        console.print(f"  a bad model with v2's vectors: [green]refused[/] ({e.reason})")
+
+    victim, thief = fleet[0], fleet[1]
+    folder = base / "attack-cache"
+    folder.mkdir()
+    try:
+        Updater(str(folder), victim.director_metadata_url,
+                fetcher=HttpFetcher(HttpFetcherConfig(token=thief.token())),
+                bootstrap=victim.director_root.read_bytes()).refresh()
+        raise EdgeotaError("BUG: another device's director metadata was served")
+    except DownloadHTTPError as e:
+        console.print(f"  {thief.device_id} reads {victim.device_id}'s director metadata: "
+                      f"[green]refused[/] (HTTP {e.status_code})")
+
+    thief_client = UpdateClient(thief)
+    (own,) = thief_client.check()
+    (theirs,) = UpdateClient(victim).check()
+    stolen = dataclasses.replace(own, director=dataclasses.replace(
+        own.director, wrapped_key=theirs.director.wrapped_key))
+    try:
+        thief_client.install(stolen)
+        raise EdgeotaError("BUG: a key wrapped for another device opened")
+    except KeyUnwrapError:
+        console.print(f"  {thief.device_id} uses {victim.device_id}'s wrapped content key: "
+                      "[green]refused[/] (KeyUnwrapError)")
+
+    from edgeota.agent.uptane import RefusalReason, UptaneRefusal
+
+    try:
+        thief_client.check(release_floor=99)
+        raise EdgeotaError("BUG: a release below the floor was accepted")
+    except UptaneRefusal as e:
+        assert e.reason is RefusalReason.BELOW_FLOOR
+        console.print("  a release below the device's release-counter floor: [green]refused[/] "
+                      f"({e.reason})")
