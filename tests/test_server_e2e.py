@@ -502,3 +502,129 @@ def test_two_replicas_share_one_database_and_blob_store(
     finally:
         replica.stop()
         replica.sock.close()
+
+
+def test_targets_are_served_with_http_range(server: RunningServer) -> None:
+    release = published(server)
+    path = f"/repo/image/targets/models/digits/{release['sha256']}.1.0.0.eotb"
+    with httpx.Client(base_url=server.url) as client:
+        whole = client.get(path).content
+        part = client.get(path, headers={"Range": "bytes=100-199"})
+    assert part.status_code == 206
+    assert part.content == whole[100:200]
+    assert len(whole) == release["length"]
+
+
+def test_expiring_online_metadata_is_re_signed(server: RunningServer, tmp_path: Path) -> None:
+    from datetime import timedelta
+
+    from edgeota.server.api.app import refresh_expiring_metadata
+
+    server.enroll("pi-1")
+    before_image = server.ctx.store.latest_version("image", "timestamp")
+    before_device = server.ctx.store.latest_version("director/pi-1", "timestamp")
+    assert refresh_expiring_metadata(server.ctx) == []  # nothing is close to expiry yet
+    later = server.ctx.clock() + timedelta(hours=20)  # past half of the 1-day timestamp period
+    server.ctx.clock = lambda: later
+    server.ctx.image._clock = server.ctx.clock
+    server.ctx.director._clock = server.ctx.clock
+    refreshed = refresh_expiring_metadata(server.ctx)
+    assert "image/timestamp" in refreshed
+    assert server.ctx.store.latest_version("image", "timestamp") == before_image + 1
+    assert server.ctx.store.latest_version("director/pi-1", "timestamp") == before_device + 1
+    image_updater(server, tmp_path / "image").refresh()
+
+
+def test_publish_re_signs_when_another_release_moved_the_bin_on(
+    tmp_path: Path, db_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two releases in the same hash bin: the second CLI must notice and re-sign."""
+    from tuf.api.metadata import SuccinctRoles
+
+    import edgeota.server.publisher as publisher
+
+    bins = SuccinctRoles([], 1, 1, "bins")
+    same_bin = next(v for v in (f"2.0.{i}" for i in range(50))
+                    if bins.get_role_for_target(f"models/digits/{v}.eotb")
+                    == bins.get_role_for_target(V1_TARGET))
+    with running_server(tmp_path, db_url, HomeOptions(bin_bits=1)) as server:
+        real = publisher.verified_bin
+        calls = {"n": 0}
+
+        def racing(config, target_path, workdir):
+            result = real(config, target_path, workdir)
+            calls["n"] += 1
+            if calls["n"] == 1:  # a colleague publishes between our fetch and our submit
+                monkeypatch.setattr(publisher, "verified_bin", real)
+                assert published(server)["status"] == "published"
+                monkeypatch.setattr(publisher, "verified_bin", racing)
+            return result
+
+        monkeypatch.setattr(publisher, "verified_bin", racing)
+        second = server.publish("digits_v2", same_bin)
+        assert second.code == 0, second.err
+        assert json.loads(second.out)["bin_version"] == 3
+        assert calls["n"] == 2
+
+
+def test_snapshot_omitting_a_bin_is_refused_over_http(
+    server: RunningServer, tmp_path: Path
+) -> None:
+    from datetime import timedelta
+
+    from edgeota.server.context import load_key_signer
+    from edgeota.server.repo.image import next_version, sign
+
+    published(server)
+    image = image_updater(server, tmp_path / "image")
+    image.refresh()
+    expires = server.ctx.clock() + timedelta(days=1)
+    snapshot = next_version(server.ctx.image.current("snapshot"), expires=expires)
+    dropped = next(name for name in snapshot.signed.meta if name.startswith("bins-"))
+    del snapshot.signed.meta[dropped]
+    sign(snapshot, load_key_signer(server.config.image_snapshot_key))
+    store = server.ctx.store
+    store.write_metadata("image", "snapshot", snapshot.signed.version, snapshot.to_bytes())
+    timestamp = next_version(server.ctx.image.current("timestamp"), expires=expires)
+    from tuf.api.metadata import MetaFile
+
+    timestamp.signed.snapshot_meta = MetaFile(version=snapshot.signed.version)
+    sign(timestamp, load_key_signer(server.config.image_timestamp_key))
+    store.write_metadata("image", "timestamp", timestamp.signed.version, timestamp.to_bytes())
+    with pytest.raises(tuf_errors.RepositoryError, match="missing info for"):
+        image_updater(server, tmp_path / "image").refresh()
+
+
+def test_director_metadata_signed_by_a_key_outside_the_root_is_refused(
+    server: RunningServer, tmp_path: Path
+) -> None:
+    from datetime import timedelta
+
+    from securesystemslib.signer import CryptoSigner
+
+    from edgeota.server.repo.image import next_version, sign
+
+    device = server.enroll("pi-1")
+    director_updater(device, tmp_path / "director").refresh()
+    rogue = CryptoSigner.generate_ed25519()
+    store = server.ctx.store
+    repo = "director/pi-1"
+    current = server.ctx.director.current_targets("pi-1")
+    forged = next_version(current, expires=server.ctx.clock() + timedelta(days=1))
+    sign(forged, rogue)
+    store.write_metadata(repo, "targets", forged.signed.version, forged.to_bytes())
+    from tuf.api.metadata import Metadata, MetaFile, Snapshot, Timestamp
+
+    snapshot = next_version(Metadata[Snapshot].from_bytes(store.read_metadata(repo, "snapshot")),
+                            expires=server.ctx.clock() + timedelta(days=1))
+    snapshot.signed.meta["targets.json"] = MetaFile(version=forged.signed.version)
+    sign(snapshot, rogue)
+    store.write_metadata(repo, "snapshot", snapshot.signed.version, snapshot.to_bytes())
+    timestamp = next_version(Metadata[Timestamp].from_bytes(store.read_metadata(repo,
+                                                                                "timestamp")),
+                             expires=server.ctx.clock() + timedelta(days=1))
+    timestamp.signed.snapshot_meta = MetaFile(version=snapshot.signed.version)
+    sign(timestamp, rogue)
+    store.write_metadata(repo, "timestamp", timestamp.signed.version, timestamp.to_bytes())
+    with pytest.raises(tuf_errors.UnsignedMetadataError):
+        director_updater(device, tmp_path / "director").refresh()

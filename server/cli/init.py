@@ -27,7 +27,7 @@ def init(
         min=1, help="Release signatures required (k of --release-keys).")] = 1,
     online_algorithm: Annotated[KeyAlgorithm, typer.Option(
         help="Algorithm of the online keys (ecdsa-p256 fits a KMS/HSM).")] = KeyAlgorithm.ED25519,
-    bin_bits: Annotated[int, typer.Option(min=0, max=14,
+    bin_bits: Annotated[int, typer.Option(min=1, max=14,
                                           help="Hash bins = 2**bits (succinct delegation).")] = 8,
     as_json: JsonOption = False,
 ) -> None:
