@@ -1,0 +1,81 @@
+"""Accepting device status reports: verified, in order, from the device that sent them.
+
+Called by the MQTT bridge for every message on ``devices/{id}/status`` (the
+topic names the sender: the broker ACL lets only that device's certificate
+publish there) and usable from HTTP alike. A rejected report changes nothing
+about the device and is recorded in the audit log with the reason, so a
+forging or replaying client leaves a trace.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime
+
+from sqlalchemy.orm import Session
+
+from edgeota.protocol.errors import ProtocolError
+from edgeota.protocol.identity import DevicePublicIdentity, verify_report
+from edgeota.protocol.reports import SignedReport, StatusReport
+from edgeota.server import audit
+from edgeota.server.db.models import Device, StatusEvent
+
+__all__ = ["ReportOutcome", "ReportRejection", "ingest_report"]
+
+
+class ReportRejection(enum.StrEnum):
+    MALFORMED = "malformed"
+    UNKNOWN_DEVICE = "unknown_device"
+    WRONG_DEVICE = "wrong_device"
+    BAD_SIGNATURE = "bad_signature"
+    REPLAYED = "replayed"
+
+
+@dataclass(frozen=True)
+class ReportOutcome:
+    accepted: bool
+    reason: ReportRejection | None = None
+    report: StatusReport | None = None
+
+
+def _reject(session: Session, sender: str, reason: ReportRejection, detail: str) -> ReportOutcome:
+    audit.append(session, actor=f"device:{sender}", action="report.rejected", subject=sender,
+                 detail={"reason": str(reason), "detail": detail[:300]})
+    return ReportOutcome(False, reason)
+
+
+def ingest_report(
+    session: Session, sender: str, raw: bytes, *, clock: Callable[[], datetime]
+) -> ReportOutcome:
+    """Verify and store one report that arrived from ``sender`` (the topic's device id)."""
+    try:
+        signed = SignedReport.from_bytes(raw)
+        report = signed.report
+    except ProtocolError as e:
+        return _reject(session, sender, ReportRejection.MALFORMED, str(e))
+    if report.device_id != sender:
+        return _reject(session, sender, ReportRejection.WRONG_DEVICE,
+                       f"report names {report.device_id!r} but came from {sender!r}")
+    device = session.get(Device, sender, with_for_update=True)
+    if device is None:
+        return _reject(session, sender, ReportRejection.UNKNOWN_DEVICE, "not enrolled")
+    try:
+        verify_report(DevicePublicIdentity.from_dict(device.identity), signed.report_bytes,
+                      signed.signature)
+    except ProtocolError as e:
+        return _reject(session, sender, ReportRejection.BAD_SIGNATURE, str(e))
+    if report.seq <= device.report_seq:
+        return _reject(session, sender, ReportRejection.REPLAYED,
+                       f"seq {report.seq} is not above the last accepted {device.report_seq}")
+    now = clock()
+    device.report_seq = report.seq
+    device.last_seen = now
+    device.reported_state = {"state": report.state, "release": report.release,
+                             "progress": report.progress, "error": report.error,
+                             "seq": report.seq}
+    session.add(StatusEvent(device_id=sender, received_at=now, seq=report.seq,
+                            state=report.state, release=report.release,
+                            detail=dict(report.detail)))
+    return ReportOutcome(True, None, report)
