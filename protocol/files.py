@@ -40,6 +40,7 @@ __all__ = [
     "atomic_write",
     "fsync_dir",
     "make_private_dir",
+    "read_bounded",
     "read_private_file",
     "write_private_file",
 ]
@@ -166,6 +167,19 @@ def read_private_file(path: Path, max_size: int) -> bytes:
     if len(data) > max_size:
         raise FileTooLargeError(f"private file {path} is more than {max_size} bytes")
     return data
+
+
+def read_bounded(path: Path, max_size: int, what: str) -> bytes:
+    """Read a small file whole, refusing one larger than ``max_size`` bytes.
+
+    Raises ``FileTooLargeError`` for an oversized file and ``OSError`` as
+    ``open`` does; ``what`` names the file in messages ("certificate", ...).
+    """
+    with Path(path).open("rb") as f:
+        raw = f.read(max_size + 1)
+    if len(raw) > max_size:
+        raise FileTooLargeError(f"{what} file {path} is larger than {max_size} bytes")
+    return raw
 
 
 def make_private_dir(path: Path) -> Path:

@@ -23,8 +23,6 @@ of those through them.
 
 from __future__ import annotations
 
-import base64
-import binascii
 import json
 import re
 from dataclasses import dataclass
@@ -35,6 +33,7 @@ from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 
+from edgeota.protocol.encoding import b64decode_field, b64encode
 from edgeota.protocol.errors import MalformedKeyError, ProtocolError
 from edgeota.protocol.files import (
     atomic_write,
@@ -144,18 +143,13 @@ def validate_service_identity(name: str) -> str:
     return name
 
 
+
 def _b64(data: bytes) -> str:
-    return base64.b64encode(data).decode("ascii")
+    return b64encode(data)
 
 
 def _unb64(value: object, field: str) -> bytes:
-    if not isinstance(value, str):
-        raise MalformedIdentityError(f"identity field {field!r} must be a base64 string")
-    try:
-        return base64.b64decode(value, validate=True)
-    except binascii.Error as e:
-        raise MalformedIdentityError(f"identity field {field!r} is not valid base64") from e
-
+    return b64decode_field(value, field, MalformedIdentityError)
 
 def _report_public_key(raw: bytes) -> ed25519.Ed25519PublicKey:
     if len(raw) != _ED25519_KEY_SIZE:

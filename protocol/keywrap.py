@@ -20,13 +20,13 @@ Wire form of a wrapped key (all integers big-endian)::
 
 from __future__ import annotations
 
-import base64
 import enum
 from dataclasses import dataclass
 
 from cryptography.hazmat.primitives import hpke
 from cryptography.hazmat.primitives.asymmetric import mlkem, x25519
 
+from edgeota.protocol.encoding import b64decode_field, b64encode
 from edgeota.protocol.errors import KeyUnwrapError, MalformedKeyError, UnsupportedSuiteError
 
 __all__ = [
@@ -72,18 +72,13 @@ class KemSuite(enum.Enum):
 _SUITE_IDS = {KemSuite.X25519: 1, KemSuite.MLKEM768_X25519: 2}
 
 
+
 def _b64(data: bytes) -> str:
-    return base64.b64encode(data).decode("ascii")
+    return b64encode(data)
 
 
 def _unb64(value: object, field: str) -> bytes:
-    if not isinstance(value, str):
-        raise MalformedKeyError(f"key field {field!r} must be a base64 string")
-    try:
-        return base64.b64decode(value, validate=True)
-    except ValueError as e:
-        raise MalformedKeyError(f"key field {field!r} is not valid base64") from e
-
+    return b64decode_field(value, field, MalformedKeyError)
 
 @dataclass(frozen=True)
 class KemPublicKey:

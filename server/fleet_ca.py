@@ -40,6 +40,7 @@ from edgeota.protocol.files import (
     InsecureKeyFileError,
     atomic_write,
     make_private_dir,
+    read_bounded,
     read_private_file,
     write_private_file,
 )
@@ -167,12 +168,11 @@ def private_key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
 
 def _load_certificate(path: Path) -> x509.Certificate:
     try:
-        with path.open("rb") as f:
-            raw = f.read(_MAX_PEM_SIZE + 1)
+        raw = read_bounded(path, _MAX_PEM_SIZE, "certificate")
+    except FileTooLargeError as e:
+        raise FleetCAError(str(e)) from e
     except OSError as e:
         raise FleetCAError(f"cannot read certificate {path}: {e.strerror or e}") from e
-    if len(raw) > _MAX_PEM_SIZE:
-        raise FleetCAError(f"certificate file {path} is larger than {_MAX_PEM_SIZE} bytes")
     try:
         return x509.load_pem_x509_certificate(raw)
     except ValueError as e:

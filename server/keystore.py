@@ -52,6 +52,7 @@ from edgeota.protocol.files import (
     InsecureKeyFileError,
     atomic_write,
     make_private_dir,
+    read_bounded,
     read_private_file,
     write_private_file,
 )
@@ -145,12 +146,11 @@ def load_public_key(path: Path) -> Key:
     """
     path = Path(path)
     try:
-        with path.open("rb") as f:
-            raw = f.read(_MAX_PUBLIC_KEY_SIZE + 1)
+        raw = read_bounded(path, _MAX_PUBLIC_KEY_SIZE, "public key")
+    except FileTooLargeError as e:
+        raise KeystoreError(str(e)) from e
     except OSError as e:
         raise KeystoreError(f"cannot read public key file {path}: {e.strerror or e}") from e
-    if len(raw) > _MAX_PUBLIC_KEY_SIZE:
-        raise KeystoreError(f"public key file {path} is larger than {_MAX_PUBLIC_KEY_SIZE} bytes")
     try:
         data: Any = json.loads(raw)
     except ValueError as e:

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+import stat
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,6 +16,21 @@ from edgeota.protocol.stream import DEFAULT_CHUNK_SIZE, AeadSuite
 
 # Real databases (SQLite and PostgreSQL) and a real server on loopback.
 pytest_plugins = ["dbsupport", "server_support"]
+
+
+def mode_of(path: Path) -> int:
+    """A file's permission bits, e.g. 0o600."""
+    return stat.S_IMODE(path.stat().st_mode)
+
+
+@pytest.fixture
+def permissive_umask() -> Iterator[None]:
+    """umask 0 for the test: private files must be 0600 by construction, not by umask."""
+    old = os.umask(0)
+    try:
+        yield
+    finally:
+        os.umask(old)
 
 
 @dataclass(frozen=True)

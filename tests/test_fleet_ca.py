@@ -4,13 +4,11 @@ from __future__ import annotations
 
 import datetime as dt
 import ipaddress
-import os
 import ssl
-import stat
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from conftest import mode_of
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 from cryptography.x509 import verification
@@ -35,19 +33,6 @@ from edgeota.server.fleet_ca import (
     verify_issued,
     write_device_tls,
 )
-
-
-def mode_of(path: Path) -> int:
-    return stat.S_IMODE(path.stat().st_mode)
-
-
-@pytest.fixture
-def permissive_umask() -> Iterator[None]:
-    old = os.umask(0)
-    try:
-        yield
-    finally:
-        os.umask(old)
 
 
 @pytest.fixture(scope="module")

@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import base64
 import json
-import os
-import stat
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import mode_of
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 
@@ -32,19 +31,6 @@ from edgeota.protocol.identity import (
     verify_report,
 )
 from edgeota.protocol.keywrap import KemSuite, unwrap_content_key, wrap_content_key
-
-
-def mode_of(path: Path) -> int:
-    return stat.S_IMODE(path.stat().st_mode)
-
-
-@pytest.fixture
-def permissive_umask() -> Iterator[None]:
-    old = os.umask(0)
-    try:
-        yield
-    finally:
-        os.umask(old)
 
 
 @pytest.fixture(params=list(KemSuite), ids=lambda s: s.value)

@@ -6,10 +6,11 @@ import errno
 import json
 import os
 import stat
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from conftest import mode_of
 from securesystemslib.exceptions import UnverifiedSignatureError
 from securesystemslib.signer import CryptoSigner, Signature
 from tuf.api.exceptions import UnsignedMetadataError
@@ -34,20 +35,6 @@ from edgeota.server.keystore import (
     load_signer,
     save_public_key,
 )
-
-
-def mode_of(path: Path) -> int:
-    return stat.S_IMODE(path.stat().st_mode)
-
-
-@pytest.fixture
-def permissive_umask() -> Iterator[None]:
-    """umask 0: any mode wider than intended would show up on disk."""
-    old = os.umask(0)
-    try:
-        yield
-    finally:
-        os.umask(old)
 
 
 @pytest.fixture(params=list(KeyAlgorithm), ids=lambda a: a.value)
