@@ -22,6 +22,7 @@ from edgeota.server.config import ExpirySettings, KeyRef, ServerConfig
 from edgeota.server.db.session import make_engine, make_session_factory
 from edgeota.server.fleet_ca import FleetCA
 from edgeota.server.keystore import load_public_key, load_signer
+from edgeota.server.metrics import ServerMetrics
 from edgeota.server.repo.director import DirectorRepository
 from edgeota.server.repo.image import ExpiryPolicy, ImageRepository
 from edgeota.server.repo.storage import RepoStore
@@ -66,6 +67,7 @@ class ServerContext:
     ca: FleetCA
     clock: Clock
     uploads_dir: Path
+    metrics: ServerMetrics
 
     @classmethod
     def open(cls, config: ServerConfig, *, clock: Clock | None = None) -> ServerContext:
@@ -88,10 +90,11 @@ class ServerContext:
         )
         uploads = config.blob_dir / "uploads"
         uploads.mkdir(parents=True, exist_ok=True)
+        sessions = make_session_factory(engine)
         return cls(
             config=config,
             engine=engine,
-            sessions=make_session_factory(engine),
+            sessions=sessions,
             store=store,
             image=image,
             director=director,
@@ -99,6 +102,7 @@ class ServerContext:
             ca=FleetCA.load(config.ca_dir),
             clock=clock,
             uploads_dir=uploads,
+            metrics=ServerMetrics(sessions),
         )
 
     def close(self) -> None:

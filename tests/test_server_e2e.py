@@ -628,3 +628,32 @@ def test_director_metadata_signed_by_a_key_outside_the_root_is_refused(
     store.write_metadata(repo, "timestamp", timestamp.signed.version, timestamp.to_bytes())
     with pytest.raises(tuf_errors.UnsignedMetadataError):
         director_updater(device, tmp_path / "director").refresh()
+
+
+def test_metrics_parse_and_move_when_a_device_fetches(
+    server: RunningServer, tmp_path: Path
+) -> None:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    def scrape() -> dict[tuple[str, tuple], float]:
+        with httpx.Client(base_url=server.url) as client:
+            text = client.get("/metrics").text
+        return {(sample.name, tuple(sorted(sample.labels.items()))): sample.value
+                for family in text_string_to_metric_families(text)
+                for sample in family.samples}
+
+    device = server.enroll("pi-1")
+    published(server)
+    assert server.cli("deploy", "digits@1.0.0", "--devices", "pi-1").code == 0
+    before = scrape()
+    assert before[("edgeota_releases", (("status", "published"),))] == 1
+    assert before[("edgeota_devices", (("state", "unknown"),))] == 1
+    assert before[("edgeota_publish_seconds_count", ())] == 1
+    assert before[("edgeota_director_sign_seconds_count", ())] == 1
+    director_updater(device, tmp_path / "director").refresh()
+    after = scrape()
+    key = ("edgeota_fetch_requests_total", (("kind", "director_metadata"), ("transport", "http")))
+    assert after[key] >= before.get(key, 0) + 3  # timestamp, snapshot, targets
+    byte_key = ("edgeota_fetch_bytes_total",
+                (("kind", "director_metadata"), ("transport", "http")))
+    assert after[byte_key] > before.get(byte_key, 0)

@@ -13,13 +13,14 @@ import logging
 from collections.abc import AsyncIterator
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from sqlalchemy import text
 
 from edgeota.protocol.errors import EdgeotaError, ProtocolError
 from edgeota.server.api.routes import admin, deployments, devices, releases, repo
 from edgeota.server.context import ServerContext
 from edgeota.server.db.session import lock
+from edgeota.server.metrics import CONTENT_TYPE
 from edgeota.server.services.errors import ServiceError
 from edgeota.server.tokens import AuthenticationError
 
@@ -67,6 +68,11 @@ def create_app(ctx: ServerContext, *, background_refresh: bool = True) -> FastAP
     app.state.ctx = ctx
     for module in (repo, devices, releases, deployments, admin):
         app.include_router(module.router)
+
+    @app.get("/metrics", tags=["health"])
+    def metrics() -> Response:
+        """Prometheus metrics (fetches, publish and signing durations, fleet gauges)."""
+        return Response(ctx.metrics.render(), media_type=CONTENT_TYPE)
 
     @app.get("/healthz", tags=["health"])
     def healthz() -> dict[str, str]:

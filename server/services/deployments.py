@@ -6,6 +6,8 @@ phases, soak times and gates build on the same assignment step.
 
 from __future__ import annotations
 
+import time
+
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 from tuf.api.metadata import TargetFile
@@ -121,7 +123,9 @@ def deploy(
         targets = {path: target for path, target in current.items()
                    if model_name_of(path) != model_name}
         targets[release.target_path] = _director_target(release, device, wrapped)
+        signing = time.perf_counter()
         ctx.director.assign(device.id, targets)
+        ctx.metrics.director_sign_seconds.observe(time.perf_counter() - signing)
         session.add(Assignment(
             deployment_id=deployment.id,
             device_id=device.id,

@@ -18,6 +18,7 @@ import dataclasses
 import json
 import logging
 import tempfile
+import time
 from pathlib import Path
 
 from sqlalchemy import select
@@ -180,6 +181,7 @@ def _publish(ctx: ServerContext, release: Release, upload: Path, bin_bytes: byte
 def submit_release(
     ctx: ServerContext, session: Session, actor: str, request: ReleaseSubmit
 ) -> ReleaseOut:
+    started = time.perf_counter()
     lock(session, "image")
     duplicate = session.scalars(
         select(Release).where(Release.name == request.name, Release.version == request.version)
@@ -230,6 +232,7 @@ def submit_release(
             "allow_breaking": request.allow_breaking,
         },
     )
+    ctx.metrics.publish_seconds.observe(time.perf_counter() - started)
     return release_view(release, signatures=len(check.valid_keyids), threshold=check.threshold)
 
 
