@@ -14,6 +14,7 @@ import click
 import typer
 
 from edgeota.protocol.errors import EdgeotaError
+from edgeota.server.cli import broker as broker_cli
 from edgeota.server.cli import bundle as bundle_cli
 from edgeota.server.cli import demo as demo_cli
 from edgeota.server.cli import device as device_cli
@@ -38,6 +39,7 @@ app = typer.Typer(
 )
 app.command(name="init")(init_cli.init)
 app.command(name="serve")(serve_cli.serve)
+app.command(name="broker-config")(broker_cli.broker_config)
 app.add_typer(device_cli.app, name="device")
 app.add_typer(release_cli.app, name="release")
 app.command(name="deploy")(operate_cli.deploy)

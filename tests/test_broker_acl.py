@@ -1,0 +1,553 @@
+"""Broker access control: the same suite against a real Mosquitto and the embedded broker.
+
+Mosquitto runs from the files ``write_mosquitto_config`` generates; the
+embedded broker is amqtt with our certificate ACL plugin. Absence of a
+message is proven without sleeping: after the forbidden message, a control
+message goes on a topic the observer *may* receive, from the same publisher
+with QoS 1; a broker that let the forbidden one through would have delivered
+it before the control.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import shutil
+import socket
+import subprocess
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import paho.mqtt.client as mqtt
+import pytest
+import typer
+from cryptography import x509
+from cryptography.hazmat.primitives.serialization import Encoding
+from typer.testing import CliRunner
+
+from edgeota.protocol.identity import SERVER_IDENTITY, TLS_CERT_FILE, TLS_KEY_FILE
+from edgeota.protocol.topics import DeviceTopic, Topics
+from edgeota.server.broker_config import (
+    BrokerConfigError,
+    render_acl,
+    write_mosquitto_config,
+    write_mosquitto_files,
+)
+from edgeota.server.cli.broker import broker_config
+from edgeota.server.config import load_server_config
+from edgeota.server.embedded_broker import (
+    BrokerAcl,
+    EmbeddedBroker,
+    EmbeddedBrokerError,
+    certificate_identity,
+    filters_overlap,
+    topic_matches,
+)
+from edgeota.server.fleet_ca import FleetCA, certificate_pem, private_key_pem, write_device_tls
+from edgeota.server.home import init_home
+
+TOPICS = Topics()
+PREFIX = TOPICS.prefix
+WAIT = 5.0  # seconds: the bound on every wait for something that must happen
+MOSQUITTO = shutil.which("mosquitto") or next(
+    (p for p in ("/usr/sbin/mosquitto", "/usr/local/sbin/mosquitto") if Path(p).is_file()), None
+)
+
+
+def t(device: str, kind: DeviceTopic) -> str:
+    return TOPICS.device(device, kind)
+
+
+# --- fixtures: one home, certificates, and each broker once per module -------------------------
+
+
+@dataclass(frozen=True)
+class Credentials:
+    cert: Path
+    key: Path
+
+
+@dataclass(frozen=True)
+class Fleet:
+    home: Path
+    ca_dir: Path
+    ca_cert: Path
+    devices: dict[str, Credentials]
+    foreign: Credentials  # CN pi-a, issued by another CA
+    work: Path
+
+
+@dataclass(frozen=True)
+class RunningBroker:
+    name: str
+    port: int
+    ca_cert: Path
+    server: Credentials  # the server identity's client certificate
+
+
+@pytest.fixture(scope="module")
+def fleet(tmp_path_factory: pytest.TempPathFactory) -> Fleet:
+    work = tmp_path_factory.mktemp("broker-acl")
+    home = work / "home"
+    init_home(home)
+    ca_dir = load_server_config(home).ca_dir
+    ca = FleetCA.load(ca_dir)
+    devices = {}
+    for device in ("pi-a", "pi-b"):
+        write_device_tls(work / device, device, ca)
+        devices[device] = Credentials(work / device / TLS_CERT_FILE, work / device / TLS_KEY_FILE)
+    other = FleetCA.create(work / "other-ca", common_name="someone else's CA")
+    write_device_tls(work / "foreign", "pi-a", other)
+    foreign = Credentials(work / "foreign" / TLS_CERT_FILE, work / "foreign" / TLS_KEY_FILE)
+    return Fleet(home, ca_dir, ca.folder / "ca.crt.pem", devices, foreign, work)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_for_port(port: int, proc: subprocess.Popen[bytes], log: Path) -> None:
+    deadline = time.monotonic() + WAIT
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"mosquitto exited with {proc.returncode}:\n{log.read_text()}")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                return
+        except OSError:
+            time.sleep(0.02)
+    raise AssertionError(f"mosquitto did not listen on {port} within {WAIT}s:\n{log.read_text()}")
+
+
+@pytest.fixture(scope="module")
+def acl_mosquitto(fleet: Fleet) -> Iterator[RunningBroker]:
+    if MOSQUITTO is None:
+        if os.environ.get("CI") == "true":
+            pytest.fail("the mosquitto binary is required in CI")
+        pytest.skip("mosquitto binary not installed (apt install mosquitto)")
+    files = write_mosquitto_config(
+        fleet.home, fleet.work / "mosquitto", port=free_port(),
+        # Started as root, Mosquitto would switch to the `mosquitto` user, who
+        # cannot read the 0600 files this test process owns.
+        run_as="root" if os.geteuid() == 0 else None,
+    )
+    log = fleet.work / "mosquitto.log"
+    with log.open("wb") as out:
+        proc = subprocess.Popen(files.command(MOSQUITTO), stdout=out, stderr=subprocess.STDOUT)
+    try:
+        wait_for_port(files.port, proc, log)
+        yield RunningBroker("mosquitto", files.port, files.ca_cert,
+                            Credentials(files.bridge_cert, files.bridge_key))
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(WAIT)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(WAIT)
+
+
+@pytest.fixture(scope="module")
+def acl_embedded(fleet: Fleet) -> Iterator[RunningBroker]:
+    ca = FleetCA.load(fleet.ca_dir)
+    key, cert = ca.issue_service_client_certificate(SERVER_IDENTITY)
+    folder = fleet.work / "embedded-server-identity"
+    folder.mkdir()
+    (folder / "bridge.crt.pem").write_bytes(certificate_pem(cert))
+    (folder / "bridge.key.pem").write_bytes(private_key_pem(key))
+    (folder / "bridge.key.pem").chmod(0o600)
+    with EmbeddedBroker(fleet.ca_dir) as broker:
+        yield RunningBroker("embedded", broker.port, broker.ca_cert,
+                            Credentials(folder / "bridge.crt.pem", folder / "bridge.key.pem"))
+
+
+@pytest.fixture(params=["mosquitto", "embedded"])
+def broker(request: pytest.FixtureRequest) -> RunningBroker:
+    # Named acl_* so they never shadow tests/mosquitto_support.py's plain broker.
+    return request.getfixturevalue(f"acl_{request.param}")
+
+
+# --- a small synchronous MQTT client ----------------------------------------------------------
+
+
+class Client:
+    """paho (MQTT 3.1.1, TLS) with blocking connect/subscribe/publish and a message queue."""
+
+    def __init__(self, broker: RunningBroker, creds: Credentials | None,
+                 *, ca_cert: Path | None = None, username: str | None = None,
+                 client_id: str | None = None, clean_session: bool = True) -> None:
+        self.port = broker.port
+        self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2,
+                                  client_id=client_id or f"test-{uuid.uuid4().hex[:12]}",
+                                  clean_session=clean_session, protocol=mqtt.MQTTv311)
+        self.client.tls_set(ca_certs=str(ca_cert or broker.ca_cert),
+                            certfile=str(creds.cert) if creds else None,
+                            keyfile=str(creds.key) if creds else None)
+        # After a refusal paho's loop thread sleeps before retrying; keep that
+        # short so closing a refused client does not wait a second.
+        self.client.reconnect_delay_set(min_delay=0.05, max_delay=0.05)  # type: ignore[arg-type]
+        if username is not None:
+            self.client.username_pw_set(username, "ignored")
+        self.messages: queue.Queue[tuple[str, bytes]] = queue.Queue()
+        self._connected = threading.Event()
+        self._done = threading.Event()
+        self._acks: dict[int, list[mqtt.ReasonCode]] = {}
+        self._acked = threading.Condition()
+        self.client.on_connect = self._on_connect
+        self.client.on_disconnect = lambda *_args: self._done.set()
+        self.client.on_connect_fail = lambda *_args: self._done.set()
+        self.client.on_message = lambda _c, _u, m: self.messages.put((m.topic, m.payload))
+        self.client.on_subscribe = self._on_subscribe
+
+    def _on_connect(self, _c: object, _u: object, _f: object, reason: mqtt.ReasonCode,
+                    _p: object) -> None:
+        if not reason.is_failure:
+            self._connected.set()
+        self._done.set()
+
+    def _on_subscribe(self, _c: object, _u: object, mid: int, codes: list[mqtt.ReasonCode],
+                      _p: object) -> None:
+        with self._acked:
+            self._acks[mid] = codes
+            self._acked.notify_all()
+
+    def connect(self) -> bool:
+        """True once CONNACK accepted; False on any refusal (TLS or MQTT)."""
+        try:
+            self.client.connect("127.0.0.1", self.port, keepalive=30)
+        except OSError:  # ssl.SSLError is an OSError: refused in the handshake
+            return False
+        self.client.loop_start()
+        self._done.wait(WAIT)
+        return self._connected.is_set()
+
+    def subscribe(self, *filters: str) -> list[mqtt.ReasonCode]:
+        result, mid = self.client.subscribe([(f, 1) for f in filters])
+        assert result == mqtt.MQTT_ERR_SUCCESS
+        with self._acked:
+            assert self._acked.wait_for(lambda: mid in self._acks, WAIT), "no SUBACK"
+            return self._acks.pop(mid)
+
+    def publish(self, topic: str, payload: bytes, *, retain: bool = False) -> None:
+        info = self.client.publish(topic, payload, qos=1, retain=retain)
+        info.wait_for_publish(WAIT)
+        assert info.is_published(), f"no PUBACK for {topic}"
+
+    def until(self, topic: str, payload: bytes) -> list[tuple[str, bytes]]:
+        """Every message received before (topic, payload), which must arrive within WAIT."""
+        seen: list[tuple[str, bytes]] = []
+        deadline = time.monotonic() + WAIT
+        while True:
+            remaining = deadline - time.monotonic()
+            try:
+                message = self.messages.get(timeout=max(remaining, 0.001))
+            except queue.Empty:
+                raise AssertionError(
+                    f"control {topic} {payload!r} not received; saw {seen}") from None
+            if message == (topic, payload):
+                return seen
+            seen.append(message)
+
+    def close(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()
+
+
+@pytest.fixture
+def connect(broker: RunningBroker) -> Iterator[object]:
+    opened: list[Client] = []
+
+    def open_client(creds: Credentials, **kwargs: object) -> Client:
+        client = Client(broker, creds, **kwargs)  # type: ignore[arg-type]
+        opened.append(client)
+        assert client.connect(), f"{creds.cert} could not connect to {broker.name}"
+        return client
+
+    yield open_client
+    for client in opened:
+        client.close()
+
+
+# --- who may connect --------------------------------------------------------------------------
+
+
+def test_client_without_certificate_is_refused(broker: RunningBroker) -> None:
+    client = Client(broker, None)
+    try:
+        assert not client.connect()
+    finally:
+        client.close()
+
+
+def test_certificate_from_another_ca_is_refused(broker: RunningBroker, fleet: Fleet) -> None:
+    # Same CN as a real device, trusting the right broker CA: only the issuer differs.
+    client = Client(broker, fleet.foreign)
+    try:
+        assert not client.connect()
+    finally:
+        client.close()
+
+
+# --- what devices may do ----------------------------------------------------------------------
+
+
+def test_device_cannot_publish_on_other_topics(broker: RunningBroker, fleet: Fleet,
+                                               connect) -> None:
+    server = connect(broker.server)
+    server.subscribe(f"{PREFIX}/devices/#")  # the server reads every device topic
+    # The claimed user name is ignored: the certificate (CN pi-b) is the identity.
+    device_b = connect(fleet.devices["pi-b"], username=SERVER_IDENTITY)
+    forbidden = [t("pi-a", kind) for kind in DeviceTopic] + [
+        t("pi-b", DeviceTopic.RX),      # B cannot forge what the server sends B
+        t("pi-b", DeviceTopic.NOTIFY),
+        f"{PREFIX}/devices/pi-a",
+        f"{PREFIX}/other",
+    ]
+    for topic in forbidden:
+        device_b.publish(topic, b"forged")
+    device_b.publish(t("pi-b", DeviceTopic.FETCH), b"control")
+    assert server.until(t("pi-b", DeviceTopic.FETCH), b"control") == []
+
+
+def test_device_never_receives_other_devices_messages(broker: RunningBroker, fleet: Fleet,
+                                                      connect) -> None:
+    server = connect(broker.server)
+    server.subscribe(f"{PREFIX}/devices/#")
+    device_a = connect(fleet.devices["pi-a"])
+    # Retained messages on A's topics exist before B arrives: a broker must not
+    # hand them over on B's SUBSCRIBE, nor at B's CONNECT because some other
+    # client (the server) holds a matching filter.
+    device_a.publish(t("pi-a", DeviceTopic.STATUS), b"a-status", retain=True)
+    server.publish(t("pi-a", DeviceTopic.NOTIFY), b"a-notify-retained", retain=True)
+    try:
+        device_b = connect(fleet.devices["pi-b"])
+        codes = device_b.subscribe(
+            t("pi-a", DeviceTopic.RX), t("pi-a", DeviceTopic.NOTIFY),
+            f"{PREFIX}/devices/+/rx", f"{PREFIX}/devices/#", "#",
+            t("pi-b", DeviceTopic.RX), t("pi-b", DeviceTopic.NOTIFY),
+        )
+        assert not codes[-1].is_failure and not codes[-2].is_failure  # its own topics
+        server.publish(t("pi-a", DeviceTopic.RX), b"for-a")
+        server.publish(t("pi-a", DeviceTopic.NOTIFY), b"for-a")
+        server.publish(t("pi-a", DeviceTopic.FETCH), b"for-the-server")
+        server.publish(t("pi-b", DeviceTopic.RX), b"control")
+        assert device_b.until(t("pi-b", DeviceTopic.RX), b"control") == []
+    finally:
+        server.publish(t("pi-a", DeviceTopic.NOTIFY), b"", retain=True)
+        device_a.publish(t("pi-a", DeviceTopic.STATUS), b"", retain=True)
+
+
+def test_server_reaches_every_device_and_reads_them_all(broker: RunningBroker, fleet: Fleet,
+                                                        connect) -> None:
+    server = connect(broker.server)
+    server.subscribe(TOPICS.all_devices(DeviceTopic.FETCH), TOPICS.all_devices(DeviceTopic.STATUS),
+                     TOPICS.all_devices(DeviceTopic.TELEMETRY),
+                     TOPICS.all_devices(DeviceTopic.ONLINE))
+    devices = {name: connect(creds) for name, creds in fleet.devices.items()}
+    for name, device in devices.items():
+        device.subscribe(t(name, DeviceTopic.NOTIFY), t(name, DeviceTopic.RX))
+    for name in devices:
+        server.publish(t(name, DeviceTopic.NOTIFY), f"notify {name}".encode())
+        server.publish(t(name, DeviceTopic.RX), f"chunk {name}".encode())
+    for name, device in devices.items():
+        assert device.until(t(name, DeviceTopic.RX), f"chunk {name}".encode()) == [
+            (t(name, DeviceTopic.NOTIFY), f"notify {name}".encode())
+        ]
+    sent = []
+    for name, device in devices.items():
+        for kind in (DeviceTopic.FETCH, DeviceTopic.STATUS, DeviceTopic.TELEMETRY):
+            device.publish(t(name, kind), f"{kind} {name}".encode())
+            sent.append((t(name, kind), f"{kind} {name}".encode()))
+    last = sent.pop()
+    received = server.until(*last)
+    assert sorted(received) == sorted(sent)
+
+
+def test_resuming_another_devices_session_gives_none_of_its_messages(
+        broker: RunningBroker, fleet: Fleet, connect) -> None:
+    # A persistent session belongs to a client id, which the client chooses.
+    # B taking over A's session id must not inherit A's subscriptions or queue
+    # (amqtt even kept the old connection's certificate on a resumed session).
+    shared_id = f"shared-{uuid.uuid4().hex[:8]}"
+    device_a = Client(broker, fleet.devices["pi-a"], client_id=shared_id, clean_session=False)
+    assert device_a.connect()
+    device_a.subscribe(t("pi-a", DeviceTopic.RX))
+    device_a.close()
+    server = connect(broker.server)
+    server.publish(t("pi-a", DeviceTopic.RX), b"queued for a")
+    device_b = Client(broker, fleet.devices["pi-b"], client_id=shared_id, clean_session=False)
+    try:
+        if not device_b.connect():
+            return  # refusing the takeover (the embedded broker) is safe too
+        device_b.subscribe(t("pi-b", DeviceTopic.RX))
+        server.publish(t("pi-a", DeviceTopic.RX), b"live for a")
+        server.publish(t("pi-b", DeviceTopic.RX), b"control")
+        assert device_b.until(t("pi-b", DeviceTopic.RX), b"control") == []
+    finally:
+        device_b.close()
+        cleanup = Client(broker, fleet.devices["pi-b"], client_id=shared_id)  # clean session
+        cleanup.connect()
+        cleanup.close()
+
+
+def test_last_will_on_another_devices_topic_is_dropped(broker: RunningBroker, fleet: Fleet,
+                                                       connect) -> None:
+    server = connect(broker.server)
+    server.subscribe(f"{PREFIX}/devices/#")
+    liar = Client(broker, fleet.devices["pi-b"])
+    liar.client.will_set(t("pi-a", DeviceTopic.ONLINE), b"forged will", qos=1)
+    honest = Client(broker, fleet.devices["pi-b"])
+    honest.client.will_set(t("pi-b", DeviceTopic.ONLINE), b"control", qos=1)
+    for client in (liar, honest):  # a refused CONNECT would also do for the liar
+        assert client.connect() or client is liar
+    for client in (liar, honest):  # vanish without DISCONNECT: the broker sends the will
+        client.client.loop_stop()
+        client.client.socket().close()
+    assert server.until(t("pi-b", DeviceTopic.ONLINE), b"control") == []
+
+
+def test_server_replicas_share_fetch_load_on_mosquitto(acl_mosquitto: RunningBroker,
+                                                        fleet: Fleet) -> None:
+    mosquitto = acl_mosquitto
+    # The ACL must not get in the way of $share subscriptions (amqtt has none).
+    server = Client(mosquitto, mosquitto.server)
+    device = Client(mosquitto, fleet.devices["pi-a"])
+    try:
+        assert server.connect() and device.connect()
+        assert not server.subscribe(TOPICS.shared("replicas", DeviceTopic.FETCH))[0].is_failure
+        device.publish(t("pi-a", DeviceTopic.FETCH), b"shared")
+        assert server.until(t("pi-a", DeviceTopic.FETCH), b"shared") == []
+    finally:
+        server.close()
+        device.close()
+
+
+def test_broker_certificate_is_not_a_client_identity(broker: RunningBroker, fleet: Fleet) -> None:
+    # The Mosquitto server certificate has CN "localhost", a valid device id
+    # spelling; its serverAuth-only usage must keep it out as a client.
+    if broker.name != "mosquitto":
+        ca = FleetCA.load(fleet.ca_dir)
+        key, cert = ca.issue_server_certificate(["localhost"], ["127.0.0.1"])
+        folder = fleet.work / "server-as-client"
+        folder.mkdir(exist_ok=True)
+        creds = Credentials(folder / "c.pem", folder / "k.pem")
+        creds.cert.write_bytes(certificate_pem(cert))
+        creds.key.write_bytes(private_key_pem(key))
+    else:
+        creds = Credentials(fleet.work / "mosquitto" / "server.crt.pem",
+                            fleet.work / "mosquitto" / "server.key.pem")
+    client = Client(broker, creds)
+    try:
+        assert not client.connect()
+    finally:
+        client.close()
+
+
+# --- the generated files and the pure policy (no network) -------------------------------------
+
+
+EXPECTED_ACL = f"""\
+user _edgeota-server
+topic readwrite {PREFIX}/devices/#
+pattern write {PREFIX}/devices/%u/fetch
+pattern write {PREFIX}/devices/%u/status
+pattern write {PREFIX}/devices/%u/telemetry
+pattern write {PREFIX}/devices/%u/online
+pattern read {PREFIX}/devices/%u/notify
+pattern read {PREFIX}/devices/%u/rx
+"""
+
+
+def test_acl_grants_exactly_the_device_and_server_rules() -> None:
+    rules = [line for line in render_acl().splitlines() if line and not line.startswith("#")]
+    assert "\n".join(rules) + "\n" == EXPECTED_ACL
+
+
+@pytest.mark.parametrize("prefix", ["fleet/%c", "fleet/a b", "fleet\ntopic readwrite x"])
+def test_unsafe_prefix_is_refused(prefix: str) -> None:
+    with pytest.raises((BrokerConfigError, ValueError)):
+        render_acl(Topics(prefix))
+
+
+def test_generated_files_and_modes(fleet: Fleet) -> None:
+    ca = FleetCA.load(fleet.ca_dir)
+    files = write_mosquitto_files(ca, fleet.work / "modes", host="0.0.0.0", port=1883,
+                                  hostnames=["broker.lan"], ips=["10.0.0.2"])
+    conf = files.config.read_text()
+    for line in ("listener 1883 0.0.0.0", "require_certificate true",
+                 "use_identity_as_username true", "allow_anonymous false",
+                 f"acl_file {files.acl}", f"cafile {files.ca_cert}", "max_packet_size 131072"):
+        assert line in conf.splitlines()
+    for private in (files.server_key, files.bridge_key, files.acl):
+        assert private.stat().st_mode & 0o777 == 0o600
+    bridge = x509.load_pem_x509_certificate(files.bridge_cert.read_bytes())
+    assert certificate_identity(bridge.public_bytes(Encoding.DER)) == SERVER_IDENTITY
+    with pytest.raises(BrokerConfigError):
+        write_mosquitto_files(ca, fleet.work / "bad", host="127.0.0.1\nlistener 1 0.0.0.0")
+    with pytest.raises(BrokerConfigError):
+        write_mosquitto_files(ca, fleet.work / "bad", hostnames=["not a host"])
+    assert not (fleet.work / "bad").exists()
+
+
+def test_cli_writes_the_setup(fleet: Fleet) -> None:
+    app = typer.Typer()
+    app.command(name="broker-config")(broker_config)
+    app.callback()(lambda: None)
+    out = fleet.work / "cli"
+    result = CliRunner().invoke(app, ["broker-config", "--home", str(fleet.home), "--out",
+                                      str(out), "--port", "18883", "--hostname", "a.lan,b.lan"])
+    assert result.exit_code == 0, result.output
+    assert f"mosquitto -c {out.resolve() / 'mosquitto.conf'}" in result.output
+    assert "listener 18883 127.0.0.1" in (out / "mosquitto.conf").read_text()
+    help_text = CliRunner().invoke(app, ["broker-config", "--help"]).output
+    assert "mosquitto -c" in help_text
+
+
+def test_policy_matches_the_acl() -> None:
+    acl = BrokerAcl()
+    for kind in DeviceTopic:
+        own, other = t("pi-a", kind), t("pi-b", kind)
+        device_sends = kind in (DeviceTopic.FETCH, DeviceTopic.STATUS, DeviceTopic.TELEMETRY,
+                                DeviceTopic.ONLINE)
+        assert acl.may_publish("pi-a", own) is device_sends
+        assert acl.may_receive("pi-a", own) is not device_sends
+        assert not acl.may_publish("pi-a", other) and not acl.may_receive("pi-a", other)
+        assert acl.may_publish(SERVER_IDENTITY, own) and acl.may_receive(SERVER_IDENTITY, own)
+    assert acl.may_subscribe("pi-a", "#") and acl.may_subscribe("pi-a", f"{PREFIX}/devices/+/rx")
+    assert not acl.may_subscribe("pi-a", t("pi-b", DeviceTopic.RX))
+    assert not acl.may_subscribe("pi-a", t("pi-a", DeviceTopic.FETCH))
+    assert acl.may_subscribe(SERVER_IDENTITY, TOPICS.shared("g", DeviceTopic.FETCH))
+    assert not acl.may_subscribe(SERVER_IDENTITY, "other/#")
+    assert not acl.may_publish(SERVER_IDENTITY, f"{PREFIX}/devices/+/rx")
+    for stranger in ("_edgeota-metrics", "Pi-A", "pi-a/rx", ""):
+        assert acl.grants(stranger) is None and not acl.may_receive(stranger, "#")
+
+
+@pytest.mark.parametrize(("topic", "topic_filter", "expected"), [
+    ("a/b", "a/b", True), ("a/b", "a/+", True), ("a/b", "a/#", True), ("a", "a/#", True),
+    ("a/b/c", "a/+", False), ("a", "a/+", False), ("$SYS/x", "#", False), ("b/a", "a/#", False),
+])
+def test_topic_matches(topic: str, topic_filter: str, expected: bool) -> None:
+    assert topic_matches(topic, topic_filter) is expected
+
+
+@pytest.mark.parametrize(("first", "second", "expected"), [
+    ("#", "a/b", True), ("a/+/c", "a/b/+", True), ("a/b", "a/c", False), ("a", "a/#", True),
+    ("a/b", "a", False), ("+/+", "a/b/c", False),
+])
+def test_filters_overlap(first: str, second: str, expected: bool) -> None:
+    assert filters_overlap(first, second) is expected
+    assert filters_overlap(second, first) is expected
+
+
+def test_embedded_broker_refuses_ipv6_literal_and_reports_not_running(fleet: Fleet) -> None:
+    with pytest.raises(EmbeddedBrokerError):
+        EmbeddedBroker(fleet.ca_dir, host="::1")
+    with pytest.raises(EmbeddedBrokerError):
+        _ = EmbeddedBroker(fleet.ca_dir).port
