@@ -15,7 +15,7 @@ from edgeota.protocol.manifest import Manifest, TensorSpec
 from edgeota.protocol.stream import DEFAULT_CHUNK_SIZE, AeadSuite
 
 # Real databases (SQLite and PostgreSQL) and a real server on loopback.
-pytest_plugins = ["dbsupport", "server_support"]
+pytest_plugins = ["dbsupport", "server_support", "mosquitto_support"]
 
 
 def mode_of(path: Path) -> int:
