@@ -4,11 +4,13 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Depends
+from fastapi import APIRouter, Depends, HTTPException, Request
 
-from edgeota.server.api.deps import ContextDep, SessionDep, require
+from edgeota.protocol.reports import MAX_REPORT_SIZE
+from edgeota.server.api.deps import ContextDep, CurrentPrincipal, SessionDep, require
 from edgeota.server.api.schemas import DeviceOut, EnrollRequest, EnrollResponse
 from edgeota.server.services import devices as service
+from edgeota.server.services.reports import ingest_report
 from edgeota.server.tokens import Principal, Role
 
 router = APIRouter(prefix="/api/v1/devices", tags=["devices"])
@@ -37,3 +39,24 @@ def get_device(
     device_id: str, session: SessionDep, _: Annotated[Principal, Depends(require(Role.VIEWER))]
 ) -> DeviceOut:
     return service.get_device(session, device_id)
+
+
+@router.post("/{device_id}/reports", status_code=202)
+async def report(
+    device_id: str, request: Request, ctx: ContextDep, principal: CurrentPrincipal
+) -> dict[str, object]:
+    """A device's signed status report (the HTTP twin of the MQTT ``status`` topic).
+
+    Only the device's own token may post for it; the report's signature and
+    sequence number are checked like on MQTT, and a rejection is audited.
+    """
+    if principal.role is not Role.DEVICE or principal.device_id != device_id:
+        raise HTTPException(403, f"only device {device_id!r} reports for itself")
+    body = await request.body()
+    if len(body) > MAX_REPORT_SIZE:
+        raise HTTPException(413, f"report exceeds {MAX_REPORT_SIZE} bytes")
+    with ctx.sessions() as session, session.begin():
+        outcome = ingest_report(session, device_id, body, clock=ctx.clock)
+    if not outcome.accepted:
+        raise HTTPException(422, f"report rejected: {outcome.reason}")
+    return {"accepted": True}
