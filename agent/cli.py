@@ -25,22 +25,41 @@ app = typer.Typer(
 )
 
 
-class NotYetAvailableError(EdgeotaError):
-    """A command whose implementation has not landed yet."""
-
-
 @app.command()
 def run(
     config: Annotated[
         Path,
         typer.Option(help="The agent.toml written by `edgeota device enroll --out DIR`."),
     ],
+    poll: Annotated[float, typer.Option(min=1, help="Seconds between update checks "
+                                        "(jittered by 20%).")] = 60.0,
+    probation: Annotated[float, typer.Option(min=0, help="Seconds a new model is watched "
+                                             "before it is committed.")] = 30.0,
+    http_port: Annotated[int, typer.Option(min=0, max=65535, help="Port of the local "
+                                           "inference endpoint on 127.0.0.1.")] = 8000,
 ) -> None:
-    """Run the update cycle and the local inference endpoint (not available yet)."""
-    raise NotYetAvailableError(
-        f"the update cycle is not implemented in this build; {config} was not read "
-        "(see the device agent issue)"
-    )
+    """Run the update cycle and serve models on 127.0.0.1 (Open Inference Protocol v2).
+
+    Checks the server every --poll seconds: verifies both TUF repositories,
+    installs what the director assigns (verified, decrypted, validated),
+    hot-swaps it, watches it through probation and commits or rolls back.
+    Stops cleanly on SIGINT/SIGTERM.
+    """
+    import signal
+    import threading
+
+    from edgeota.agent.config import AgentConfig
+    from edgeota.agent.inference_server import InferenceServer
+    from edgeota.agent.runner import Agent, AgentSettings, run_forever
+
+    agent = Agent(AgentConfig.load(config), AgentSettings(probation_seconds=probation))
+    agent.start()
+    stop = threading.Event()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda *_: stop.set())
+    with InferenceServer(agent.host, port=http_port) as endpoint:
+        typer.echo(f"edgeota-agent {agent.config.device_id}: serving on {endpoint.url}", err=True)
+        run_forever(agent, stop, poll_seconds=poll)
 
 
 @app.command()

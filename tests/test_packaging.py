@@ -72,10 +72,13 @@ def test_agent_side_imports_stay_small() -> None:
     assert done.stdout.strip() == ""
 
 
-def test_agent_run_fails_with_a_reason_until_it_exists(tmp_path: Path) -> None:
+def test_agent_run_without_a_config_fails_with_a_reason(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     from edgeota.agent.cli import main
 
     assert main(["run", "--config", str(tmp_path / "agent.toml")]) == 1
+    assert "device enroll" in capsys.readouterr().err
 
 
 def test_private_key_files_are_ignored_by_git() -> None:

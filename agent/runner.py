@@ -1,0 +1,346 @@
+"""The running agent: update cycles, journal, hot swap, probation, reports, local inference.
+
+One ``Agent`` per device wires the pieces together in the order the journal
+demands (state saved before its work starts):
+
+    checking -> downloading -> verifying -> validating -> staged -> swapping
+             -> probation -> committed | rolled_back | failed(reason)
+
+``run_cycle()`` performs one verified check and, per named model, an install
+up to probation; ``check_probation()`` commits or reverts when the window is
+over. Both are plain methods with injected clocks so tests, the simulator and
+``edgeota-agent run`` drive exactly the same code. Transport today is HTTP;
+the MQTT fetcher plugs in through ``UpdateClient``'s fetcher factory.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+import urllib.request
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+from edgeota.agent.clock import ClockUntrustedError, TimeFloor
+from edgeota.agent.config import AgentConfig
+from edgeota.agent.journal import (
+    Event,
+    Journal,
+    ModelRef,
+    RecoveryAction,
+    State,
+    model_to_serve,
+)
+from edgeota.agent.model_host import ModelHost, UnknownModelError
+from edgeota.agent.update_cycle import UpdateClient
+from edgeota.agent.uptane import UptaneRefusal
+from edgeota.agent.validation import SessionSettings, ValidationError
+from edgeota.protocol.bundle import describe_payload
+from edgeota.protocol.errors import EdgeotaError
+from edgeota.protocol.files import atomic_write
+from edgeota.protocol.identity import DeviceIdentity
+from edgeota.protocol.manifest import Manifest
+from edgeota.protocol.reports import SignedReport, StatusReport
+
+__all__ = ["Agent", "AgentSettings", "CycleOutcome", "ModelIntegrityError", "run_forever"]
+
+
+class ModelIntegrityError(EdgeotaError):
+    """An installed model's files no longer match the digests its manifest pins."""
+
+_BEFORE_SWAP = (State.CHECKING, State.DOWNLOADING, State.VERIFYING, State.VALIDATING,
+                State.STAGED)
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class AgentSettings:
+    """Limits and windows of the agent; every wait is bounded."""
+
+    probation_seconds: float = 30.0
+    probation_min_inferences: int = 20
+    max_error_rate: float = 0.05
+    max_latency_factor: float = 3.0  # new p95 vs previous p95
+    session: SessionSettings = field(default_factory=SessionSettings)
+    report_timeout: float = 10.0  # seconds
+
+
+@dataclass(frozen=True)
+class CycleOutcome:
+    """What one cycle did, per model name."""
+
+    states: dict[str, str]
+    reasons: dict[str, str]
+
+
+class Agent:
+    """One device's agent. Not thread-safe by itself: one caller drives cycles."""
+
+    def __init__(
+        self,
+        config: AgentConfig,
+        settings: AgentSettings | None = None,
+        *,
+        clock: Callable[[], datetime] | None = None,
+        update_client: UpdateClient | None = None,
+        memory_available: Callable[[], int] | None = None,
+    ) -> None:
+        self.config = config
+        self.settings = settings or AgentSettings()
+        self._clock = clock or (lambda: datetime.now(UTC))
+        self.identity = DeviceIdentity.load(config.identity_dir)
+        config.state_dir.mkdir(parents=True, exist_ok=True)
+        self.updates = update_client or UpdateClient(config, identity=self.identity)
+        self.host = ModelHost(self.settings.session, memory_available=memory_available)
+        self.floor = TimeFloor(config.state_dir / "time-floor.json", clock=self._clock)
+        self._journals: dict[str, Journal] = {}
+        self._probation_started: dict[str, datetime] = {}
+        self._report_lock = threading.Lock()
+        self._seq_file = config.state_dir / "report-seq"
+        self._release_floor_file = config.state_dir / "release-floor"
+
+    # -- persistence helpers -------------------------------------------------
+
+    def journal(self, name: str) -> Journal:
+        if name not in self._journals:
+            journal = Journal(self.config.state_dir / f"journal-{name}.json", clock=self._clock)
+            journal.load_or_reset()
+            self._journals[name] = journal
+        return self._journals[name]
+
+    def release_floor(self) -> int:
+        try:
+            return int(self._release_floor_file.read_text().strip() or 0)
+        except FileNotFoundError:
+            return 0
+
+    def _raise_release_floor(self, counter: int) -> None:
+        if counter > self.release_floor():
+            atomic_write(self._release_floor_file, f"{counter}\n".encode())
+
+    # -- start and recovery --------------------------------------------------
+
+    def start(self) -> None:
+        """Recover every model's journal and load what each should serve."""
+        for path in sorted(self.config.state_dir.glob("journal-*.json")):
+            name = path.name.removeprefix("journal-").removesuffix(".json")
+            journal = self.journal(name)
+            action, record = journal.recover()
+            if action is not RecoveryAction.NONE:
+                logger.info("recovered %s from %s: %s", name, record.state, action)
+            if record.state in (State.ROLLED_BACK, State.FAILED, State.COMMITTED):
+                self._report(name, record.state, record.reason)
+                record = journal.transition(Event.REPORTED)
+            if record.state in _BEFORE_SWAP:
+                # Interrupted before the live model changed: close this attempt; the
+                # next cycle starts again from freshly verified repositories.
+                journal.transition(Event.FAILURE, reason="interrupted")
+                self._report(name, State.FAILED, "interrupted")
+                record = journal.transition(Event.REPORTED)
+            serve = model_to_serve(record)
+            if serve is not None and serve.model_dir is not None:
+                self._serve(serve)
+
+    def _serve(self, ref: ModelRef) -> None:
+        assert ref.model_dir is not None
+        folder = Path(ref.model_dir)
+        manifest = Manifest.from_json((folder / "manifest.json").read_bytes())
+        model_path = folder / manifest.model.path
+        # Files on an SD card can rot or be edited: re-verify before serving.
+        for pinned in manifest.files:
+            found = describe_payload(folder / pinned.path, pinned.path)
+            if (found.sha256, found.size) != (pinned.sha256, pinned.size):
+                raise ModelIntegrityError(
+                    f"{folder / pinned.path} no longer matches its manifest pin; not serving it"
+                )
+        try:
+            current = self.host.current_version(ref.name)
+        except UnknownModelError:
+            self.host.load(ref.name, ref.version, model_path, manifest)
+            return
+        if current != ref.version:
+            self.host.swap(ref.name, ref.version, model_path, manifest)
+            self.host.commit(ref.name)
+
+    # -- the update cycle ------------------------------------------------------
+
+    def run_cycle(self) -> CycleOutcome:
+        """One verified check; install and swap what changed. Never raises for bad updates."""
+        states: dict[str, str] = {}
+        reasons: dict[str, str] = {}
+        try:
+            self.floor.require_trusted()
+        except ClockUntrustedError:
+            self._report("*", "clock_untrusted", "clock_untrusted")
+            return CycleOutcome({"*": "clock_untrusted"}, {"*": "clock_untrusted"})
+        try:
+            decisions = self.updates.check(release_floor=self.release_floor())
+        except UptaneRefusal as e:
+            logger.warning("update refused: %s", e)
+            self._report("*", "failed", str(e.reason))
+            return CycleOutcome({"*": "failed"}, {"*": str(e.reason)})
+        for decision in decisions:
+            name = decision.image.name
+            try:
+                if self.host.current_version(name) == decision.image.version:
+                    states[name] = "current"
+                    continue
+            except UnknownModelError:
+                pass
+            journal = self.journal(name)
+            if journal.current.state is not State.IDLE:
+                states[name] = str(journal.current.state)  # probation or an unreported outcome
+                continue
+            states[name], reason = self._update(journal, decision)
+            if reason:
+                reasons[name] = reason
+        self.floor.advance()
+        return CycleOutcome(states, reasons)
+
+    def _update(self, journal: Journal, decision) -> tuple[str, str | None]:
+        name = decision.image.name
+        # The last committed model stays the known-good one to revert to.
+        journal.transition(Event.CHECK_STARTED, previous=journal.current.previous)
+        target = ModelRef.from_decision(decision)
+        journal.begin(target)
+        self._report(name, State.DOWNLOADING, None, decision.image.version)
+        try:
+            installed = self.updates.install(decision)
+        except ValidationError as e:
+            journal.transition(Event.FAILURE, reason=str(e.reason))
+            return self._finish(journal, name)
+        except EdgeotaError as e:
+            journal.transition(Event.FAILURE, reason=type(e).__name__)
+            return self._finish(journal, name)
+        target = ModelRef.from_decision(decision, installed.bundle.folder)
+        journal.transition(Event.DOWNLOAD_DONE, target=target)
+        journal.transition(Event.VERIFIED)
+        journal.transition(Event.VALID)
+        journal.transition(Event.SWAP_STARTED)
+        manifest = installed.bundle.manifest
+        try:
+            self.host.swap(name, decision.image.version, installed.model_path, manifest)
+        except UnknownModelError:
+            self.host.load(name, decision.image.version, installed.model_path, manifest)
+        journal.transition(Event.SWAPPED)
+        self._probation_started[name] = self._clock()
+        self._report(name, State.PROBATION, None, decision.image.version)
+        return str(State.PROBATION), None
+
+    def _finish(self, journal: Journal, name: str) -> tuple[str, str | None]:
+        record = journal.current
+        self._report(name, record.state, record.reason,
+                     record.target.version if record.target else None)
+        journal.transition(Event.REPORTED)
+        return str(record.state), record.reason
+
+    def check_probation(self, *, force: bool = False) -> dict[str, str]:
+        """Commit or revert models whose probation window is over (or ``force``)."""
+        results: dict[str, str] = {}
+        for name, started in list(self._probation_started.items()):
+            journal = self.journal(name)
+            version = self.host.current_version(name)
+            metrics = self.host.metrics(name, version)
+            window_over = self._clock() - started >= timedelta(
+                seconds=self.settings.probation_seconds)
+            enough = metrics.inferences >= self.settings.probation_min_inferences
+            reason = self._regression(name, version)
+            if reason is None and not (force or (window_over and enough)):
+                continue
+            if reason is not None:
+                self.host.revert(name)
+                journal.transition(Event.PROBATION_FAILED, reason=reason)
+            else:
+                self.host.commit(name)
+                record = journal.transition(Event.PROBATION_PASSED)
+                if record.target is not None:
+                    self._raise_release_floor(record.target.release_counter)
+            del self._probation_started[name]
+            results[name] = self._finish(journal, name)[0]
+        return results
+
+    def _regression(self, name: str, version: str) -> str | None:
+        metrics = self.host.metrics(name, version)
+        if metrics.non_finite:
+            return "nan_output"
+        if metrics.inferences and metrics.error_rate > self.settings.max_error_rate:
+            return "error_rate"
+        previous = self.host.previous_version(name)
+        if previous is None or metrics.latency_p95_ms is None:
+            return None
+        baseline = self.host.metrics(name, previous).latency_p95_ms
+        if baseline and not math.isnan(baseline) and \
+                metrics.latency_p95_ms > baseline * self.settings.max_latency_factor and \
+                metrics.inferences >= self.settings.probation_min_inferences:
+            return "latency_regression"
+        return None
+
+    # -- reports -----------------------------------------------------------------
+
+    def _next_seq(self) -> int:
+        try:
+            seq = int(self._seq_file.read_text().strip() or 0) + 1
+        except FileNotFoundError:
+            seq = 1
+        atomic_write(self._seq_file, f"{seq}\n".encode())  # persisted before use: never reused
+        return seq
+
+    def _report(self, name: str, state: object, error: str | None,
+                version: str | None = None) -> bool:
+        """Send a signed status report; a failure to send is logged, never fatal."""
+        with self._report_lock:
+            report = StatusReport(
+                device_id=self.config.device_id, seq=self._next_seq(), state=str(state),
+                release=f"{name}@{version}" if version else None, error=error,
+            )
+            body = SignedReport.sign(report, self.identity).to_bytes()
+        request = urllib.request.Request(  # noqa: S310 - the URL comes from agent.toml
+            self.config.repository_url.removesuffix("/repo")
+            + f"/api/v1/devices/{self.config.device_id}/reports",
+            data=body, method="POST",
+            headers={"Authorization": f"Bearer {self.config.token()}",
+                     "Content-Type": "application/json"},
+        )
+        try:
+            with urllib.request.urlopen(request, timeout=self.settings.report_timeout):  # noqa: S310
+                return True
+        except OSError as e:
+            logger.warning("status report not delivered: %s", e)
+            return False
+
+    def served_model_dirs(self) -> list[Path]:
+        return [self.host.model(n).model_path.parent for n in self.host.models()]
+
+
+def run_forever(
+    agent: Agent,
+    stop: threading.Event,
+    *,
+    poll_seconds: float = 60.0,
+    jitter: float = 0.2,
+    rng: Callable[[], float] | None = None,
+) -> None:
+    """Cycle until ``stop`` is set: check, install, judge probation, wait a jittered poll.
+
+    Jitter spreads a fleet's checks so a thousand devices booted together do
+    not hit the server in the same second. Errors of one cycle are logged
+    and the next cycle tries again; nothing here waits without a bound.
+    """
+    import random
+
+    draw = rng or random.random
+    while not stop.is_set():
+        try:
+            agent.run_cycle()
+        except Exception:
+            logger.exception("update cycle failed")
+        interval = poll_seconds * (1 - jitter + 2 * jitter * draw())
+        step = min(interval, max(agent.settings.probation_seconds / 4, 1.0))
+        waited = 0.0
+        while waited < interval and not stop.wait(step):
+            waited += step
+            agent.check_probation()
