@@ -37,6 +37,9 @@ def run(
                                              "before it is committed.")] = 30.0,
     http_port: Annotated[int, typer.Option(min=0, max=65535, help="Port of the local "
                                            "inference endpoint on 127.0.0.1.")] = 8000,
+    transport: Annotated[str, typer.Option(help="How to reach the server: mqtt (the broker "
+                                           "in agent.toml, TLS with the device certificate) "
+                                           "or http.")] = "mqtt",
 ) -> None:
     """Run the update cycle and serve models on 127.0.0.1 (Open Inference Protocol v2).
 
@@ -52,7 +55,10 @@ def run(
     from edgeota.agent.inference_server import InferenceServer
     from edgeota.agent.runner import Agent, AgentSettings, run_forever
 
-    agent = Agent(AgentConfig.load(config), AgentSettings(probation_seconds=probation))
+    if transport not in ("mqtt", "http"):
+        raise typer.BadParameter("transport is mqtt or http", param_hint="--transport")
+    agent = Agent(AgentConfig.load(config), AgentSettings(probation_seconds=probation),
+                  transport=transport)
     agent.start()
     stop = threading.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):

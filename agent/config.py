@@ -43,6 +43,7 @@ class AgentConfig:
     tls_cert: Path
     tls_key: Path
     state_dir: Path
+    mqtt_url: str | None = None  # mqtts://host:port: fetch over MQTT; None: over HTTP
 
     def token(self) -> str:
         return read_private_file(self.token_file, 4096).decode("ascii").strip()
@@ -73,6 +74,7 @@ class AgentConfig:
                       "identity": rel(self.identity_dir)},
             "tls": {"ca": rel(self.ca_cert), "cert": rel(self.tls_cert), "key": rel(self.tls_key)},
             "state": {"dir": rel(self.state_dir)},
+            **({"mqtt": {"url": self.mqtt_url}} if self.mqtt_url else {}),
         }
 
     def save(self) -> Path:
@@ -120,4 +122,5 @@ class AgentConfig:
             tls_cert=file("tls", "cert"),
             tls_key=file("tls", "key"),
             state_dir=file("state", "dir"),
+            mqtt_url=data.get("mqtt", {}).get("url") or None,
         )

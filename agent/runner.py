@@ -88,13 +88,15 @@ class Agent:
         clock: Callable[[], datetime] | None = None,
         update_client: UpdateClient | None = None,
         memory_available: Callable[[], int] | None = None,
+        transport: str = "http",
     ) -> None:
         self.config = config
         self.settings = settings or AgentSettings()
         self._clock = clock or (lambda: datetime.now(UTC))
         self.identity = DeviceIdentity.load(config.identity_dir)
         config.state_dir.mkdir(parents=True, exist_ok=True)
-        self.updates = update_client or UpdateClient(config, identity=self.identity)
+        self.updates = update_client or UpdateClient(config, identity=self.identity,
+                                                     transport=transport)
         self.host = ModelHost(self.settings.session, memory_available=memory_available)
         self.floor = TimeFloor(config.state_dir / "time-floor.json", clock=self._clock)
         self._journals: dict[str, Journal] = {}

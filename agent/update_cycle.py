@@ -18,16 +18,19 @@ import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from tuf.api.metadata import Metadata, TargetFile, Targets
 from tuf.ngclient import FetcherInterface, Updater
 
 from edgeota.agent.config import AgentConfig
 from edgeota.agent.http_fetcher import HttpFetcher, HttpFetcherConfig
+from edgeota.agent.mqtt_fetcher import MQTT_REPOSITORY_URL, DeviceConnection, MqttFetcher
 from edgeota.agent.uptane import DeviceFacts, InstallDecision, decide
 from edgeota.agent.validation import ValidationReport, validate_model
 from edgeota.protocol.bundle import OpenedBundle, open_bundle
 from edgeota.protocol.errors import ManifestError
+from edgeota.protocol.fetch import MqttTls
 from edgeota.protocol.identity import DeviceIdentity
 from edgeota.protocol.keywrap import unwrap_content_key
 
@@ -58,6 +61,7 @@ class UpdateClient:
         *,
         identity: DeviceIdentity | None = None,
         fetcher_factory: Callable[[str | None], FetcherInterface] | None = None,
+        transport: str = "http",
     ) -> None:
         self._config = config
         self._identity = identity or DeviceIdentity.load(config.identity_dir)
@@ -66,10 +70,15 @@ class UpdateClient:
                 f"identity in {config.identity_dir} is for {self._identity.device_id!r}, "
                 f"agent.toml says {config.device_id!r}"
             )
+        self._token = config.token()
+        self._connection = None
+        self._base = config.repository_url
+        if fetcher_factory is None and transport == "mqtt":
+            fetcher_factory, self._connection = self._mqtt_fetchers(config)
+            self._base = MQTT_REPOSITORY_URL
         self._fetcher_factory = fetcher_factory or (
             lambda token: HttpFetcher(HttpFetcherConfig(token=token))
         )
-        self._token = config.token()
         self._tuf_dir = config.state_dir / "tuf"
         self._downloads = config.state_dir / "downloads"
         self._models = config.state_dir / "models"
@@ -90,13 +99,38 @@ class UpdateClient:
             bootstrap=None if cached_root.exists() else bootstrap.read_bytes(),
         )
 
+    @staticmethod
+    def _mqtt_fetchers(
+        config: AgentConfig,
+    ) -> tuple[Callable[[str | None], FetcherInterface], DeviceConnection]:
+        """One TLS connection with the device certificate; a fetcher per Updater over it."""
+        if not config.mqtt_url:
+            raise ManifestError("agent.toml names no [mqtt] url for the MQTT transport")
+        parts = urlsplit(config.mqtt_url)
+        if parts.scheme != "mqtts" or not parts.hostname:
+            raise ManifestError(f"MQTT url {config.mqtt_url!r} must be mqtts://HOST:PORT")
+        connection = DeviceConnection(
+            config.device_id, host=parts.hostname, port=parts.port or 8883,
+            tls=MqttTls(ca_file=config.ca_cert, cert_file=config.tls_cert,
+                        key_file=config.tls_key),
+        )
+        connection.start()
+        return (lambda _token: MqttFetcher(connection)), connection
+
+    def close(self) -> None:
+        """Close the MQTT connection, if this client opened one."""
+        if self._connection is not None:
+            self._connection.close()
+            self._connection = None
+
     def _image(self) -> Updater:
         self._downloads.mkdir(parents=True, exist_ok=True)
-        return self._updater("image", self._config.image_metadata_url, self._config.image_root,
-                             self._config.image_targets_url, None)
+        return self._updater("image", f"{self._base}/image/metadata/", self._config.image_root,
+                             f"{self._base}/image/targets/", None)
 
     def _director(self) -> Updater:
-        return self._updater("director", self._config.director_metadata_url,
+        return self._updater("director",
+                             f"{self._base}/director/{self._config.device_id}/metadata/",
                              self._config.director_root, None, self._token)
 
     def check(self, release_floor: int = 0) -> list[InstallDecision]:

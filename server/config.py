@@ -99,6 +99,11 @@ class ServerConfig:
     keywrap_key: Path
     ca_dir: Path
     expiry: ExpirySettings = field(default_factory=ExpirySettings)
+    # "embedded" runs the in-process broker on mqtt_bind; a mqtts:// URL names an
+    # external broker. Devices are told mqtt_device_url either way.
+    mqtt_broker: str = "embedded"
+    mqtt_bind: str = "127.0.0.1:8883"
+    mqtt_device_url: str = "mqtts://127.0.0.1:8883"
 
     def to_toml(self) -> dict[str, Any]:
         return {
@@ -116,6 +121,8 @@ class ServerConfig:
                 "keywrap": _relative(self.keywrap_key, self.home),
             },
             "expiry": dict(self.expiry.__dict__),
+            "mqtt": {"broker": self.mqtt_broker, "bind": self.mqtt_bind,
+                     "device_url": self.mqtt_device_url},
         }
 
     def save(self) -> None:
@@ -248,7 +255,22 @@ def load_server_config(home: Path) -> ServerConfig:
         keywrap_key=_path(home, _field(data, "online_keys.keywrap", str, where)),
         ca_dir=_path(home, _field(data, "server.ca", str, where)),
         expiry=ExpirySettings(**expiry_table),
+        **_mqtt_settings(data, where),
     )
+
+
+def _mqtt_settings(data: dict[str, Any], where: Path) -> dict[str, str]:
+    table = data.get("mqtt", {})
+    if not isinstance(table, dict):
+        raise ConfigError(f"{where}: [mqtt] must be a table")
+    settings = {}
+    for key, name in (("broker", "mqtt_broker"), ("bind", "mqtt_bind"),
+                      ("device_url", "mqtt_device_url")):
+        if key in table:
+            if not isinstance(table[key], str):
+                raise ConfigError(f"{where}: mqtt.{key} must be a string")
+            settings[name] = table[key]
+    return settings
 
 
 def load_operator_config(home: Path) -> OperatorConfig:

@@ -68,6 +68,9 @@ class ServerContext:
     clock: Clock
     uploads_dir: Path
     metrics: ServerMetrics
+    # Tells a device its director metadata changed (MQTT notify); a no-op until
+    # the MQTT transport is attached, devices then find out on their next poll.
+    notify: Callable[[str], None] = lambda _device_id: None
 
     @classmethod
     def open(cls, config: ServerConfig, *, clock: Clock | None = None) -> ServerContext:

@@ -81,6 +81,7 @@ def enroll_device(
         tls_cert=folder / TLS_CERT_FILE,
         tls_key=folder / TLS_KEY_FILE,
         state_dir=folder / "state",
+        mqtt_url=answer.get("mqtt_url"),
     )
     agent.save()
     return agent

@@ -51,6 +51,7 @@ class HomeOptions:
 
     database_url: str | None = None  # default: SQLite in the home
     http: str = DEFAULT_HTTP
+    mqtt: str = "127.0.0.1:8883"  # where the embedded broker listens and devices connect
     public_url: str | None = None
     root_keys: int = 1
     root_threshold: int = 1
@@ -171,6 +172,8 @@ def init_home(
         keywrap_key=online / "keywrap.key.json",
         ca_dir=home / "ca",
         expiry=options.expiry,
+        mqtt_bind=options.mqtt,
+        mqtt_device_url=f"mqtts://{options.mqtt}",
     )
     server.save()
     operator = OperatorConfig(

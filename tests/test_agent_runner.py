@@ -144,7 +144,7 @@ def test_edgeota_agent_run_as_a_process(server: RunningServer) -> None:
     assert script
     process = subprocess.Popen(
         [script, "run", "--config", str(device / "agent.toml"), "--poll", "1",
-         "--probation", "0", "--http-port", "0"],
+         "--probation", "0", "--http-port", "0", "--transport", "http"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         wait_for(lambda: (reported_state(server) or {}).get("state") == "probation", 60,

@@ -37,6 +37,7 @@ class EnrollResponse(BaseModel):
     image_root: str
     director_root: str
     repository_url: str
+    mqtt_url: str | None = None
 
 
 class DeviceOut(BaseModel):

@@ -17,6 +17,9 @@ def init(
     db: Annotated[str | None, typer.Option(help="Database URL (default: SQLite in the home), "
                                            "e.g. postgresql://user@host/db.")] = None,
     http: Annotated[str, typer.Option(help="HOST:PORT the server will listen on.")] = DEFAULT_HTTP,
+    mqtt: Annotated[str, typer.Option(help="HOST:PORT of the embedded MQTT broker (TLS); "
+                                      "devices are told to connect there.")]
+    = "127.0.0.1:8883",
     public_url: Annotated[str | None, typer.Option(
         help="URL devices and the CLI use to reach the server (default http://HOST:PORT).")] = None,
     root_keys: Annotated[int, typer.Option(min=1, max=16, help="Root keys per repository.")] = 1,
@@ -43,6 +46,7 @@ def init(
         HomeOptions(
             database_url=db,
             http=http,
+            mqtt=mqtt,
             public_url=public_url,
             root_keys=root_keys,
             root_threshold=root_threshold,

@@ -8,7 +8,8 @@ from typing import Annotated
 import typer
 
 from edgeota.server.cli.common import DEFAULT_HOME, HomeOption
-from edgeota.server.config import ConfigError, load_server_config, parse_http
+from edgeota.server.config import load_server_config, parse_http
+from edgeota.server.transport import MqttTransport
 
 
 def serve(
@@ -18,13 +19,17 @@ def serve(
     db: Annotated[str | None, typer.Option(help="Database URL (default: from server.toml).")]
     = None,
     broker: Annotated[str | None, typer.Option(
-        help="External MQTT broker URL (the MQTT bridge is not available in this build).")]
-    = None,
+        help="External broker, mqtts://HOST:PORT (set up with `edgeota broker-config`). "
+        "Default: server.toml's [mqtt] broker, normally the embedded broker.")] = None,
+    mqtt: Annotated[bool, typer.Option(help="Serve devices over MQTT too (--no-mqtt: HTTP "
+                                       "only).")] = True,
 ) -> None:
-    """Serve the repositories under /repo and the operator API under /api/v1 over HTTP.
+    """Serve the repositories (HTTP /repo and MQTT) and the operator API under /api/v1.
 
     Reads HOME/server.toml, which names only online keys: this process cannot
-    sign a release. Runs database migrations first. OpenAPI at /docs.
+    sign a release. Runs database migrations first. Without --broker the
+    embedded MQTT broker listens (TLS, device certificates, per-device ACL) on
+    server.toml's [mqtt] bind address. OpenAPI at /docs, metrics at /metrics.
     """
     import uvicorn
 
@@ -32,8 +37,6 @@ def serve(
     from edgeota.server.context import ServerContext
     from edgeota.server.db.migrate import upgrade
 
-    if broker is not None:
-        raise ConfigError("--broker: the MQTT transport is not available in this build yet")
     config = load_server_config(home)
     if db is not None:
         config = dataclasses.replace(config, database_url=db)
@@ -42,10 +45,21 @@ def serve(
         config = dataclasses.replace(config, http_host=host, http_port=port)
     upgrade(config.database_url)
     ctx = ServerContext.open(config)
-    typer.echo(f"edgeota server on http://{config.http_host}:{config.http_port} "
-               f"(home {config.home})", err=True)
+    transport = None
+    if mqtt:
+        external = broker or (None if config.mqtt_broker == "embedded" else config.mqtt_broker)
+        bind_host, bind_port = parse_http(config.mqtt_bind, "server.toml mqtt.bind")
+        transport = MqttTransport(config.ca_dir, ctx.store, broker_url=external,
+                                  embedded_host=bind_host, embedded_port=bind_port)
+        transport.start()
+        ctx.notify = transport.notify
+    typer.echo(f"edgeota server on http://{config.http_host}:{config.http_port}"
+               + (f" and {transport.address.url}" if transport else "")
+               + f" (home {config.home})", err=True)
     try:
         uvicorn.run(create_app(ctx), host=config.http_host, port=config.http_port,
                     log_level="warning")
     finally:
+        if transport is not None:
+            transport.stop()
         ctx.close()

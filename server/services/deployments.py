@@ -126,6 +126,7 @@ def deploy(
         signing = time.perf_counter()
         ctx.director.assign(device.id, targets)
         ctx.metrics.director_sign_seconds.observe(time.perf_counter() - signing)
+        ctx.notify(device.id)
         session.add(Assignment(
             deployment_id=deployment.id,
             device_id=device.id,

@@ -79,6 +79,7 @@ def enroll_device(
         image_root=ctx.image.root_bytes().decode("utf-8"),
         director_root=ctx.director.root_bytes().decode("utf-8"),
         repository_url=ctx.config.public_url + "/repo",
+        mqtt_url=ctx.config.mqtt_device_url,
     )
 
 

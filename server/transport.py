@@ -1,0 +1,131 @@
+"""The server's MQTT side: a broker (embedded or external) and the fetch bridge.
+
+``edgeota serve`` starts this beside the HTTP app. Without ``--broker`` the
+embedded amqtt broker runs in-process with TLS and the per-device ACL; with
+``--broker mqtts://host:port`` the bridge connects to that broker (Mosquitto
+set up by ``edgeota broker-config``). Either way the bridge authenticates
+with the server's own client certificate (CN ``_edgeota-server``), issued
+from the fleet CA into a private folder at start.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlsplit
+
+from edgeota.protocol.errors import EdgeotaError
+from edgeota.protocol.fetch import MqttTls
+from edgeota.protocol.files import atomic_write, write_private_file
+from edgeota.protocol.identity import CA_CERT_FILE, SERVER_IDENTITY
+from edgeota.server.embedded_broker import EmbeddedBroker
+from edgeota.server.fleet_ca import FleetCA, certificate_pem, private_key_pem
+from edgeota.server.mqtt_bridge import FetchBridge
+from edgeota.server.repo.storage import RepoStore
+
+__all__ = ["BrokerAddress", "MqttTransport", "TransportError", "parse_broker_url"]
+
+logger = logging.getLogger(__name__)
+
+
+class TransportError(EdgeotaError):
+    """The broker URL is unusable or the MQTT side did not start."""
+
+
+@dataclass(frozen=True)
+class BrokerAddress:
+    host: str
+    port: int
+
+    @property
+    def url(self) -> str:
+        return f"mqtts://{self.host}:{self.port}"
+
+
+def parse_broker_url(url: str) -> BrokerAddress:
+    """``mqtts://host:port`` (TLS is mandatory: devices authenticate with certificates)."""
+    parts = urlsplit(url)
+    if parts.scheme != "mqtts" or not parts.hostname:
+        raise TransportError(f"broker URL {url!r} must look like mqtts://HOST:PORT")
+    return BrokerAddress(parts.hostname, parts.port or 8883)
+
+
+class MqttTransport:
+    """Broker (if embedded) plus fetch bridge, started and stopped together."""
+
+    def __init__(
+        self,
+        ca_dir: Path,
+        store: RepoStore,
+        *,
+        broker_url: str | None = None,
+        embedded_host: str = "127.0.0.1",
+        embedded_port: int = 0,
+    ) -> None:
+        self._ca_dir = ca_dir
+        self._store = store
+        self._external = parse_broker_url(broker_url) if broker_url else None
+        self._embedded_host = embedded_host
+        self._embedded_port = embedded_port
+        self.broker: EmbeddedBroker | None = None
+        self.bridge: FetchBridge | None = None
+        self._identity_dir: Path | None = None
+
+    @property
+    def address(self) -> BrokerAddress:
+        if self._external is not None:
+            return self._external
+        if self.broker is None:
+            raise TransportError("the MQTT transport is not running")
+        return BrokerAddress(self.broker.host, self.broker.port)
+
+    def _server_identity(self) -> MqttTls:
+        ca = FleetCA.load(self._ca_dir)
+        key, cert = ca.issue_service_client_certificate(SERVER_IDENTITY)
+        self._identity_dir = Path(tempfile.mkdtemp(prefix="edgeota-bridge-"))  # 0700
+        cert_file = self._identity_dir / "bridge.crt.pem"
+        key_file = self._identity_dir / "bridge.key.pem"
+        atomic_write(cert_file, certificate_pem(cert))
+        write_private_file(key_file, private_key_pem(key))
+        return MqttTls(ca_file=self._ca_dir / CA_CERT_FILE, cert_file=cert_file,
+                       key_file=key_file)
+
+    def start(self) -> None:
+        try:
+            if self._external is None:
+                self.broker = EmbeddedBroker(self._ca_dir, host=self._embedded_host,
+                                             port=self._embedded_port)
+                self.broker.start()
+            address = self.address
+            self.bridge = FetchBridge(self._store, host=address.host, port=address.port,
+                                      client_id=SERVER_IDENTITY, tls=self._server_identity())
+            self.bridge.start()
+        except BaseException:
+            self.stop()
+            raise
+        logger.info("MQTT transport on %s", self.address.url)
+
+    def notify(self, device_id: str) -> None:
+        if self.bridge is not None:
+            self.bridge.notify(device_id)
+
+    def stop(self) -> None:
+        if self.bridge is not None:
+            self.bridge.stop()
+            self.bridge = None
+        if self.broker is not None:
+            self.broker.stop()
+            self.broker = None
+        if self._identity_dir is not None:
+            shutil.rmtree(self._identity_dir, ignore_errors=True)
+            self._identity_dir = None
+
+    def __enter__(self) -> MqttTransport:
+        self.start()
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.stop()

@@ -1,0 +1,57 @@
+"""A device updates over MQTT: embedded broker with TLS and the device ACL, the fetch
+bridge, the agent's MQTT fetcher, an unmodified ngclient underneath."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from server_support import RunningServer, running_server
+
+from edgeota.agent.config import AgentConfig
+from edgeota.agent.runner import Agent, AgentSettings
+from edgeota.server.embedded import bind_loopback
+from edgeota.server.home import HomeOptions
+from edgeota.server.transport import MqttTransport
+
+
+@pytest.fixture
+def mqtt_server(tmp_path: Path, db_url: str) -> Iterator[tuple[RunningServer, MqttTransport]]:
+    probe = bind_loopback()
+    port = probe.getsockname()[1]
+    probe.close()  # the embedded broker binds it next
+    with running_server(tmp_path, db_url, HomeOptions(bin_bits=4, mqtt=f"127.0.0.1:{port}")) \
+            as server:
+        transport = MqttTransport(server.config.ca_dir, server.ctx.store, embedded_port=port)
+        transport.start()
+        server.ctx.notify = transport.notify
+        try:
+            yield server, transport
+        finally:
+            transport.stop()
+
+
+def test_device_installs_a_release_entirely_over_mqtt(mqtt_server) -> None:
+    server, transport = mqtt_server
+    device = server.enroll("pi-1")
+    config = AgentConfig.load(device / "agent.toml")
+    assert config.mqtt_url == transport.address.url
+    assert server.publish("digits_v1", "1.0.0").code == 0
+    assert server.cli("deploy", "digits@1.0.0", "--devices", "pi-1").code == 0
+    agent = Agent(config, AgentSettings(probation_seconds=0, probation_min_inferences=1),
+                  transport="mqtt")
+    try:
+        agent.start()
+        assert agent.run_cycle().states == {"digits": "probation"}
+    finally:
+        agent.updates.close()
+    counters = transport.bridge.counters()
+    assert counters.served_bytes("pi-1", "image/targets/models/digits/"
+                                 + _stored_name(server)) > 0
+    assert counters.bytes_sent > 0
+
+
+def _stored_name(server: RunningServer) -> str:
+    (path,) = (server.config.blob_dir / "image" / "targets" / "models" / "digits").iterdir()
+    return path.name
