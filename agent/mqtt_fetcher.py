@@ -231,6 +231,9 @@ class DeviceConnection:
 
     def close(self) -> None:
         """Disconnect and stop paho's thread; waiting fetches fail with ConnectionLostError."""
+        # paho 2.2's network loop may run once more after disconnect and log
+        # "Client is not connected" as an error: noise when we are closing on purpose.
+        self._client.disable_logger()
         self._client.disconnect()
         self._client.loop_stop()
         self._lost("connection closed")

@@ -116,8 +116,9 @@ def test_demo_runs_and_reports_real_accuracies(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr
     out = result.stdout
     v1, v2 = (f"{catalog[k].test_accuracy:.4f}" for k in ("digits_v1", "digits_v2"))
-    assert f"installed 1.0.0; measured accuracy {v1}" in out
-    assert f"installed 2.0.0; measured accuracy {v2}" in out
+    assert f"hot-swapped to 1.0.0 and committed it after probation; measured accuracy {v1}" in out
+    assert f"hot-swapped to 2.0.0 and committed it after probation; measured accuracy {v2}" in out
+    assert "embedded broker mqtts://127.0.0.1:" in out
     assert out.count(f"digits 2.0.0 │ {v2}") == 4
     assert out.count("refused") >= 4
     assert "BUG" not in out

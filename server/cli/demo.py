@@ -42,25 +42,37 @@ def demo(
 
 
 def _run(base: Path, count: int, console: Console) -> None:
-    from edgeota.agent.update_cycle import UpdateClient
-    from edgeota.samples import accuracy, load_catalog, load_test_split, sample_path
+    import numpy as np
+
+    from edgeota.agent.runner import Agent, AgentSettings
+    from edgeota.samples import load_catalog, load_test_split, sample_path
     from edgeota.server.client import OperatorClient
     from edgeota.server.config import load_operator_config, load_server_config
     from edgeota.server.embedded import EmbeddedServer, bind_loopback
     from edgeota.server.enrollment import enroll_device
     from edgeota.server.home import HomeOptions, init_home
     from edgeota.server.publisher import PublishRequest, publish_release
+    from edgeota.server.transport import MqttTransport
 
     console.rule("edgeota demo")
     sock = bind_loopback()
-    init_home(base / "home", HomeOptions(http=f"127.0.0.1:{sock.getsockname()[1]}", bin_bits=4))
+    probe = bind_loopback()
+    mqtt_port = probe.getsockname()[1]
+    probe.close()  # the embedded broker binds it
+    init_home(base / "home", HomeOptions(http=f"127.0.0.1:{sock.getsockname()[1]}",
+                                         mqtt=f"127.0.0.1:{mqtt_port}", bin_bits=4))
     operator = load_operator_config(base / "home")
     catalog = load_catalog()
     x_test, y_test = load_test_split()
-    with EmbeddedServer(load_server_config(base / "home"), sock) as server, OperatorClient(
+    config = load_server_config(base / "home")
+    agents: list[Agent] = []
+    with EmbeddedServer(config, sock) as server, OperatorClient(
         server.url, operator.token()
-    ) as client:
-        console.print(f"server {server.url} (home {base / 'home'}, SQLite, HTTP)")
+    ) as client, MqttTransport(config.ca_dir, server.ctx.store,
+                               embedded_port=mqtt_port) as transport:
+        server.ctx.notify = transport.notify
+        console.print(f"server {server.url}, embedded broker {transport.address.url} "
+                      f"(home {base / 'home'}, SQLite)")
         console.print(f"\n[bold]1. Enrol {count} devices on {len(_HARDWARE)} hardware classes[/]")
         fleet = []
         for index in range(count):
@@ -70,6 +82,12 @@ def _run(base: Path, count: int, console: Console) -> None:
                                   tags={"fleet": "demo"}, out=base / "devices" / device_id)
             fleet.append(agent)
         console.print(f"  {count} identities (HPKE + Ed25519 + TLS), device tokens, agent.toml")
+        settings = AgentSettings(probation_seconds=0, probation_min_inferences=len(y_test))
+        for config_of_device in fleet:
+            agent = Agent(config_of_device, settings, transport="mqtt")
+            agent.start()
+            agents.append(agent)
+        console.print(f"  {count} agents connected to the broker with their device certificates")
 
         served: dict[str, tuple[str, float]] = {}
         for step, key in ((2, "digits_v1"), (3, "digits_v2")):
@@ -87,19 +105,25 @@ def _run(base: Path, count: int, console: Console) -> None:
                 "devices": []})
             console.print(f"  deployment {answer['deployment_id']}: "
                           f"{len(answer['assigned'])} devices")
+            outcomes: dict[str, str] = {}
             with Progress(console=console, transient=True) as progress:
-                task = progress.add_task("devices verify, decrypt and validate", total=count)
-                for agent in fleet:
-                    updater = UpdateClient(agent)
-                    for decision in updater.check():
-                        installed = updater.install(decision)
-                        score = accuracy(installed.model_path, x_test, y_test)
-                        served[agent.device_id] = (decision.image.version, score)
+                task = progress.add_task("devices verify, decrypt, validate and swap", total=count)
+                for agent in agents:
+                    agent.run_cycle()
+                    # Probation on real traffic: the test split, one request per row.
+                    labels = [int(agent.host.predict("digits", {"input": x_test[i:i + 1]})
+                                  .outputs["label"][0]) for i in range(len(y_test))]
+                    outcomes.update(agent.check_probation())
+                    served[agent.config.device_id] = (
+                        agent.host.current_version("digits"),
+                        float(np.mean(np.array(labels) == y_test)))
                     progress.advance(task)
             versions = sorted({v for v, _ in served.values()})
             scores = sorted({f"{s:.4f}" for _, s in served.values()})
-            console.print(f"  every device verified both repositories and installed "
-                          f"{', '.join(versions)}; measured accuracy {', '.join(scores)}")
+            states = sorted(set(outcomes.values()))
+            console.print(f"  over MQTT every device verified both repositories, hot-swapped to "
+                          f"{', '.join(versions)} and {', '.join(states)} it after probation; "
+                          f"measured accuracy {', '.join(scores)}")
 
         console.print("\n[bold]4. Attacks, refused[/]")
         _attacks(console, base, operator, client, fleet, catalog)
@@ -111,14 +135,15 @@ def _run(base: Path, count: int, console: Console) -> None:
             version, score = served[agent.device_id]
             table.add_row(agent.device_id, agent.hardware, f"digits {version}", f"{score:.4f}")
         console.print(table)
+        for agent in agents:
+            agent.updates.close()
     expected = catalog["digits_v2"].test_accuracy
     wrong = [d for d, (v, s) in served.items() if v != "2.0.0" or abs(s - expected) > 1e-4]
     if wrong:
         raise EdgeotaError(f"devices not on digits 2.0.0 with accuracy {expected}: {wrong}")
     console.rule("done")
-    console.print(f"{count} devices on digits 2.0.0 (accuracy {expected:.4f}). Coming next: the "
-                  "MQTT transport, the running agent with hot swap and rollback, staged rollouts "
-                  "and the fleet simulator.")
+    console.print(f"{count} devices on digits 2.0.0 (accuracy {expected:.4f}). Coming next: "
+                  "staged rollouts with model-aware gates, the dashboard and the fleet simulator.")
 
 
 def _attacks(console: Console, base: Path, operator, client, fleet, catalog) -> None:
