@@ -15,6 +15,7 @@ the MQTT fetcher plugs in through ``UpdateClient``'s fetcher factory.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import threading
@@ -104,6 +105,7 @@ class Agent:
         self._report_lock = threading.Lock()
         self._seq_file = config.state_dir / "report-seq"
         self._release_floor_file = config.state_dir / "release-floor"
+        self._refused_file = config.state_dir / "refused-targets.json"
 
     # -- persistence helpers -------------------------------------------------
 
@@ -193,6 +195,9 @@ class Agent:
                     continue
             except UnknownModelError:
                 pass
+            if decision.sha256 in self._refused():
+                states[name] = "refused"  # failed here before: wait for another assignment
+                continue
             journal = self.journal(name)
             if journal.current.state is not State.IDLE:
                 states[name] = str(journal.current.state)  # probation or an unreported outcome
@@ -214,6 +219,7 @@ class Agent:
             installed = self.updates.install(decision)
         except ValidationError as e:
             journal.transition(Event.FAILURE, reason=str(e.reason))
+            self._refuse(decision.sha256, str(e.reason))
             return self._finish(journal, name)
         except EdgeotaError as e:
             journal.transition(Event.FAILURE, reason=type(e).__name__)
@@ -255,7 +261,9 @@ class Agent:
                 continue
             if reason is not None:
                 self.host.revert(name)
-                journal.transition(Event.PROBATION_FAILED, reason=reason)
+                record = journal.transition(Event.PROBATION_FAILED, reason=reason)
+                if record.target is not None:
+                    self._refuse(record.target.sha256, reason)
             else:
                 self.host.commit(name)
                 record = journal.transition(Event.PROBATION_PASSED)
@@ -280,6 +288,24 @@ class Agent:
                 metrics.inferences >= self.settings.probation_min_inferences:
             return "latency_regression"
         return None
+
+    def _refused(self) -> dict[str, str]:
+        """Targets this device rejected (sha256 -> reason): not retried while still assigned."""
+        try:
+            data = json.loads(self._refused_file.read_text())
+        except FileNotFoundError:
+            return {}
+        except (OSError, ValueError):
+            logger.warning("ignoring unreadable %s", self._refused_file)
+            return {}
+        return data if isinstance(data, dict) else {}
+
+    def _refuse(self, sha256: str, reason: str) -> None:
+        refused = self._refused()
+        refused[sha256] = reason
+        # Bounded: only the most recent refusals matter for what the director assigns.
+        kept = dict(list(refused.items())[-64:])
+        atomic_write(self._refused_file, json.dumps(kept, indent=1).encode())
 
     # -- reports -----------------------------------------------------------------
 

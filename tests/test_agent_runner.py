@@ -157,3 +157,30 @@ def test_edgeota_agent_run_as_a_process(server: RunningServer) -> None:
     assert process.returncode == 0, err
     assert "serving on http://127.0.0.1:" in err
     assert os.path.isdir(device / "state" / "models" / "digits")
+
+
+def test_device_validation_gate_refuses_and_the_old_model_keeps_serving(
+    server: RunningServer,
+) -> None:
+    """Latency is a device property: the server accepts the release, the device's gate
+    refuses it, and v1 keeps serving."""
+    config = AgentConfig.load(server.enroll("pi-1") / "agent.toml")
+    agent = Agent(config, SETTINGS)
+    agent.start()
+    deploy(server, "digits_v1", "1.0.0")
+    agent.run_cycle()
+    exercise(agent)
+    agent.check_probation()
+    assert server.publish("digits_v2", "2.0.0", "--latency-budget-ms", "0.000001").code == 0
+    assert server.cli("deploy", "digits@2.0.0", "--devices", "pi-1").code == 0
+    outcome = agent.run_cycle()
+    assert outcome.states == {"digits": "failed"}
+    assert outcome.reasons == {"digits": "latency_over_budget"}
+    assert agent.host.current_version("digits") == "1.0.0"
+    version, _ = served_accuracy(agent)
+    assert version == "1.0.0"
+    state = reported_state(server)
+    assert (state["state"], state["error"]) == ("failed", "latency_over_budget")
+    assert not any((config.state_dir / "models" / "digits").glob("2.0.0-*"))
+    # Refused once, not retried on every cycle while the director still assigns it.
+    assert agent.run_cycle().states == {"digits": "refused"}
