@@ -283,12 +283,14 @@ def test_download_resumes_after_the_agent_is_killed_and_restarted(
 
     second = connect("pi-a")  # the restarted agent: new connection, new objects
     download = ResumableDownload(second, folder, timeout=TIMEOUT, window=WINDOW)
-    assert download.saved_offset(repo.sha256, TARGET_SIZE) == killed_at[0]
+    # Progress is durable once per window: the kill loses less than one window.
+    saved = download.saved_offset(repo.sha256, TARGET_SIZE)
+    assert killed_at[0] - WINDOW * CHUNK < saved <= killed_at[0]
     path = download.download(url(repo.target), length=TARGET_SIZE, sha256=repo.sha256)
     assert path.read_bytes() == repo.data
     served = bridge.counters().served_bytes("pi-a", repo.target)
-    # The restart fetched exactly the missing bytes; the kill cost at most one window.
-    assert served - served_before == TARGET_SIZE - killed_at[0]
+    # The restart fetched exactly what was not durable; the kill cost at most one window.
+    assert served - served_before == TARGET_SIZE - saved
     assert served <= TARGET_SIZE + WINDOW * CHUNK
     # A finished download is not fetched again.
     assert download.download(repo.target, length=TARGET_SIZE, sha256=repo.sha256) == path
