@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import shutil
 import threading
 import urllib.request
 from collections.abc import Callable
@@ -52,6 +53,7 @@ __all__ = ["Agent", "AgentSettings", "CycleOutcome", "ModelIntegrityError", "run
 class ModelIntegrityError(EdgeotaError):
     """An installed model's files no longer match the digests its manifest pins."""
 
+MAX_CRASHES_PER_TARGET = 3
 _BEFORE_SWAP = (State.CHECKING, State.DOWNLOADING, State.VERIFYING, State.VALIDATING,
                 State.STAGED)
 
@@ -130,24 +132,50 @@ class Agent:
 
     def start(self) -> None:
         """Recover every model's journal and load what each should serve."""
+        self._remove_crash_leftovers()
         for path in sorted(self.config.state_dir.glob("journal-*.json")):
             name = path.name.removeprefix("journal-").removesuffix(".json")
             journal = self.journal(name)
             action, record = journal.recover()
             if action is not RecoveryAction.NONE:
                 logger.info("recovered %s from %s: %s", name, record.state, action)
+            target = record.target
+            if record.state is State.COMMITTED and target is not None:
+                # The floor is raised after the commit is saved: a crash in between
+                # must not leave the device accepting what the commit excluded.
+                self._raise_release_floor(target.release_counter)
+            # A power cut is no verdict on the model, so it is retried; a model that
+            # takes the agent down again and again is not retried forever.
+            if (
+                record.state is State.ROLLED_BACK
+                and target is not None
+                and record.reason in ("crash_during_swap", "crash_during_probation")
+                and self._count_crash(target.sha256) >= MAX_CRASHES_PER_TARGET
+            ):
+                self._refuse(target.sha256, f"{record.reason}_repeated")
             if record.state in (State.ROLLED_BACK, State.FAILED, State.COMMITTED):
-                self._report(name, record.state, record.reason)
+                self._report(name, record.state, record.reason,
+                             target.version if target else None)
                 record = journal.transition(Event.REPORTED)
             if record.state in _BEFORE_SWAP:
                 # Interrupted before the live model changed: close this attempt; the
                 # next cycle starts again from freshly verified repositories.
                 journal.transition(Event.FAILURE, reason="interrupted")
-                self._report(name, State.FAILED, "interrupted")
+                self._report(name, State.FAILED, "interrupted",
+                             target.version if target else None)
                 record = journal.transition(Event.REPORTED)
             serve = model_to_serve(record)
             if serve is not None and serve.model_dir is not None:
                 self._serve(serve)
+
+    def _remove_crash_leftovers(self) -> None:
+        """Temp files of interrupted atomic writes and half-unpacked bundles (plaintext!)."""
+        state = self.config.state_dir
+        for leftover in [*state.glob(".*.tmp"), *state.glob("models/*/.*.partial")]:
+            if leftover.is_dir():
+                shutil.rmtree(leftover, ignore_errors=True)
+            else:
+                leftover.unlink(missing_ok=True)
 
     def _serve(self, ref: ModelRef) -> None:
         assert ref.model_dir is not None
@@ -299,6 +327,17 @@ class Agent:
             logger.warning("ignoring unreadable %s", self._refused_file)
             return {}
         return data if isinstance(data, dict) else {}
+
+    def _count_crash(self, sha256: str) -> int:
+        path = self.config.state_dir / "crash-counts.json"
+        try:
+            counts = json.loads(path.read_text())
+        except (OSError, ValueError):
+            counts = {}
+        counts = counts if isinstance(counts, dict) else {}
+        counts[sha256] = int(counts.get(sha256, 0)) + 1
+        atomic_write(path, json.dumps(dict(list(counts.items())[-64:])).encode())
+        return counts[sha256]
 
     def _refuse(self, sha256: str, reason: str) -> None:
         refused = self._refused()
