@@ -17,6 +17,18 @@ names the device (the broker's ACL lets device X publish only on
 ``devices/X/...``), so a device reads
 ``image/...`` and only its own ``director/X/...``: another device's director
 files are answered 403 before the store is even asked whether they exist.
+
+Given an ``on_device_message`` callback, the bridge also subscribes to every
+device's ``status``, ``telemetry`` and ``online`` topics (through the same
+shared-subscription group) and hands each message on as ``(device id, kind,
+payload)``, the device id taken from the topic, which the ACL ties to the
+sender's certificate. Payloads above ``max_device_payload`` are dropped and
+counted. The network thread only puts messages on a bounded queue; one
+dispatcher thread calls the callback, so database work (see
+:class:`edgeota.server.mqtt_ingest.DeviceMessageSink`) never stalls the fetch
+traffic, and a full queue drops (and counts) instead of blocking. Brokers do
+not send retained messages to shared subscriptions, so with ``shared_group``
+the retained status and presence of devices are not replayed at start-up.
 """
 
 from __future__ import annotations
@@ -32,7 +44,7 @@ import socket
 import struct
 import threading
 from collections import OrderedDict
-from collections.abc import Hashable, Mapping
+from collections.abc import Callable, Hashable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -58,8 +70,11 @@ from edgeota.protocol.topics import DeviceTopic, Topics
 from edgeota.server.repo.storage import DIRECTOR, IMAGE, RepoFileNotFoundError, RepoStore
 
 __all__ = [
+    "DEVICE_MESSAGE_TOPICS",
+    "MAX_DEVICE_PAYLOAD",
     "BridgeCounters",
     "BridgeError",
+    "DeviceMessageHandler",
     "FetchBridge",
     "file_identity",
 ]
@@ -69,6 +84,14 @@ logger = logging.getLogger(__name__)
 _SHA256_RE = re.compile(r"[0-9a-f]{64}")
 _FILE_ID_DOMAIN = b"edgeota/fetch/v1 file-id\x00"
 _MAX_JOBS_PER_FETCH = 2  # the window being sent and the next one asked for
+
+# What devices report besides fetch requests, handed to ``on_device_message``.
+DEVICE_MESSAGE_TOPICS = (DeviceTopic.STATUS, DeviceTopic.TELEMETRY, DeviceTopic.ONLINE)
+# A signed status report is at most 16 KiB (edgeota.protocol.reports.MAX_REPORT_SIZE);
+# nothing a device legitimately sends on these topics is larger.
+MAX_DEVICE_PAYLOAD = 16 * 1024  # bytes
+
+DeviceMessageHandler = Callable[[str, DeviceTopic, bytes], None]
 
 
 class BridgeError(EdgeotaError):
@@ -89,6 +112,10 @@ class BridgeCounters:
     cancels: int = 0
     frames_dropped: int = 0  # refused by paho's bounded outgoing queue
     served: Mapping[tuple[str, str], int] = field(default_factory=dict)  # (device, path) -> bytes
+    device_messages: int = 0  # status/telemetry/online messages queued for the handler
+    device_oversize: int = 0  # dropped: payload above max_device_payload
+    device_dropped: int = 0  # dropped: the handler's queue was full
+    device_errors: int = 0  # the handler raised (logged; the message is lost)
 
     def served_bytes(self, device_id: str, path: str) -> int:
         """File bytes sent to ``device_id`` for ``path`` (re-sent windows included)."""
@@ -120,7 +147,8 @@ class _Counters:
         self._max_served_keys = max_served_keys
         self._values: dict[str, int] = dict.fromkeys(
             ("requests", "chunks_sent", "bytes_sent", "frame_bytes_sent", "rejected",
-             "duplicates", "cancels", "frames_dropped"), 0)
+             "duplicates", "cancels", "frames_dropped", "device_messages", "device_oversize",
+             "device_dropped", "device_errors"), 0)
         self._errors: dict[int, int] = {}
         self._served: OrderedDict[tuple[str, str], int] = OrderedDict()
 
@@ -156,6 +184,13 @@ class _Job:
     request: FetchRequest
 
 
+@dataclass(frozen=True)
+class _DeviceMessage:
+    device_id: str
+    kind: DeviceTopic
+    payload: bytes
+
+
 def file_identity(request_path: str, opened: BinaryIO) -> tuple[bytes, bool]:
     """The 32-byte ``file_id`` of an open repository file, and whether it is a content hash.
 
@@ -185,6 +220,12 @@ class FetchBridge:
     ``workers`` threads read the store; ``max_requests_per_device`` bounds the
     fetches one device may run at once, ``max_queue`` the windows waiting for a
     worker and ``max_queued_frames`` the frames waiting in paho.
+
+    ``on_device_message(device_id, kind, payload)``, if given, receives every
+    ``status``, ``telemetry`` and ``online`` message, called on one dispatcher
+    thread in arrival order; ``max_device_queue`` bounds the messages waiting
+    for it and ``max_device_payload`` the size of each (larger ones are
+    dropped and counted).
     """
 
     def __init__(
@@ -208,6 +249,9 @@ class FetchBridge:
         reconnect_max_delay: float = 30.0,  # seconds
         username: str | None = None,
         password: str | None = None,
+        on_device_message: DeviceMessageHandler | None = None,
+        max_device_queue: int = 4096,
+        max_device_payload: int = MAX_DEVICE_PAYLOAD,  # bytes
     ) -> None:
         if not 1 <= max_window <= MAX_WINDOW:
             raise ValueError(f"max_window must be 1..{MAX_WINDOW}")
@@ -215,6 +259,8 @@ class FetchBridge:
             raise ValueError(f"chunk_size must be 1..{MAX_PAYLOAD}")
         if workers < 1 or max_requests_per_device < 1 or max_queue < 1:
             raise ValueError("workers, max_requests_per_device and max_queue must be positive")
+        if max_device_queue < 1 or max_device_payload < 0:
+            raise ValueError("max_device_queue must be positive, max_device_payload not negative")
         self._store = store
         self._host, self._port, self._keepalive = host, port, keepalive
         self._topics = topics or Topics()
@@ -222,8 +268,17 @@ class FetchBridge:
         self._chunk_size = chunk_size
         self._workers_wanted = workers
         self._max_per_device = max_requests_per_device
-        self._subscription = (self._topics.shared(shared_group, DeviceTopic.FETCH)
-                              if shared_group else self._topics.all_devices(DeviceTopic.FETCH))
+        kinds = (DeviceTopic.FETCH,) + (DEVICE_MESSAGE_TOPICS if on_device_message else ())
+        self._subscriptions = tuple(
+            self._topics.shared(shared_group, kind) if shared_group
+            else self._topics.all_devices(kind)
+            for kind in kinds
+        )
+        self._on_device_message = on_device_message
+        self._max_device_payload = max_device_payload
+        self._device_queue: queue.Queue[_DeviceMessage | None] = queue.Queue(
+            maxsize=max_device_queue)
+        self._dispatcher: threading.Thread | None = None
         self._queue: queue.Queue[_Job | None] = queue.Queue(maxsize=max_queue)
         self._lock = threading.Lock()  # guards the four fields below
         # device -> request id -> accepted windows not yet served. A fetch's next
@@ -280,20 +335,33 @@ class FetchBridge:
             thread = threading.Thread(target=self._work, name=f"fetch-bridge-{n}", daemon=True)
             thread.start()
             self._threads.append(thread)
+        if self._on_device_message is not None:
+            self._dispatcher = threading.Thread(target=self._dispatch, name="device-messages",
+                                                daemon=True)
+            self._dispatcher.start()
         self._client.connect_async(self._host, self._port, self._keepalive)
         self._client.loop_start()
         if not self._ready.wait(timeout):
             self.stop()
             raise BridgeError(
-                f"not subscribed to {self._subscription} on {self._host}:{self._port} "
+                f"not subscribed to {', '.join(self._subscriptions)} on {self._host}:{self._port} "
                 f"within {timeout}s"
             )
 
     def stop(self, timeout: float = 5.0) -> None:
-        """Disconnect and stop the workers; requests still queued are dropped (devices retry)."""
+        """Disconnect and stop the workers; requests still queued are dropped (devices retry).
+
+        Device messages already queued are still handed to ``on_device_message``
+        (no new ones arrive once disconnected).
+        """
         self._client.disconnect()
         self._client.loop_stop()
         self._ready.clear()
+        dispatcher, self._dispatcher = self._dispatcher, None
+        if dispatcher is not None:
+            with contextlib.suppress(queue.Full):
+                self._device_queue.put(None, timeout=timeout)
+            dispatcher.join(timeout)
         with contextlib.suppress(queue.Empty):
             while True:
                 self._queue.get_nowait()
@@ -303,6 +371,8 @@ class FetchBridge:
         for thread in self._threads:
             thread.join(timeout)
         alive = [t.name for t in self._threads if t.is_alive()]
+        if dispatcher is not None and dispatcher.is_alive():
+            alive.append(dispatcher.name)
         self._threads.clear()
         if alive:
             raise BridgeError(f"workers still busy after {timeout}s: {alive}")
@@ -342,7 +412,7 @@ class FetchBridge:
         if reason_code.is_failure:
             logger.warning("broker refused the bridge: %s", reason_code)
             return
-        _rc, mid = client.subscribe(self._subscription, qos=1)
+        _rc, mid = client.subscribe([(topic, 1) for topic in self._subscriptions])
         self._subscribe_mid = mid
 
     def _on_subscribe(self, _client: mqtt.Client, _userdata: Any, mid: int,
@@ -350,7 +420,7 @@ class FetchBridge:
         if mid != self._subscribe_mid:
             return
         if any(rc.is_failure for rc in reason_codes):
-            logger.error("broker refused the subscription %s", self._subscription)
+            logger.error("broker refused a subscription of %s", self._subscriptions)
             return
         with self._changed:
             with self._lock:
@@ -372,6 +442,9 @@ class FetchBridge:
         except ValueError:
             self._counters.bump("rejected")
             return
+        if kind in DEVICE_MESSAGE_TOPICS and self._on_device_message is not None:
+            self._queue_device_message(device_id, kind, message.payload)
+            return
         if kind is not DeviceTopic.FETCH:
             self._counters.bump("rejected")
             return
@@ -386,6 +459,22 @@ class FetchBridge:
                 self._send(device_id, ErrorFrame(e.request_id, code, str(e)[:200]))
             return
         self._admit(device_id, request)
+
+    def _queue_device_message(self, device_id: str, kind: DeviceTopic, payload: bytes) -> None:
+        """Hand a status/telemetry/online message to the dispatcher, or drop and count it."""
+        if len(payload) > self._max_device_payload:
+            self._counters.bump("device_oversize")
+            # Debug only: a device could flood the log; the counter shows it.
+            logger.debug("dropped a %d-byte %s message from %s (limit %d)",
+                           len(payload), kind, device_id, self._max_device_payload)
+            return
+        try:
+            self._device_queue.put_nowait(_DeviceMessage(device_id, kind, bytes(payload)))
+        except queue.Full:
+            self._counters.bump("device_dropped")
+            logger.debug("device message queue full: dropped %s from %s", kind, device_id)
+            return
+        self._counters.bump("device_messages")
 
     def _admit(self, device_id: str, request: FetchRequest) -> None:
         """Queue a request, or answer at once: cancel, duplicate, too busy, too big a window."""
@@ -447,6 +536,17 @@ class FetchBridge:
             finally:
                 with self._lock:
                     self._release(job)
+
+    def _dispatch(self) -> None:
+        handler = self._on_device_message
+        assert handler is not None  # only started with a handler
+        while (item := self._device_queue.get()) is not None:
+            try:
+                handler(item.device_id, item.kind, item.payload)
+            except Exception:
+                # One bad message must not end the dispatcher; the handler owns its errors.
+                self._counters.bump("device_errors")
+                logger.exception("handling %s from %s failed", item.kind, item.device_id)
 
     def _release(self, job: _Job) -> None:
         """One window of a fetch is done (lock held)."""
