@@ -79,6 +79,8 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
+_PRESENCE_ONLINE = b'{"v":1,"online":true}'
+_PRESENCE_OFFLINE = b'{"v":1,"online":false}'
 MQTT_REPOSITORY_URL = "mqtt://edgeota"  # AgentConfig.repository_url for the MQTT transport
 _URL_SCHEMES = ("mqtt", "mqtts")
 _SHA256_RE = re.compile(r"[0-9a-f]{64}")
@@ -208,6 +210,9 @@ class DeviceConnection:
         factor = (rng or random.Random()).uniform(0.5, 1.5)  # noqa: S311 (not for secrets)
         self._client.reconnect_delay_set(  # type: ignore[arg-type]
             reconnect_min_delay * factor, reconnect_max_delay * factor)
+        # Presence: the broker announces "offline" for us if we vanish without goodbye.
+        self._online_topic = self._topics.device(device_id, DeviceTopic.ONLINE)
+        self._client.will_set(self._online_topic, _PRESENCE_OFFLINE, qos=1, retain=True)
         self._client.on_connect = self._on_connect
         self._client.on_socket_open = _no_delay
         # A bug in one message handler must not end the network thread: paho logs
@@ -291,6 +296,18 @@ class DeviceConnection:
         if info.rc != mqtt.MQTT_ERR_SUCCESS:
             raise ConnectionLostError(f"request not sent: {mqtt.error_string(info.rc)}")
 
+    def publish(self, kind: DeviceTopic, payload: bytes, *, retain: bool = False) -> bool:
+        """Publish on one of this device's own topics (QoS 1); False when not connected.
+
+        Status reports are retained so the server sees the latest one even if
+        it (re)subscribes later; the broker ACL admits only this device's topics.
+        """
+        if not self.ready:
+            return False
+        info = self._client.publish(self._topics.device(self.device_id, kind), payload, qos=1,
+                                    retain=retain)
+        return info.rc == mqtt.MQTT_ERR_SUCCESS
+
     # -- paho callbacks (network thread) -------------------------------------
 
     def _on_connect(self, client: mqtt.Client, _userdata: Any, _flags: Any,
@@ -298,6 +315,7 @@ class DeviceConnection:
         if reason_code.is_failure:
             logger.warning("broker refused %s: %s", self.device_id, reason_code)
             return
+        client.publish(self._online_topic, _PRESENCE_ONLINE, qos=1, retain=True)
         _rc, self._subscribe_mid = client.subscribe(self._rx, qos=1)
 
     def _on_subscribe(self, _client: mqtt.Client, _userdata: Any, mid: int,

@@ -46,6 +46,7 @@ from edgeota.protocol.files import atomic_write
 from edgeota.protocol.identity import DeviceIdentity
 from edgeota.protocol.manifest import Manifest
 from edgeota.protocol.reports import SignedReport, StatusReport
+from edgeota.protocol.topics import DeviceTopic
 
 __all__ = ["Agent", "AgentSettings", "CycleOutcome", "ModelIntegrityError", "run_forever"]
 
@@ -365,6 +366,12 @@ class Agent:
                 release=f"{name}@{version}" if version else None, error=error,
             )
             body = SignedReport.sign(report, self.identity).to_bytes()
+        connection = self.updates.connection
+        if connection is not None:
+            # Over MQTT: retained on the device's own status topic (the ACL names the sender).
+            if connection.publish(DeviceTopic.STATUS, body, retain=True):
+                return True
+            logger.warning("status report not published: not connected; trying HTTP")
         request = urllib.request.Request(  # noqa: S310 - the URL comes from agent.toml
             self.config.repository_url.removesuffix("/repo")
             + f"/api/v1/devices/{self.config.device_id}/reports",

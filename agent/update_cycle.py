@@ -117,6 +117,11 @@ class UpdateClient:
         connection.start()
         return (lambda _token: MqttFetcher(connection)), connection
 
+    @property
+    def connection(self) -> DeviceConnection | None:
+        """The device's MQTT connection when the transport is MQTT (for reports)."""
+        return self._connection
+
     def close(self) -> None:
         """Close the MQTT connection, if this client opened one."""
         if self._connection is not None:

@@ -13,9 +13,13 @@ from __future__ import annotations
 import logging
 import shutil
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from urllib.parse import urlsplit
+
+from sqlalchemy.orm import Session
 
 from edgeota.protocol.errors import EdgeotaError
 from edgeota.protocol.fetch import MqttTls
@@ -24,6 +28,7 @@ from edgeota.protocol.identity import CA_CERT_FILE, SERVER_IDENTITY
 from edgeota.server.embedded_broker import EmbeddedBroker
 from edgeota.server.fleet_ca import FleetCA, certificate_pem, private_key_pem
 from edgeota.server.mqtt_bridge import FetchBridge
+from edgeota.server.mqtt_ingest import DeviceMessageSink
 from edgeota.server.repo.storage import RepoStore
 
 __all__ = ["BrokerAddress", "MqttTransport", "TransportError", "parse_broker_url"]
@@ -64,6 +69,8 @@ class MqttTransport:
         broker_url: str | None = None,
         embedded_host: str = "127.0.0.1",
         embedded_port: int = 0,
+        sessions: Callable[[], Session] | None = None,
+        clock: Callable[[], datetime] | None = None,
     ) -> None:
         self._ca_dir = ca_dir
         self._store = store
@@ -72,6 +79,9 @@ class MqttTransport:
         self._embedded_port = embedded_port
         self.broker: EmbeddedBroker | None = None
         self.bridge: FetchBridge | None = None
+        # Status, telemetry and presence go to the database when one is given.
+        self.sink = (DeviceMessageSink(sessions, clock=clock or (lambda: datetime.now(UTC)))
+                     if sessions is not None else None)
         self._identity_dir: Path | None = None
 
     @property
@@ -100,8 +110,11 @@ class MqttTransport:
                                              port=self._embedded_port)
                 self.broker.start()
             address = self.address
+            if self.sink is not None:
+                self.sink.start()
             self.bridge = FetchBridge(self._store, host=address.host, port=address.port,
-                                      client_id=SERVER_IDENTITY, tls=self._server_identity())
+                                      client_id=SERVER_IDENTITY, tls=self._server_identity(),
+                                      on_device_message=self.sink)
             self.bridge.start()
         except BaseException:
             self.stop()
@@ -116,6 +129,8 @@ class MqttTransport:
         if self.bridge is not None:
             self.bridge.stop()
             self.bridge = None
+        if self.sink is not None:
+            self.sink.stop()  # commits what arrived; a no-op when not started
         if self.broker is not None:
             self.broker.stop()
             self.broker = None

@@ -23,7 +23,8 @@ def mqtt_server(tmp_path: Path, db_url: str) -> Iterator[tuple[RunningServer, Mq
     probe.close()  # the embedded broker binds it next
     with running_server(tmp_path, db_url, HomeOptions(bin_bits=4, mqtt=f"127.0.0.1:{port}")) \
             as server:
-        transport = MqttTransport(server.config.ca_dir, server.ctx.store, embedded_port=port)
+        transport = MqttTransport(server.config.ca_dir, server.ctx.store, embedded_port=port,
+                                  sessions=server.ctx.sessions, clock=server.ctx.clock)
         transport.start()
         server.ctx.notify = transport.notify
         try:
@@ -46,6 +47,11 @@ def test_device_installs_a_release_entirely_over_mqtt(mqtt_server) -> None:
         assert agent.run_cycle().states == {"digits": "probation"}
     finally:
         agent.updates.close()
+    # The agent reported over MQTT: signed, on its own status topic, into the database.
+    transport.sink.flush()
+    fleet = server.cli("fleet", "status", "--json").out
+    assert '"state": "probation"' in fleet
+    assert '"online": true' in fleet
     counters = transport.bridge.counters()
     assert counters.served_bytes("pi-1", "image/targets/models/digits/"
                                  + _stored_name(server)) > 0

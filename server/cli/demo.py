@@ -68,8 +68,9 @@ def _run(base: Path, count: int, console: Console) -> None:
     agents: list[Agent] = []
     with EmbeddedServer(config, sock) as server, OperatorClient(
         server.url, operator.token()
-    ) as client, MqttTransport(config.ca_dir, server.ctx.store,
-                               embedded_port=mqtt_port) as transport:
+    ) as client, MqttTransport(config.ca_dir, server.ctx.store, embedded_port=mqtt_port,
+                               sessions=server.ctx.sessions,
+                               clock=server.ctx.clock) as transport:
         server.ctx.notify = transport.notify
         console.print(f"server {server.url}, embedded broker {transport.address.url} "
                       f"(home {base / 'home'}, SQLite)")

@@ -50,7 +50,8 @@ def serve(
         external = broker or (None if config.mqtt_broker == "embedded" else config.mqtt_broker)
         bind_host, bind_port = parse_http(config.mqtt_bind, "server.toml mqtt.bind")
         transport = MqttTransport(config.ca_dir, ctx.store, broker_url=external,
-                                  embedded_host=bind_host, embedded_port=bind_port)
+                                  embedded_host=bind_host, embedded_port=bind_port,
+                                  sessions=ctx.sessions, clock=ctx.clock)
         transport.start()
         ctx.notify = transport.notify
     typer.echo(f"edgeota server on http://{config.http_host}:{config.http_port}"
