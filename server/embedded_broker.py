@@ -283,8 +283,29 @@ class CertificateAclPlugin(BaseAuthPlugin, BaseTopicPlugin):
                 return False
 
 
+class _SnapshotSubscriptions(dict):  # type: ignore[type-arg]
+    """amqtt's subscription table, iterated over a snapshot.
+
+    amqtt 0.12 loops over this dict while awaiting inside the loop (and
+    deletes from it while iterating), so a client subscribing during a
+    broadcast ends that broadcast with "dictionary changed size during
+    iteration" and the message is lost. Seen here with ten agents connecting
+    at once; iterating a snapshot makes both loops safe.
+    """
+
+    def __iter__(self):
+        return iter(list(super().keys()))
+
+    def items(self):
+        return list(super().items())
+
+
 class _EdgeotaBroker(Broker):
-    """amqtt's broker with the three fixes described in the module docstring."""
+    """amqtt's broker with the fixes described in the module docstring."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._subscriptions = _SnapshotSubscriptions(self._subscriptions)
 
     @staticmethod
     def _create_ssl_context(listener: Any) -> ssl.SSLContext:
