@@ -10,7 +10,7 @@ every ``{prefix}/devices/#`` topic; device X may only publish on
 ``devices/X/{notify,rx}``. ``tests/test_broker_acl.py`` runs one suite
 against both brokers.
 
-amqtt (0.12) needs three things from us for that:
+amqtt (0.12) needs four things from us for that:
 
 * **Its stock ACL plugin is static** (a fixed topic list per user name), so
   :class:`CertificateAclPlugin` -- one amqtt auth plugin and topic plugin --
@@ -30,6 +30,10 @@ amqtt (0.12) needs three things from us for that:
   every filter *any* client holds -- without the RECEIVE check that live
   messages get. The subclass overrides exactly those three methods, and
   :meth:`EmbeddedBroker.start` refuses to run if an amqtt upgrade moved them.
+* **Its subscription table is iterated while it changes**: a client that
+  subscribes during a broadcast ends that broadcast ("dictionary changed size
+  during iteration") and the message is lost; the table is replaced by one
+  that iterates over a snapshot (:class:`_SnapshotSubscriptions`).
 
 Differences from Mosquitto 2.0 that remain, none of which lets data through:
 a SUBSCRIBE whose filter can never match a topic the client may read is
