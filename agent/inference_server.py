@@ -59,7 +59,7 @@ from edgeota.agent.model_host import (
     Prediction,
     UnknownModelError,
 )
-from edgeota.agent.validation import numpy_to_datatype
+from edgeota.agent.validation import NUMPY_TYPES, numpy_to_datatype
 from edgeota.protocol.errors import EdgeotaError
 
 __all__ = [
@@ -88,21 +88,7 @@ _MAX_RANK = 16
 _BYTES_LENGTH_PREFIX = 4
 
 # OIP v2 datatypes -> numpy dtypes, and the numpy kinds JSON data of each may hold.
-_DTYPES: dict[str, np.dtype] = {
-    "BOOL": np.dtype(np.bool_),
-    "UINT8": np.dtype(np.uint8),
-    "UINT16": np.dtype(np.uint16),
-    "UINT32": np.dtype(np.uint32),
-    "UINT64": np.dtype(np.uint64),
-    "INT8": np.dtype(np.int8),
-    "INT16": np.dtype(np.int16),
-    "INT32": np.dtype(np.int32),
-    "INT64": np.dtype(np.int64),
-    "FP16": np.dtype(np.float16),
-    "FP32": np.dtype(np.float32),
-    "FP64": np.dtype(np.float64),
-    "BYTES": np.dtype(object),
-}
+_DTYPES: dict[str, np.dtype] = NUMPY_TYPES
 _JSON_KINDS = {name: "iu" for name in _DTYPES if name.startswith(("INT", "UINT"))} | {
     "BOOL": "b",
     "FP16": "iuf",

@@ -43,6 +43,7 @@ __all__ = [
     "DEFAULT_SETTINGS",
     "LATENCY_WARMUP_RUNS",
     "MEMORY_FACTOR",
+    "NUMPY_TYPES",
     "CheckResult",
     "IncompatibleSignatureError",
     "SessionLoadError",
@@ -80,7 +81,7 @@ _NOT_CONFIGURED = "not configured"
 
 # Open Inference Protocol v2 datatypes <-> numpy dtypes. BYTES travels as Python
 # str objects, which is what onnxruntime takes and returns for tensor(string).
-_NUMPY_TYPES: dict[str, np.dtype] = {
+NUMPY_TYPES: dict[str, np.dtype] = {
     "BOOL": np.dtype(np.bool_),
     "UINT8": np.dtype(np.uint8),
     "UINT16": np.dtype(np.uint16),
@@ -95,7 +96,7 @@ _NUMPY_TYPES: dict[str, np.dtype] = {
     "FP64": np.dtype(np.float64),
     "BYTES": np.dtype(object),
 }
-_DATATYPES_BY_DTYPE = {dtype: name for name, dtype in _NUMPY_TYPES.items()}
+_DATATYPES_BY_DTYPE = {dtype: name for name, dtype in NUMPY_TYPES.items()}
 
 
 _OPTIMIZATION_LEVELS = {
@@ -181,7 +182,7 @@ def create_session(
 def tensor_to_numpy(t: Tensor) -> np.ndarray:
     """An OIP v2 tensor as a numpy array of its datatype and shape."""
     try:
-        dtype = _NUMPY_TYPES[t.datatype]
+        dtype = NUMPY_TYPES[t.datatype]
     except KeyError as e:
         raise ValueError(f"tensor {t.name!r}: unknown datatype {t.datatype!r}") from e
     return np.array(t.data, dtype=dtype).reshape(t.shape)
@@ -709,7 +710,7 @@ def _latency_feeds(
     for spec in session_specs:
         shape = tuple(1 if d is None else d for d in spec.shape)
         fill = "" if spec.datatype == "BYTES" else 0
-        feeds[spec.name] = np.full(shape, fill, dtype=_NUMPY_TYPES[spec.datatype])
+        feeds[spec.name] = np.full(shape, fill, dtype=NUMPY_TYPES[spec.datatype])
     return feeds
 
 
