@@ -63,6 +63,7 @@ from edgeota.protocol.fetch import (
     encode_request,
 )
 from edgeota.protocol.files import atomic_write
+from edgeota.protocol.telemetry import presence_bytes
 from edgeota.protocol.topics import DeviceTopic, Topics
 
 __all__ = [
@@ -79,8 +80,8 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-_PRESENCE_ONLINE = b'{"v":1,"online":true}'
-_PRESENCE_OFFLINE = b'{"v":1,"online":false}'
+_PRESENCE_ONLINE = presence_bytes(online=True)
+_PRESENCE_OFFLINE = presence_bytes(online=False)
 MQTT_REPOSITORY_URL = "mqtt://edgeota"  # AgentConfig.repository_url for the MQTT transport
 _URL_SCHEMES = ("mqtt", "mqtts")
 _SHA256_RE = re.compile(r"[0-9a-f]{64}")

@@ -46,6 +46,7 @@ from edgeota.protocol.files import atomic_write
 from edgeota.protocol.identity import DeviceIdentity
 from edgeota.protocol.manifest import Manifest
 from edgeota.protocol.reports import SignedReport, StatusReport
+from edgeota.protocol.telemetry import ModelTelemetry, Telemetry
 from edgeota.protocol.topics import DeviceTopic
 
 __all__ = ["Agent", "AgentSettings", "CycleOutcome", "ModelIntegrityError", "run_forever"]
@@ -386,6 +387,24 @@ class Agent:
             logger.warning("status report not delivered: %s", e)
             return False
 
+    def telemetry(self) -> Telemetry:
+        """Metrics of every served model since it went live (what the server's gates read)."""
+        models = {}
+        for name in self.host.models():
+            version = self.host.current_version(name)
+            metrics = self.host.metrics(name, version)
+            models[name] = ModelTelemetry(
+                version=version, inferences=metrics.inferences, errors=metrics.errors,
+                p50_ms=metrics.latency_p50_ms, p95_ms=metrics.latency_p95_ms,
+                p99_ms=metrics.latency_p99_ms)
+        return Telemetry(models)
+
+    def publish_telemetry(self) -> bool:
+        """Send telemetry on the device's own topic (MQTT only); False when not sent."""
+        connection = self.updates.connection
+        return connection is not None and connection.publish(
+            DeviceTopic.TELEMETRY, self.telemetry().to_bytes())
+
     def served_model_dirs(self) -> list[Path]:
         return [self.host.model(n).model_path.parent for n in self.host.models()]
 
@@ -397,6 +416,7 @@ def run_forever(
     poll_seconds: float = 60.0,
     jitter: float = 0.2,
     rng: Callable[[], float] | None = None,
+    telemetry_seconds: float = 60.0,
 ) -> None:
     """Cycle until ``stop`` is set: check, install, judge probation, wait a jittered poll.
 
@@ -415,6 +435,11 @@ def run_forever(
         interval = poll_seconds * (1 - jitter + 2 * jitter * draw())
         step = min(interval, max(agent.settings.probation_seconds / 4, 1.0))
         waited = 0.0
+        since_telemetry = 0.0
         while waited < interval and not stop.wait(step):
             waited += step
+            since_telemetry += step
             agent.check_probation()
+            if since_telemetry >= telemetry_seconds:
+                since_telemetry = 0.0
+                agent.publish_telemetry()

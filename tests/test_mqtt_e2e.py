@@ -3,11 +3,13 @@ bridge, the agent's MQTT fetcher, an unmodified ngclient underneath."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
-from server_support import RunningServer, running_server
+from server_support import RunningServer, running_server, wait_for
 
 from edgeota.agent.config import AgentConfig
 from edgeota.agent.runner import Agent, AgentSettings
@@ -45,13 +47,25 @@ def test_device_installs_a_release_entirely_over_mqtt(mqtt_server) -> None:
     try:
         agent.start()
         assert agent.run_cycle().states == {"digits": "probation"}
+        x = np.zeros((1, 64), dtype=np.float32)
+        for _ in range(3):
+            agent.host.predict("digits", {"input": x})
+        assert agent.publish_telemetry()
+
+        def telemetry_arrived() -> bool:
+            transport.sink.flush()
+            state = json.loads(server.cli("fleet", "status", "--json").out)[0]["reported_state"]
+            return "telemetry" in (state or {})
+
+        wait_for(telemetry_arrived, 20, "telemetry to reach the database")
     finally:
         agent.updates.close()
     # The agent reported over MQTT: signed, on its own status topic, into the database.
-    transport.sink.flush()
     fleet = server.cli("fleet", "status", "--json").out
     assert '"state": "probation"' in fleet
     assert '"online": true' in fleet
+    telemetry = json.loads(fleet)[0]["reported_state"]["telemetry"]["models"]["digits"]
+    assert (telemetry["version"], telemetry["inferences"]) == ("1.0.0", 3)
     counters = transport.bridge.counters()
     assert counters.served_bytes("pi-1", "image/targets/models/digits/"
                                  + _stored_name(server)) > 0
