@@ -187,6 +187,10 @@ class DeviceConnection:
         self._topics = topics or Topics()
         self.device_id = device_id
         self._rx = self._topics.device(device_id, DeviceTopic.RX)
+        self._notify = self._topics.device(device_id, DeviceTopic.NOTIFY)
+        # Called (on paho's thread: keep it short) when the server says the
+        # device's director metadata changed; the agent uses it to check now.
+        self.on_notify: Callable[[], None] | None = None
         self._fetch_topic = self._topics.device(device_id, DeviceTopic.FETCH)
         self._host, self._port, self._keepalive = host, port, keepalive
         self._lock = threading.Lock()
@@ -317,7 +321,7 @@ class DeviceConnection:
             logger.warning("broker refused %s: %s", self.device_id, reason_code)
             return
         client.publish(self._online_topic, _PRESENCE_ONLINE, qos=1, retain=True)
-        _rc, self._subscribe_mid = client.subscribe(self._rx, qos=1)
+        _rc, self._subscribe_mid = client.subscribe([(self._rx, 1), (self._notify, 1)])
 
     def _on_subscribe(self, _client: mqtt.Client, _userdata: Any, mid: int,
                       reason_codes: list[Any], _properties: Any) -> None:
@@ -348,6 +352,11 @@ class DeviceConnection:
 
     def _on_message(self, _client: mqtt.Client, _userdata: Any,
                     message: mqtt.MQTTMessage) -> None:
+        if message.topic == self._notify:
+            callback = self.on_notify
+            if callback is not None:
+                callback()
+            return
         try:
             frame = decode_frame(message.payload)
         except FrameError as e:

@@ -110,6 +110,10 @@ class Agent:
         self._seq_file = config.state_dir / "report-seq"
         self._release_floor_file = config.state_dir / "release-floor"
         self._refused_file = config.state_dir / "refused-targets.json"
+        # Set when the server notifies a director change: the next cycle runs at once.
+        self.wake = threading.Event()
+        if self.updates.connection is not None:
+            self.updates.connection.on_notify = self.wake.set
 
     # -- persistence helpers -------------------------------------------------
 
@@ -436,7 +440,10 @@ def run_forever(
         step = min(interval, max(agent.settings.probation_seconds / 4, 1.0))
         waited = 0.0
         since_telemetry = 0.0
+        agent.wake.clear()
         while waited < interval and not stop.wait(step):
+            if agent.wake.is_set():
+                break  # the server said the director changed: check now
             waited += step
             since_telemetry += step
             agent.check_probation()

@@ -46,6 +46,11 @@ def test_device_installs_a_release_entirely_over_mqtt(mqtt_server) -> None:
                   transport="mqtt")
     try:
         agent.start()
+        assert agent.updates.connection.wait_ready(20)
+        # A deployment notifies the device over MQTT: the agent's wake event is set.
+        agent.wake.clear()
+        assert server.cli("deploy", "digits@1.0.0", "--devices", "pi-1").code == 0
+        assert agent.wake.wait(20)
         assert agent.run_cycle().states == {"digits": "probation"}
         x = np.zeros((1, 64), dtype=np.float32)
         for _ in range(3):
