@@ -57,12 +57,15 @@ def test_device_installs_a_release_entirely_over_mqtt(mqtt_server) -> None:
             agent.host.predict("digits", {"input": x})
         assert agent.publish_telemetry()
 
-        def telemetry_arrived() -> bool:
+        def reports_arrived() -> bool:
+            # Status, presence and telemetry travel on three topics: wait for all of them.
             transport.sink.flush()
-            state = json.loads(server.cli("fleet", "status", "--json").out)[0]["reported_state"]
-            return "telemetry" in (state or {})
+            device = json.loads(server.cli("fleet", "status", "--json").out)[0]
+            state = device["reported_state"] or {}
+            return (state.get("state") == "probation" and "telemetry" in state
+                    and device["online"])
 
-        wait_for(telemetry_arrived, 20, "telemetry to reach the database")
+        wait_for(reports_arrived, 20, "status, presence and telemetry in the database")
     finally:
         agent.updates.close()
     # The agent reported over MQTT: signed, on its own status topic, into the database.
