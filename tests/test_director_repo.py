@@ -7,50 +7,23 @@ and the shared director root as bootstrap, as the agent does.
 from __future__ import annotations
 
 import shutil
-from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from urllib.parse import unquote
 
 import pytest
+from repo_support import BASE, Clock, StoreFetcher
 from securesystemslib.signer import Signer
-from tuf.api.exceptions import BadVersionNumberError, DownloadHTTPError, UnsignedMetadataError
+from tuf.api.exceptions import BadVersionNumberError, UnsignedMetadataError
 from tuf.api.metadata import Metadata, MetaFile, TargetFile, Timestamp
-from tuf.ngclient import FetcherInterface, Updater
+from tuf.ngclient import Updater
 
 from edgeota.protocol.identity import InvalidDeviceIdError
 from edgeota.protocol.targets_custom import DirectorTargetCustom, target_path_for
 from edgeota.server.keystore import KeyAlgorithm, generate_file_key, load_signer
 from edgeota.server.repo.director import AssignmentError, DirectorRepository, UnknownDeviceError
 from edgeota.server.repo.image import ExpiryPolicy, UnsignedRootError, UntrustedSignerError
-from edgeota.server.repo.storage import RepoFileNotFoundError, RepoStore
-
-BASE = "http://repo.test/"
-
-
-class StoreFetcher(FetcherInterface):
-    """Serves ``http://repo.test/{repository path}`` from the store, 404 for anything else."""
-
-    def __init__(self, store: RepoStore) -> None:
-        self.store = store
-
-    def _fetch(self, url: str) -> Iterator[bytes]:
-        if not url.startswith(BASE):
-            raise DownloadHTTPError(f"unknown host in {url}", 404)
-        try:
-            path = self.store.file_for_request(unquote(url[len(BASE):]))
-        except RepoFileNotFoundError as e:
-            raise DownloadHTTPError(str(e), 404) from e
-        return iter([path.read_bytes()])
-
-
-class Clock:
-    def __init__(self, now: datetime | None = None) -> None:
-        self.now = now or datetime.now(UTC)
-
-    def __call__(self) -> datetime:
-        return self.now
+from edgeota.server.repo.storage import RepoStore
 
 
 @dataclass

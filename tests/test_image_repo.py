@@ -12,25 +12,23 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from urllib.parse import unquote
 
 import pytest
+from repo_support import BASE, Clock, StoreFetcher
 from securesystemslib.signer import Signer
 from tuf.api.exceptions import (
     BadVersionNumberError,
-    DownloadHTTPError,
     ExpiredMetadataError,
     LengthOrHashMismatchError,
     RepositoryError,
     UnsignedMetadataError,
 )
 from tuf.api.metadata import Metadata, MetaFile, Snapshot, TargetFile, Targets, Timestamp
-from tuf.ngclient import FetcherInterface, Updater
+from tuf.ngclient import Updater
 
 from edgeota.protocol.manifest import TensorSpec
 from edgeota.protocol.targets_custom import ImageTargetCustom, target_path_for
@@ -55,34 +53,6 @@ from edgeota.server.repo.storage import (
     RepoStore,
     VersionConflictError,
 )
-
-BASE = "http://repo.test/"
-
-
-class StoreFetcher(FetcherInterface):
-    """Serves ``http://repo.test/{repository path}`` from the store, 404 for anything else."""
-
-    def __init__(self, store: RepoStore) -> None:
-        self.store = store
-
-    def _fetch(self, url: str) -> Iterator[bytes]:
-        if not url.startswith(BASE):
-            raise DownloadHTTPError(f"unknown host in {url}", 404)
-        try:
-            path = self.store.file_for_request(unquote(url[len(BASE):]))
-        except RepoFileNotFoundError as e:
-            raise DownloadHTTPError(str(e), 404) from e
-        return iter([path.read_bytes()])
-
-
-class Clock:
-    """An injectable clock the test moves by hand."""
-
-    def __init__(self, now: datetime | None = None) -> None:
-        self.now = now or datetime.now(UTC)
-
-    def __call__(self) -> datetime:
-        return self.now
 
 
 @dataclass
