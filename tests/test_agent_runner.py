@@ -184,3 +184,28 @@ def test_device_validation_gate_refuses_and_the_old_model_keeps_serving(
     assert not any((config.state_dir / "models" / "digits").glob("2.0.0-*"))
     # Refused once, not retried on every cycle while the director still assigns it.
     assert agent.run_cycle().states == {"digits": "refused"}
+
+
+def test_a_model_that_keeps_crashing_the_agent_in_probation_is_refused(
+    server: RunningServer,
+) -> None:
+    """A crash in probation is retried (it may be a power cut); the third one refuses it."""
+    from edgeota.agent.runner import MAX_CRASHES_PER_TARGET
+
+    config = AgentConfig.load(server.enroll("pi-1") / "agent.toml")
+    agent = Agent(config, SETTINGS)
+    agent.start()
+    deploy(server, "digits_v1", "1.0.0")
+    agent.run_cycle()
+    exercise(agent)
+    agent.check_probation()
+    deploy(server, "digits_v2", "2.0.0")
+    for crash in range(1, MAX_CRASHES_PER_TARGET + 1):
+        assert agent.run_cycle().states == {"digits": "probation"}, crash
+        # The process dies in probation: a new agent over the same state folder starts.
+        agent = Agent(config, SETTINGS)
+        agent.start()
+        assert agent.host.current_version("digits") == "1.0.0"
+        assert reported_state(server)["error"] == "crash_during_probation"
+    assert agent.run_cycle().states == {"digits": "refused"}
+    assert agent.host.current_version("digits") == "1.0.0"
