@@ -26,6 +26,8 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+from tuf.api import exceptions as tuf_exceptions
+
 from edgeota.agent.clock import ClockUntrustedError, TimeFloor
 from edgeota.agent.config import AgentConfig
 from edgeota.agent.journal import (
@@ -221,6 +223,15 @@ class Agent:
             logger.warning("update refused: %s", e)
             self._report("*", "failed", str(e.reason))
             return CycleOutcome({"*": "failed"}, {"*": str(e.reason)})
+        except tuf_exceptions.RepositoryError as e:
+            # Bad metadata (expired, replayed, badly signed): refused, nothing changes.
+            reason = type(e).__name__
+            logger.warning("repository metadata refused: %s", e)
+            self._report("*", "failed", reason)
+            return CycleOutcome({"*": "failed"}, {"*": reason})
+        except tuf_exceptions.DownloadError as e:
+            logger.warning("repository unreachable: %s", e)
+            return CycleOutcome({"*": "unreachable"}, {"*": type(e).__name__})
         for decision in decisions:
             name = decision.image.name
             try:

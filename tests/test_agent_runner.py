@@ -209,3 +209,30 @@ def test_a_model_that_keeps_crashing_the_agent_in_probation_is_refused(
         assert reported_state(server)["error"] == "crash_during_probation"
     assert agent.run_cycle().states == {"digits": "refused"}
     assert agent.host.current_version("digits") == "1.0.0"
+
+
+def test_expired_metadata_is_refused_and_changes_nothing(tmp_path: Path, db_url: str) -> None:
+    """A server whose metadata expired (or an attacker freezing it): the device refuses it,
+    reports why, and keeps serving what it had."""
+    from datetime import UTC, datetime, timedelta
+
+    from server_support import running_server
+
+    past = [datetime.now(UTC)]
+    with running_server(tmp_path, db_url, clock=lambda: past[0]) as server:
+        config = AgentConfig.load(server.enroll("pi-1") / "agent.toml")
+        agent = Agent(config, SETTINGS)
+        agent.start()
+        deploy(server, "digits_v1", "1.0.0")
+        agent.run_cycle()
+        exercise(agent)
+        agent.check_probation()
+        # From now on the server signs as if it were 30 days ago: everything it serves is
+        # already expired, whatever the device's (sane) clock says.
+        past[0] = datetime.now(UTC) - timedelta(days=30)
+        deploy(server, "digits_v2", "2.0.0")
+        outcome = agent.run_cycle()
+        assert outcome.states == {"*": "failed"}
+        assert outcome.reasons == {"*": "ExpiredMetadataError"}
+        assert agent.host.current_version("digits") == "1.0.0"
+        assert reported_state(server)["error"] == "ExpiredMetadataError"
