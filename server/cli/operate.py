@@ -36,11 +36,12 @@ def deploy(
     home: HomeOption = DEFAULT_HOME,
     as_json: JsonOption = False,
 ) -> None:
-    """Assign a release to devices, by id or by tag; they pick it up on their next check.
+    """Assign a release to devices, by id or by tag; they are notified over MQTT at once.
 
     A device whose hardware the release does not list is skipped (and said
-    so). A device already assigned another version of the same model moves
-    to this one; the older deployment is marked superseded.
+    so). Devices not connected over MQTT pick it up on their next poll. A
+    device already assigned another version of the same model moves to this
+    one; the older deployment is marked superseded.
     """
     name, sep, version = release.partition("@")
     if not sep or not name or not version:
