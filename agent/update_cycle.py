@@ -25,7 +25,12 @@ from tuf.ngclient import FetcherInterface, Updater
 
 from edgeota.agent.config import AgentConfig
 from edgeota.agent.http_fetcher import HttpFetcher, HttpFetcherConfig
-from edgeota.agent.mqtt_fetcher import MQTT_REPOSITORY_URL, DeviceConnection, MqttFetcher
+from edgeota.agent.mqtt_fetcher import (
+    MQTT_REPOSITORY_URL,
+    DeviceConnection,
+    MqttFetcher,
+    ResumableDownload,
+)
 from edgeota.agent.uptane import DeviceFacts, InstallDecision, decide
 from edgeota.agent.validation import ValidationReport, validate_model
 from edgeota.protocol.bundle import OpenedBundle, open_bundle
@@ -155,6 +160,25 @@ class UpdateClient:
             decisions.append(decide(path, targets[path], image.get_targetinfo(path), facts))
         return decisions
 
+    def _download(self, image: Updater, info: TargetFile, decision: InstallDecision) -> Path:
+        """The verified bundle file: resumable over MQTT, through ngclient over HTTP.
+
+        Over MQTT a download interrupted by a disconnect or a restart of the
+        agent continues from its last durable window (partial files keyed by
+        the signed sha256, checked again at the end); ngclient's own download
+        would start over.
+        """
+        cached = image.find_cached_target(info)
+        if cached:
+            return Path(cached)
+        if self._connection is None:
+            return Path(image.download_target(info))
+        resumable = ResumableDownload(self._connection, self._downloads / "resumable")
+        return resumable.download(
+            f"{MQTT_REPOSITORY_URL}/image/targets/"
+            f"{_hash_prefixed(decision.target_path, decision.sha256)}",
+            length=decision.length, sha256=decision.sha256)
+
     def install(self, decision: InstallDecision) -> InstalledModel:
         """Download, verify, decrypt, unpack and validate one decided target."""
         image = self._image()
@@ -162,7 +186,7 @@ class UpdateClient:
         info = image.get_targetinfo(decision.target_path)
         if info is None or info.hashes.get("sha256") != decision.sha256:
             raise ManifestError(f"{decision.target_path} changed since it was checked")
-        bundle_path = Path(image.find_cached_target(info) or image.download_target(info))
+        bundle_path = self._download(image, info, decision)
         content_key = unwrap_content_key(
             decision.director.wrapped_key, self._identity.kem_private_key, self._config.device_id
         )
@@ -191,6 +215,12 @@ class UpdateClient:
             raise
         bundle_path.unlink(missing_ok=True)
         return InstalledModel(decision, opened, report)
+
+
+def _hash_prefixed(target_path: str, sha256: str) -> str:
+    """The consistent-snapshot name ngclient would fetch: ``dir/{sha256}.{name}``."""
+    folder, _, name = target_path.rpartition("/")
+    return f"{folder}/{sha256}.{name}" if folder else f"{sha256}.{name}"
 
 
 def _verified_targets(cached: Path) -> dict[str, TargetFile]:
