@@ -8,14 +8,28 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from edgeota.protocol.bundle import BundleInfo, describe_payload, generate_content_key, seal_bundle
 from edgeota.protocol.manifest import Manifest, TensorSpec
 from edgeota.protocol.stream import DEFAULT_CHUNK_SIZE, AeadSuite
+from edgeota.samples import SampleModel, load_catalog, load_test_split
 
 # Real databases (SQLite and PostgreSQL) and a real server on loopback.
 pytest_plugins = ["dbsupport", "server_support", "mosquitto_support"]
+
+
+@pytest.fixture(scope="session")
+def catalog() -> dict[str, SampleModel]:
+    """What samples.json says about the sample models."""
+    return load_catalog()
+
+
+@pytest.fixture(scope="session")
+def split() -> tuple[np.ndarray, np.ndarray]:
+    """The digits test split (X float32 [450, 64], y int64)."""
+    return load_test_split()
 
 
 def mode_of(path: Path) -> int:

@@ -49,6 +49,17 @@ def deploy(server: RunningServer, sample: str, version: str) -> None:
     assert server.cli("deploy", f"digits@{version}", "--devices", "pi-1").code == 0
 
 
+def agent_serving_v1(server: RunningServer, config: AgentConfig) -> Agent:
+    """An agent that installed digits 1.0.0 and committed it after probation."""
+    agent = Agent(config, SETTINGS)
+    agent.start()
+    deploy(server, "digits_v1", "1.0.0")
+    agent.run_cycle()
+    exercise(agent)
+    assert agent.check_probation() == {"digits": "committed"}
+    return agent
+
+
 def reported_state(server: RunningServer) -> dict:
     fleet = json.loads(server.cli("fleet", "status", "--json").out)
     return fleet[0]["reported_state"]
@@ -88,12 +99,7 @@ def test_probation_regression_rolls_back_and_is_reported(
     server: RunningServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     config = AgentConfig.load(server.enroll("pi-1") / "agent.toml")
-    agent = Agent(config, SETTINGS)
-    agent.start()
-    deploy(server, "digits_v1", "1.0.0")
-    agent.run_cycle()
-    exercise(agent)
-    agent.check_probation()
+    agent = agent_serving_v1(server, config)
     deploy(server, "digits_v2", "2.0.0")
     assert agent.run_cycle().states == {"digits": "probation"}
     exercise(agent)
@@ -165,12 +171,7 @@ def test_device_validation_gate_refuses_and_the_old_model_keeps_serving(
     """Latency is a device property: the server accepts the release, the device's gate
     refuses it, and v1 keeps serving."""
     config = AgentConfig.load(server.enroll("pi-1") / "agent.toml")
-    agent = Agent(config, SETTINGS)
-    agent.start()
-    deploy(server, "digits_v1", "1.0.0")
-    agent.run_cycle()
-    exercise(agent)
-    agent.check_probation()
+    agent = agent_serving_v1(server, config)
     assert server.publish("digits_v2", "2.0.0", "--latency-budget-ms", "0.000001").code == 0
     assert server.cli("deploy", "digits@2.0.0", "--devices", "pi-1").code == 0
     outcome = agent.run_cycle()
@@ -193,12 +194,7 @@ def test_a_model_that_keeps_crashing_the_agent_in_probation_is_refused(
     from edgeota.agent.runner import MAX_CRASHES_PER_TARGET
 
     config = AgentConfig.load(server.enroll("pi-1") / "agent.toml")
-    agent = Agent(config, SETTINGS)
-    agent.start()
-    deploy(server, "digits_v1", "1.0.0")
-    agent.run_cycle()
-    exercise(agent)
-    agent.check_probation()
+    agent = agent_serving_v1(server, config)
     deploy(server, "digits_v2", "2.0.0")
     for crash in range(1, MAX_CRASHES_PER_TARGET + 1):
         assert agent.run_cycle().states == {"digits": "probation"}, crash
@@ -221,12 +217,7 @@ def test_expired_metadata_is_refused_and_changes_nothing(tmp_path: Path, db_url:
     past = [datetime.now(UTC)]
     with running_server(tmp_path, db_url, clock=lambda: past[0]) as server:
         config = AgentConfig.load(server.enroll("pi-1") / "agent.toml")
-        agent = Agent(config, SETTINGS)
-        agent.start()
-        deploy(server, "digits_v1", "1.0.0")
-        agent.run_cycle()
-        exercise(agent)
-        agent.check_probation()
+        agent = agent_serving_v1(server, config)
         # From now on the server signs as if it were 30 days ago: everything it serves is
         # already expired, whatever the device's (sane) clock says.
         past[0] = datetime.now(UTC) - timedelta(days=30)

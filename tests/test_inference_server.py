@@ -29,7 +29,7 @@ from edgeota.agent.inference_server import (
 from edgeota.agent.model_host import ModelHost, Prediction
 from edgeota.agent.validation import SessionSettings, create_session
 from edgeota.protocol.manifest import Manifest
-from edgeota.samples import SampleModel, load_catalog, load_test_split
+from edgeota.samples import SampleModel
 from edgeota.server.manifest_builder import build_manifest
 
 try:
@@ -45,16 +45,6 @@ needs_triton = pytest.mark.skipif(
 SETTINGS = SessionSettings()
 WAIT_S = 20.0
 V1, V2 = "1.0.0", "2.0.0"
-
-
-@pytest.fixture(scope="module")
-def catalog() -> dict[str, SampleModel]:
-    return load_catalog()
-
-
-@pytest.fixture(scope="module")
-def split() -> tuple[np.ndarray, np.ndarray]:
-    return load_test_split()
 
 
 @pytest.fixture(scope="module")

@@ -36,7 +36,7 @@ from edgeota.agent.model_host import (
 from edgeota.agent.validation import SessionSettings, create_session
 from edgeota.protocol.errors import EdgeotaError
 from edgeota.protocol.manifest import Manifest
-from edgeota.samples import SampleModel, load_catalog, load_test_split
+from edgeota.samples import SampleModel
 from edgeota.server.manifest_builder import build_manifest
 
 SETTINGS = SessionSettings()
@@ -46,16 +46,6 @@ PER_PHASE = 200  # responses per version between swaps in the zero-downtime test
 
 
 # --------------------------------------------------------------------------- fixtures
-
-
-@pytest.fixture(scope="module")
-def catalog() -> dict[str, SampleModel]:
-    return load_catalog()
-
-
-@pytest.fixture(scope="module")
-def split() -> tuple[np.ndarray, np.ndarray]:
-    return load_test_split()
 
 
 @pytest.fixture(scope="module")
