@@ -104,6 +104,8 @@ class ServerConfig:
     mqtt_broker: str = "embedded"
     mqtt_bind: str = "127.0.0.1:8883"
     mqtt_device_url: str = "mqtts://127.0.0.1:8883"
+    # How often the rollout engine looks at active deployments (seconds).
+    rollout_interval_seconds: float = 5.0
 
     def to_toml(self) -> dict[str, Any]:
         return {
@@ -123,6 +125,7 @@ class ServerConfig:
             "expiry": dict(self.expiry.__dict__),
             "mqtt": {"broker": self.mqtt_broker, "bind": self.mqtt_bind,
                      "device_url": self.mqtt_device_url},
+            "rollouts": {"interval_seconds": self.rollout_interval_seconds},
         }
 
     def save(self) -> None:
@@ -255,8 +258,19 @@ def load_server_config(home: Path) -> ServerConfig:
         keywrap_key=_path(home, _field(data, "online_keys.keywrap", str, where)),
         ca_dir=_path(home, _field(data, "server.ca", str, where)),
         expiry=ExpirySettings(**expiry_table),
+        rollout_interval_seconds=_rollout_interval(data, where),
         **_mqtt_settings(data, where),
     )
+
+
+def _rollout_interval(data: dict[str, Any], where: Path) -> float:
+    table = data.get("rollouts", {})
+    if not isinstance(table, dict) or set(table) - {"interval_seconds"}:
+        raise ConfigError(f"{where}: [rollouts] takes only interval_seconds")
+    value = table.get("interval_seconds", ServerConfig.rollout_interval_seconds)
+    if not isinstance(value, int | float) or isinstance(value, bool) or not 0 < value <= 3600:
+        raise ConfigError(f"{where}: rollouts.interval_seconds must be a number in (0, 3600]")
+    return float(value)
 
 
 def _mqtt_settings(data: dict[str, Any], where: Path) -> dict[str, str]:

@@ -36,7 +36,10 @@ ACL ties to the sender's certificate):
   :data:`MAX_TELEMETRY_SIZE` bytes. The latest one replaces the previous in
   ``Device.reported_state["telemetry"]`` (``{"v": 1, "received_at": ISO-8601,
   "models": {...}}``, rebuilt from the parsed values, so its size is bounded
-  too) and ``Device.last_seen`` is updated.
+  too) and ``Device.last_seen`` is updated. The last figures of each recent
+  version also go to ``Device.reported_state["versions"][model][version]``:
+  the rollout gates compare a device on a new release with itself on the
+  previous one.
 
 Per-message problems are logged at debug level only (a device could flood
 the log); :meth:`DeviceMessageSink.counters` shows them. An empty payload (a
@@ -134,6 +137,9 @@ class _Marker:
 
 
 _HANDLED = (DeviceTopic.STATUS, DeviceTopic.TELEMETRY, DeviceTopic.ONLINE)
+# What a status report leaves in Device.reported_state (it replaces the rest).
+_KEPT_ACROSS_REPORTS = ("telemetry", "versions")
+MAX_VERSIONS_PER_MODEL = 3
 
 
 class DeviceMessageSink:
@@ -322,15 +328,15 @@ class DeviceMessageSink:
         if device is not None and _is_redelivery(device, message.payload):
             return _Outcome.DUPLICATE
         previous = (device.reported_state or {}) if device is not None else {}
-        telemetry = previous.get("telemetry")
+        kept = {key: previous[key] for key in _KEPT_ACROSS_REPORTS if key in previous}
         outcome = ingest_report(session, message.device_id, message.payload, clock=self._clock)
         if not outcome.accepted:
             if outcome.reason is ReportRejection.MALFORMED:
                 return _Outcome.MALFORMED
             return _Outcome.REJECTED
-        if device is not None and telemetry is not None:
+        if device is not None and kept:
             # ingest_report replaced the whole dict; a new dict, so the JSON column sees it.
-            device.reported_state = {**(device.reported_state or {}), "telemetry": telemetry}
+            device.reported_state = {**(device.reported_state or {}), **kept}
         return _Outcome.ACCEPTED
 
     def _presence(self, session: Session, message: _Message) -> _Outcome:
@@ -358,9 +364,34 @@ class DeviceMessageSink:
         now = self._clock()
         state = dict(device.reported_state or {})
         state["telemetry"] = telemetry.to_json(received_at=now)
+        state["versions"] = _versions_with(state.get("versions"), telemetry, now)
         device.reported_state = state  # reassigned, never mutated: the JSON column sees it
         device.last_seen = now
         return _Outcome.ACCEPTED
+
+
+def _versions_with(previous: object, telemetry: Telemetry,
+                   now: datetime) -> dict[str, dict[str, dict[str, object]]]:
+    """The latest metrics per model *and version*: what the rollout gates compare.
+
+    A device's telemetry names only the version it serves now; the gates need
+    the same device's figures on the release it ran before, so the last
+    message of each recent version is kept (at most
+    :data:`MAX_VERSIONS_PER_MODEL` per model, newest kept; at most
+    :data:`MAX_TELEMETRY_MODELS` models), bounded like the telemetry itself.
+    """
+    versions: dict[str, dict[str, dict[str, object]]] = {}
+    if isinstance(previous, dict):
+        for name, entries in previous.items():
+            if isinstance(name, str) and isinstance(entries, dict):
+                versions[name] = {v: e for v, e in entries.items()
+                                  if isinstance(v, str) and isinstance(e, dict)}
+    for name, model in telemetry.models.items():
+        entries = dict(versions.get(name, {}))
+        entries.pop(model.version, None)  # re-inserted last: the newest
+        entries[model.version] = {**model.to_json(), "received_at": now.isoformat()}
+        versions[name] = dict(list(entries.items())[-MAX_VERSIONS_PER_MODEL:])
+    return dict(list(versions.items())[-MAX_TELEMETRY_MODELS:])
 
 
 def _is_redelivery(device: Device, raw: bytes) -> bool:

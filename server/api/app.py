@@ -1,8 +1,9 @@
 """The FastAPI application: repository files, the operator API and health.
 
 ``create_app`` takes a ready ``ServerContext`` (no globals), so tests and
-replicas build as many independent apps as they need. A background task
-re-signs timestamp and snapshot metadata before it expires.
+replicas build as many independent apps as they need. Background tasks
+re-sign timestamp and snapshot metadata before it expires and advance phased
+rollouts (every ``[rollouts] interval_seconds``).
 """
 
 from __future__ import annotations
@@ -17,10 +18,11 @@ from fastapi.responses import JSONResponse, Response
 from sqlalchemy import text
 
 from edgeota.protocol.errors import EdgeotaError, ProtocolError
-from edgeota.server.api.routes import admin, deployments, devices, releases, repo
+from edgeota.server.api.routes import admin, dashboard, deployments, devices, releases, repo
 from edgeota.server.context import ServerContext
 from edgeota.server.db.session import lock
 from edgeota.server.metrics import CONTENT_TYPE
+from edgeota.server.services import rollouts
 from edgeota.server.services.errors import ServiceError
 from edgeota.server.tokens import AuthenticationError
 
@@ -45,16 +47,19 @@ def refresh_expiring_metadata(ctx: ServerContext) -> list[str]:
     return refreshed
 
 
-def create_app(ctx: ServerContext, *, background_refresh: bool = True) -> FastAPI:
+def create_app(ctx: ServerContext, *, background_refresh: bool = True,
+               rollout_engine: bool = True) -> FastAPI:
     @contextlib.asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
-        task = None
+        tasks = []
         if background_refresh:
-            task = asyncio.create_task(_refresh_loop(ctx))
+            tasks.append(asyncio.create_task(_refresh_loop(ctx)))
+        if rollout_engine:
+            tasks.append(asyncio.create_task(_rollout_loop(ctx)))
         try:
             yield
         finally:
-            if task is not None:
+            for task in tasks:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
@@ -66,7 +71,7 @@ def create_app(ctx: ServerContext, *, background_refresh: bool = True) -> FastAP
         lifespan=lifespan,
     )
     app.state.ctx = ctx
-    for module in (repo, devices, releases, deployments, admin):
+    for module in (repo, devices, releases, deployments, admin, dashboard):
         app.include_router(module.router)
 
     @app.get("/metrics", tags=["health"])
@@ -97,6 +102,18 @@ def create_app(ctx: ServerContext, *, background_refresh: bool = True) -> FastAP
         return JSONResponse({"detail": str(exc)}, status_code=400)
 
     return app
+
+
+async def _rollout_loop(ctx: ServerContext) -> None:
+    """Advance phased deployments: every replica runs it, the director lock serialises them."""
+    while True:
+        try:
+            changes = await asyncio.to_thread(rollouts.advance, ctx)
+            for change in changes:
+                logger.info("rollout: %s", change)
+        except Exception:
+            logger.exception("rollout engine pass failed")
+        await asyncio.sleep(ctx.config.rollout_interval_seconds)
 
 
 async def _refresh_loop(ctx: ServerContext) -> None:

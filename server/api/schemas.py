@@ -85,20 +85,93 @@ class ReleaseOut(BaseModel):
     pending_metadata: dict[str, Any] | None = None
 
 
+class RolloutOptions(Strict):
+    """How a deployment advances, pauses and rolls back (every field bounded)."""
+
+    soak_seconds: float = Field(default=0.0, ge=0, le=30 * 24 * 3600)
+    min_success_ratio: float = Field(default=0.95, ge=0, le=1)
+    max_failure_ratio: float = Field(default=0.05, ge=0, le=1)
+    # Model-aware gates: the new release's p95 latency / error rate on a
+    # hardware class, against the same devices on their previous release.
+    latency_factor: float | None = Field(default=2.0, gt=1, le=1000)
+    error_rate_factor: float | None = Field(default=2.0, gt=1, le=1000)
+    gate_min_inferences: int = Field(default=20, ge=1, le=10_000_000)
+    auto_rollback: bool = False
+
+
 class DeployRequest(Strict):
     name: str = Field(pattern=_NAME)
     version: str = Field(max_length=128)
     devices: list[str] = Field(default_factory=list, max_length=100_000)
     tags: dict[str, str] = Field(default_factory=dict, max_length=16)
+    # Cumulative percentages of the selected devices, strictly increasing, ending at 100.
+    phases: list[int] = Field(default_factory=lambda: [100], min_length=1, max_length=20)
+    options: RolloutOptions = Field(default_factory=RolloutOptions)
 
 
 class DeployResponse(BaseModel):
     deployment_id: int
     release: str
     target_path: str
-    assigned: list[str]
+    assigned: list[str]  # devices of the first phase, assigned now
+    scheduled: dict[str, int] = Field(default_factory=dict)  # device -> phase index
     skipped: dict[str, str]
     superseded: list[int]
+    phases: list[int] = Field(default_factory=lambda: [100])
+
+
+class AssignmentOut(BaseModel):
+    device_id: str
+    hardware: str
+    phase: int
+    state: str
+    detail: str | None
+    previous_version: str | None
+    assigned_at: datetime | None
+    finished_at: datetime | None
+
+
+class PhaseOut(BaseModel):
+    index: int
+    percent: int
+    started: bool
+    counts: dict[str, int]
+    devices: list[AssignmentOut]
+
+
+class DeploymentEventOut(BaseModel):
+    at: datetime
+    kind: str
+    actor: str
+    detail: dict[str, Any]
+
+
+class DeploymentOut(BaseModel):
+    id: int
+    release: str
+    model_name: str
+    selector: dict[str, Any]
+    status: str
+    status_reason: str | None
+    phases: list[int]
+    current_phase: int
+    phase_started_at: datetime | None
+    options: dict[str, Any]
+    created_at: datetime
+    created_by: str
+    finished_at: datetime | None
+    superseded_by: int | None
+    counts: dict[str, int]
+    phase_detail: list[PhaseOut] = Field(default_factory=list)
+    events: list[DeploymentEventOut] = Field(default_factory=list)
+
+
+class RolloutActionOut(BaseModel):
+    deployment_id: int
+    action: str
+    status: str
+    devices: list[str] = Field(default_factory=list)  # rolled back
+    skipped: dict[str, str] = Field(default_factory=dict)  # device -> why not
 
 
 class TokenCreate(Strict):

@@ -22,6 +22,7 @@ from edgeota.server.cli import init as init_cli
 from edgeota.server.cli import keys as keys_cli
 from edgeota.server.cli import operate as operate_cli
 from edgeota.server.cli import release as release_cli
+from edgeota.server.cli import rollout as rollout_cli
 from edgeota.server.cli import serve as serve_cli
 
 __all__ = ["app", "main"]
@@ -42,7 +43,8 @@ app.command(name="serve")(serve_cli.serve)
 app.command(name="broker-config")(broker_cli.broker_config)
 app.add_typer(device_cli.app, name="device")
 app.add_typer(release_cli.app, name="release")
-app.command(name="deploy")(operate_cli.deploy)
+app.command(name="deploy")(rollout_cli.deploy)
+app.add_typer(rollout_cli.app, name="rollout")
 app.add_typer(operate_cli.fleet_app, name="fleet")
 app.add_typer(operate_cli.audit_app, name="audit")
 app.add_typer(operate_cli.token_app, name="token")

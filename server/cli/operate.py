@@ -1,4 +1,4 @@
-"""``edgeota deploy``, ``fleet status``, ``audit verify`` and ``token create``."""
+"""``edgeota fleet status``, ``audit verify`` and ``token create``."""
 
 from __future__ import annotations
 
@@ -13,8 +13,6 @@ from edgeota.server.cli.common import (
     JsonOption,
     emit_json,
     operator,
-    parse_tags,
-    split_list,
     table,
 )
 
@@ -25,43 +23,6 @@ token_app = typer.Typer(help="Manage API tokens (admin).", no_args_is_help=True)
 
 class AuditBrokenError(EdgeotaError):
     """``audit verify`` found an edited, deleted or reordered entry."""
-
-
-def deploy(
-    release: Annotated[str, typer.Argument(help="NAME@VERSION of a published release.")],
-    devices: Annotated[list[str], typer.Option(help="Device ids (repeatable or "
-                                               "comma-separated).")] = [],  # noqa: B006
-    tag: Annotated[list[str], typer.Option(help="Select devices by KEY=VALUE tag "
-                                           "(repeatable: all must match).")] = [],  # noqa: B006
-    home: HomeOption = DEFAULT_HOME,
-    as_json: JsonOption = False,
-) -> None:
-    """Assign a release to devices, by id or by tag; they are notified over MQTT at once.
-
-    A device whose hardware the release does not list is skipped (and said
-    so). Devices not connected over MQTT pick it up on their next poll. A
-    device already assigned another version of the same model moves to this
-    one; the older deployment is marked superseded.
-    """
-    name, sep, version = release.partition("@")
-    if not sep or not name or not version:
-        raise typer.BadParameter("expected NAME@VERSION, e.g. digits@2.0.0",
-                                 param_hint="RELEASE")
-    _, client = operator(home)
-    with client:
-        answer = client.post("/api/v1/deployments", {
-            "name": name, "version": version, "devices": split_list(devices),
-            "tags": parse_tags(tag),
-        })
-    if as_json:
-        emit_json(answer)
-        return
-    typer.echo(f"deployment {answer['deployment_id']}: {answer['release']} assigned to "
-               f"{len(answer['assigned'])} device(s): {', '.join(answer['assigned'])}")
-    for device_id, reason in answer["skipped"].items():
-        typer.echo(f"  skipped {device_id}: {reason}")
-    if answer["superseded"]:
-        typer.echo(f"  supersedes deployment(s) {', '.join(map(str, answer['superseded']))}")
 
 
 @fleet_app.command()

@@ -171,7 +171,8 @@ class DeploymentStatus(enum.StrEnum):
 class AssignmentState(enum.StrEnum):
     """Server-side view of one device's progress within one deployment."""
 
-    PENDING = "pending"
+    WAITING = "waiting"  # its phase has not started: not in the director yet
+    PENDING = "pending"  # assigned in the director, no report on this release yet
     DOWNLOADING = "downloading"
     INSTALLED = "installed"
     FAILED = "failed"
@@ -263,8 +264,25 @@ class Deployment(Base):
     superseded_by: Mapped[int | None] = mapped_column(ForeignKey("deployments.id"), default=None)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     created_by: Mapped[str] = mapped_column(String(_NAME_LENGTH))
+    current_phase: Mapped[int] = mapped_column(Integer, default=0)  # index into phases
+    phase_started_at: Mapped[datetime | None] = mapped_column(UTCDateTime, default=None)
+    finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime, default=None)
 
     release: Mapped[Release] = relationship(foreign_keys=[release_id])
+
+
+class DeploymentEvent(Base):
+    """What happened to a rollout and why: phase started, paused by a gate, rolled back..."""
+
+    __tablename__ = "deployment_events"
+    __table_args__ = (Index(None, "deployment_id", "id"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    deployment_id: Mapped[int] = mapped_column(ForeignKey("deployments.id"))
+    at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    kind: Mapped[str] = mapped_column(String(_ENUM_LENGTH))
+    actor: Mapped[str] = mapped_column(String(_NAME_LENGTH))
+    detail: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
 
 
 class Assignment(Base):
@@ -287,10 +305,17 @@ class Assignment(Base):
     )
     detail: Mapped[str | None] = mapped_column(Text, default=None)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, onupdate=utcnow)
+    # The release of this model the device had before (what a rollback assigns).
+    previous_release_id: Mapped[int | None] = mapped_column(
+        ForeignKey("releases.id"), default=None)
+    assigned_at: Mapped[datetime | None] = mapped_column(UTCDateTime, default=None)
+    finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime, default=None)
 
     deployment: Mapped[Deployment] = relationship(foreign_keys=[deployment_id])
     device: Mapped[Device] = relationship(foreign_keys=[device_id])
     release: Mapped[Release] = relationship(foreign_keys=[release_id])
+    previous_release: Mapped[Release | None] = relationship(
+        foreign_keys=[previous_release_id])
 
 
 class StatusEvent(Base):

@@ -21,6 +21,7 @@ from edgeota.protocol.identity import DevicePublicIdentity, verify_report
 from edgeota.protocol.reports import SignedReport, StatusReport
 from edgeota.server import audit
 from edgeota.server.db.models import Device, StatusEvent
+from edgeota.server.services.rollouts import record_report
 
 __all__ = ["ReportOutcome", "ReportRejection", "ingest_report"]
 
@@ -78,4 +79,5 @@ def ingest_report(
     session.add(StatusEvent(device_id=sender, received_at=now, seq=report.seq,
                             state=report.state, release=report.release,
                             detail=dict(report.detail)))
+    record_report(session, device, report, now)
     return ReportOutcome(True, None, report)
