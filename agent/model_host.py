@@ -66,6 +66,7 @@ __all__ = [
     "LATENCY_WINDOW",
     "WARMUP_RUNS",
     "ActivationError",
+    "HardwareEmulation",
     "InferenceError",
     "InvalidInputError",
     "LoadedModel",
@@ -78,6 +79,7 @@ __all__ = [
     "SwapMode",
     "SwapResult",
     "UnknownModelError",
+    "warmup_feeds",
 ]
 
 #: Latency samples kept per version: enough for a stable p99 (about 10 samples
@@ -185,6 +187,22 @@ class Prediction:
     version: str
     outputs: Mapping[str, np.ndarray]
     latency_ms: float
+
+
+@dataclass
+class HardwareEmulation:
+    """How the simulator makes emulated hardware treat a model version.
+
+    Keys are ``"name@version"``. ``extra_latency_s`` is really waited inside
+    the measured run (the host's latency figures, probation and telemetry
+    see it as they would a slower chip); a version in ``failing`` raises
+    :class:`InferenceError` as a model that is wrong on this hardware would.
+    Only the fleet simulator and tests set this: a real device has none.
+    Mutable on purpose, so a scenario can change behaviour mid-run.
+    """
+
+    extra_latency_s: dict[str, float] = field(default_factory=dict)
+    failing: set[str] = field(default_factory=set)
 
 
 @dataclass(frozen=True)
@@ -315,6 +333,7 @@ class ModelHost:
         clock: Callable[[], float] = time.monotonic,
         latency_window: int = LATENCY_WINDOW,
         drain_timeout_s: float = DEFAULT_DRAIN_TIMEOUT_S,
+        emulation: HardwareEmulation | None = None,
     ) -> None:
         if latency_window < 1:
             raise ValueError(f"latency_window must be at least 1, not {latency_window}")
@@ -325,6 +344,7 @@ class ModelHost:
         self._clock = clock
         self._window = latency_window
         self._drain_timeout_s = drain_timeout_s
+        self._emulation = emulation
         self._trim = _find_malloc_trim()
         # One lock for references and counters; the condition wakes a draining swap.
         self._lock = threading.Condition(threading.Lock())
@@ -512,6 +532,8 @@ class ModelHost:
             start = self._clock()
             try:
                 values = model.session.run(list(names), feeds)
+                if self._emulation is not None:
+                    self._emulate(name, model.version)
             except Exception as e:  # onnxruntime's errors derive from Exception only
                 metrics.error()
                 raise InferenceError(f"model {name!r} version {model.version} failed: {e}") from e
@@ -526,6 +548,16 @@ class ModelHost:
                 self._return_memory()
 
     # ----------------------------------------------------------------- internals
+
+    def _emulate(self, name: str, version: str) -> None:
+        emulation = self._emulation
+        assert emulation is not None
+        key = f"{name}@{version}"
+        delay = emulation.extra_latency_s.get(key, 0.0)
+        if delay > 0:
+            time.sleep(delay)  # a slower chip: the measured run really takes longer
+        if key in emulation.failing:
+            raise RuntimeError(f"emulated hardware fault for {key}")
 
     def _slot(self, name: str) -> _Slot:
         with self._lock:
@@ -622,7 +654,7 @@ class ModelHost:
         problem = _io_names_problem(model)
         if problem is not None:
             raise ActivationError(f"model {name!r} version {version}: {problem}")
-        feeds = _warmup_feeds(manifest)
+        feeds = warmup_feeds(manifest)
         try:
             for _ in range(WARMUP_RUNS):
                 session.run(list(model.output_names), feeds)
@@ -802,7 +834,7 @@ def _io_names_problem(model: LoadedModel) -> str | None:
     return None
 
 
-def _warmup_feeds(manifest: Manifest) -> dict[str, np.ndarray]:
+def warmup_feeds(manifest: Manifest) -> dict[str, np.ndarray]:
     """The validation vectors' inputs when they fit as one batch, else zeros (dynamic dims = 1)."""
     specs = {s.name: s for s in manifest.inputs}
     if manifest.validation is not None:

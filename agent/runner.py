@@ -38,7 +38,7 @@ from edgeota.agent.journal import (
     State,
     model_to_serve,
 )
-from edgeota.agent.model_host import ModelHost, UnknownModelError
+from edgeota.agent.model_host import HardwareEmulation, ModelHost, UnknownModelError
 from edgeota.agent.update_cycle import UpdateClient
 from edgeota.agent.uptane import UptaneRefusal
 from edgeota.agent.validation import SessionSettings, ValidationError
@@ -96,6 +96,7 @@ class Agent:
         update_client: UpdateClient | None = None,
         memory_available: Callable[[], int] | None = None,
         transport: str = "http",
+        emulation: HardwareEmulation | None = None,
     ) -> None:
         self.config = config
         self.settings = settings or AgentSettings()
@@ -104,7 +105,8 @@ class Agent:
         config.state_dir.mkdir(parents=True, exist_ok=True)
         self.updates = update_client or UpdateClient(config, identity=self.identity,
                                                      transport=transport)
-        self.host = ModelHost(self.settings.session, memory_available=memory_available)
+        self.host = ModelHost(self.settings.session, memory_available=memory_available,
+                              emulation=emulation)
         self.floor = TimeFloor(config.state_dir / "time-floor.json", clock=self._clock)
         self._journals: dict[str, Journal] = {}
         self._probation_started: dict[str, datetime] = {}
@@ -274,6 +276,9 @@ class Agent:
         journal.transition(Event.VERIFIED)
         journal.transition(Event.VALID)
         journal.transition(Event.SWAP_STARTED)
+        # The outgoing version's last figures: the server's rollout gates compare
+        # this device on the new release with itself on this one.
+        self.publish_telemetry()
         manifest = installed.bundle.manifest
         try:
             self.host.swap(name, decision.image.version, installed.model_path, manifest)

@@ -47,12 +47,15 @@ class EmbeddedServer:
         *,
         clock: Callable[[], datetime] | None = None,
         background_refresh: bool = False,
+        rollout_engine: bool = True,
     ) -> None:
         self.config = config
         self.sock = sock
         self.port: int = sock.getsockname()[1]
         self.clock = clock
         self.background_refresh = background_refresh
+        # Tests that drive rollouts.advance() themselves turn the periodic engine off.
+        self.rollout_engine = rollout_engine
         self.ctx: ServerContext | None = None
         self._server: uvicorn.Server | None = None
         self._thread: threading.Thread | None = None
@@ -65,7 +68,8 @@ class EmbeddedServer:
         if self.sock.fileno() == -1:  # uvicorn closes its socket on shutdown
             self.sock = bind_loopback(self.port)
         self.ctx = ServerContext.open(self.config, clock=self.clock)
-        app = create_app(self.ctx, background_refresh=self.background_refresh)
+        app = create_app(self.ctx, background_refresh=self.background_refresh,
+                         rollout_engine=self.rollout_engine)
         self._server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
         self._thread = threading.Thread(target=self._server.run,
                                         kwargs={"sockets": [self.sock]}, daemon=True,

@@ -15,7 +15,13 @@ from prometheus_client.registry import Collector
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from edgeota.server.db.models import Device, Release
+from edgeota.server.db.models import (
+    Assignment,
+    Deployment,
+    DeploymentStatus,
+    Device,
+    Release,
+)
 
 __all__ = ["CONTENT_TYPE", "ServerMetrics"]
 
@@ -31,6 +37,12 @@ class _FleetCollector(Collector):
                                     labels=["state"])
         online = GaugeMetricFamily("edgeota_devices_online", "Devices currently online")
         releases = GaugeMetricFamily("edgeota_releases", "Releases by status", labels=["status"])
+        phase = GaugeMetricFamily(
+            "edgeota_rollout_phase", "Current phase (1-based) of active and paused deployments",
+            labels=["deployment", "release", "status"])
+        rollout_devices = GaugeMetricFamily(
+            "edgeota_rollout_devices", "Devices of active and paused deployments by state",
+            labels=["deployment", "state"])
         with self._sessions() as session:
             states: dict[str, int] = {}
             for state in session.scalars(select(Device.reported_state)):
@@ -44,9 +56,24 @@ class _FleetCollector(Collector):
                 select(Release.status, func.count()).group_by(Release.status)
             ):
                 releases.add_metric([str(status)], count)
+            live = (DeploymentStatus.ACTIVE, DeploymentStatus.PAUSED)
+            for deployment in session.scalars(
+                    select(Deployment).where(Deployment.status.in_(live))):
+                phase.add_metric([str(deployment.id), f"{deployment.release.name}@"
+                                  f"{deployment.release.version}", str(deployment.status)],
+                                 deployment.current_phase + 1)
+            for deployment_id, state, count in session.execute(
+                select(Assignment.deployment_id, Assignment.state, func.count())
+                .join(Deployment, Deployment.id == Assignment.deployment_id)
+                .where(Deployment.status.in_(live))
+                .group_by(Assignment.deployment_id, Assignment.state)
+            ):
+                rollout_devices.add_metric([str(deployment_id), str(state)], count)
         yield devices
         yield online
         yield releases
+        yield phase
+        yield rollout_devices
 
 
 class ServerMetrics:

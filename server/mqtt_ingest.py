@@ -14,8 +14,8 @@ ACL ties to the sender's certificate):
 
 * ``status`` -- a signed report (:mod:`edgeota.protocol.reports`), checked and
   stored by :func:`edgeota.server.services.reports.ingest_report`, which also
-  audits every rejection. Two additions here: the telemetry already in
-  ``Device.reported_state`` survives a new report, and a *redelivery* of the
+  audits every rejection (and keeps the telemetry already in
+  ``Device.reported_state``). One addition here: a *redelivery* of the
   report last accepted (same sequence number, valid signature: a QoS 1
   duplicate, or the retained report a broker replays when the server
   subscribes again) is counted as a duplicate instead of being audited as a
@@ -137,8 +137,6 @@ class _Marker:
 
 
 _HANDLED = (DeviceTopic.STATUS, DeviceTopic.TELEMETRY, DeviceTopic.ONLINE)
-# What a status report leaves in Device.reported_state (it replaces the rest).
-_KEPT_ACROSS_REPORTS = ("telemetry", "versions")
 MAX_VERSIONS_PER_MODEL = 3
 
 
@@ -327,16 +325,11 @@ class DeviceMessageSink:
         device = session.get(Device, message.device_id, with_for_update=True)
         if device is not None and _is_redelivery(device, message.payload):
             return _Outcome.DUPLICATE
-        previous = (device.reported_state or {}) if device is not None else {}
-        kept = {key: previous[key] for key in _KEPT_ACROSS_REPORTS if key in previous}
         outcome = ingest_report(session, message.device_id, message.payload, clock=self._clock)
         if not outcome.accepted:
             if outcome.reason is ReportRejection.MALFORMED:
                 return _Outcome.MALFORMED
             return _Outcome.REJECTED
-        if device is not None and kept:
-            # ingest_report replaced the whole dict; a new dict, so the JSON column sees it.
-            device.reported_state = {**(device.reported_state or {}), **kept}
         return _Outcome.ACCEPTED
 
     def _presence(self, session: Session, message: _Message) -> _Outcome:

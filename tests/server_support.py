@@ -64,10 +64,12 @@ class RunningServer:
     sock: socket.socket
     clock: Callable[[], datetime] | None = None
     enrolled: dict[str, Path] = field(default_factory=dict)
+    # Off: tests call rollouts.advance() when they want the engine to act.
+    rollout_engine: bool = False
 
     def __post_init__(self) -> None:
         self._embedded = EmbeddedServer(load_server_config(self.home), self.sock,
-                                        clock=self.clock)
+                                        clock=self.clock, rollout_engine=self.rollout_engine)
         self.sock_port: int = self._embedded.port
 
     @property

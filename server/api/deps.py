@@ -32,7 +32,10 @@ def get_session(ctx: ContextDep) -> Iterator[Session]:
         yield session
 
 
-SessionDep = Annotated[Session, Depends(get_session)]
+# scope="function": the transaction commits before the response is sent, so a
+# client that got its 2xx (an operator script, a device's report) and asks
+# again at once sees what it did.
+SessionDep = Annotated[Session, Depends(get_session, scope="function")]
 
 
 def get_principal(request: Request, ctx: ContextDep) -> Principal:

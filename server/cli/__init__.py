@@ -64,14 +64,19 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as e:
         typer.echo(f"edgeota: error: {e.strerror or e}: {e.filename or ''}".rstrip(": "), err=True)
         return 1
-    except click.ClickException as e:  # usage errors: click prints them with a hint
-        e.show()
+    except (click.exceptions.Exit, typer.Exit) as e:
         return e.exit_code
-    except click.exceptions.Exit as e:
-        return e.exit_code
-    except click.Abort:
+    except (click.Abort, typer.Abort):
         typer.echo("edgeota: aborted", err=True)
         return 1
+    except (click.ClickException, typer.TyperException) as e:
+        # Usage errors (typer vendors its own click): printed with a hint, exit 2.
+        show = getattr(e, "show", None)
+        if show is None:
+            typer.echo(f"edgeota: error: {e}", err=True)
+            return 2
+        show()
+        return int(getattr(e, "exit_code", 2))
     return 0
 
 

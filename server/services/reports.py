@@ -23,7 +23,10 @@ from edgeota.server import audit
 from edgeota.server.db.models import Device, StatusEvent
 from edgeota.server.services.rollouts import record_report
 
-__all__ = ["ReportOutcome", "ReportRejection", "ingest_report"]
+__all__ = ["KEPT_ACROSS_REPORTS", "ReportOutcome", "ReportRejection", "ingest_report"]
+
+# What a status report leaves in Device.reported_state (it replaces the rest).
+KEPT_ACROSS_REPORTS = ("telemetry", "versions")
 
 
 class ReportRejection(enum.StrEnum):
@@ -73,9 +76,12 @@ def ingest_report(
     now = clock()
     device.report_seq = report.seq
     device.last_seen = now
+    previous = device.reported_state or {}
+    # Telemetry arrives on its own channel and outlives any one report.
+    kept = {key: previous[key] for key in KEPT_ACROSS_REPORTS if key in previous}
     device.reported_state = {"state": report.state, "release": report.release,
                              "progress": report.progress, "error": report.error,
-                             "seq": report.seq}
+                             "seq": report.seq, **kept}
     session.add(StatusEvent(device_id=sender, received_at=now, seq=report.seq,
                             state=report.state, release=report.release,
                             detail=dict(report.detail)))

@@ -162,7 +162,10 @@ def record_report(session: Session, device: Device, report: StatusReport,
 
 
 def _options(deployment: Deployment) -> RolloutOptions:
-    return RolloutOptions.model_validate(deployment.options or {})
+    # options also carries the engine's own notes (excused_devices): not operator settings.
+    stored = deployment.options or {}
+    return RolloutOptions.model_validate(
+        {k: v for k, v in stored.items() if k in RolloutOptions.model_fields})
 
 
 def _started(session: Session, deployment: Deployment) -> list[Assignment]:
