@@ -22,12 +22,16 @@ $(STAMP): pyproject.toml
 
 # Tests that need a broker start their own Mosquitto from the binary; install
 # the Debian package when it is missing (root is required for that only).
+# The dashboard test drives headless Chromium through chromedriver (Debian's).
 # The database tests run on SQLite and on PostgreSQL: make sure one listens on
 # 127.0.0.1:5432 (installed and started when missing).
 system-deps:
 	@command -v mosquitto >/dev/null 2>&1 || test -x /usr/sbin/mosquitto || { \
 	  echo "installing mosquitto (Debian package)"; \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq mosquitto >/dev/null; }
+	@test -x /usr/bin/chromium && test -x /usr/bin/chromedriver || { \
+	  echo "installing chromium and chromium-driver (Debian packages, for the dashboard test)"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null; }
 	@bash scripts/ensure-postgres.sh
 
 demo: $(STAMP)

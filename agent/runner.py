@@ -278,7 +278,8 @@ class Agent:
         journal.transition(Event.SWAP_STARTED)
         # The outgoing version's last figures: the server's rollout gates compare
         # this device on the new release with itself on this one.
-        self.publish_telemetry()
+        if name in self.host.models():
+            self.publish_telemetry()
         manifest = installed.bundle.manifest
         try:
             self.host.swap(name, decision.image.version, installed.model_path, manifest)
@@ -327,7 +328,9 @@ class Agent:
         metrics = self.host.metrics(name, version)
         if metrics.non_finite:
             return "nan_output"
-        if metrics.inferences and metrics.error_rate > self.settings.max_error_rate:
+        # Runs, not successes: a model that fails every request has no successes.
+        if metrics.inferences + metrics.errors and \
+                metrics.error_rate > self.settings.max_error_rate:
             return "error_rate"
         previous = self.host.previous_version(name)
         if previous is None or metrics.latency_p95_ms is None:

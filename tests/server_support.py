@@ -29,6 +29,7 @@ from edgeota.server.context import ServerContext
 from edgeota.server.embedded import EmbeddedServer, bind_loopback
 from edgeota.server.home import HomeOptions, init_home
 from edgeota.server.tokens import Role, issue_token
+from edgeota.server.transport import MqttTransport
 
 SAMPLES = Path(__file__).resolve().parent.parent / "firmware_samples"
 START_TIMEOUT = 20.0  # seconds
@@ -162,3 +163,29 @@ def server(tmp_path: Path, db_url: str) -> Iterator[RunningServer]:
     """A fresh server (home, database, repositories) on SQLite and on PostgreSQL."""
     with running_server(tmp_path, db_url) as running:
         yield running
+
+
+@contextlib.contextmanager
+def running_mqtt_server(tmp_path: Path, db_url: str,
+                        **home: object) -> Iterator[tuple[RunningServer, MqttTransport]]:
+    """A server plus its MQTT side: embedded TLS broker with the device ACL, bridge, sink."""
+    probe = bind_loopback()
+    port = probe.getsockname()[1]
+    probe.close()  # the embedded broker binds it next
+    options = HomeOptions(**{"bin_bits": 4, **home, "mqtt": f"127.0.0.1:{port}"})
+    with running_server(tmp_path, db_url, options) as server:
+        transport = MqttTransport(server.config.ca_dir, server.ctx.store, embedded_port=port,
+                                  sessions=server.ctx.sessions, clock=server.ctx.clock)
+        transport.start()
+        server.ctx.notify = transport.notify
+        try:
+            yield server, transport
+        finally:
+            transport.stop()
+
+
+@pytest.fixture
+def mqtt_server(tmp_path: Path, db_url: str) -> Iterator[tuple[RunningServer, MqttTransport]]:
+    """A fresh server reachable over MQTT (embedded broker), on SQLite and on PostgreSQL."""
+    with running_mqtt_server(tmp_path, db_url) as pair:
+        yield pair

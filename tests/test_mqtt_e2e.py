@@ -4,35 +4,12 @@ bridge, the agent's MQTT fetcher, an unmodified ngclient underneath."""
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
-from pathlib import Path
 
 import numpy as np
-import pytest
-from server_support import RunningServer, running_server, wait_for
+from server_support import RunningServer, wait_for
 
 from edgeota.agent.config import AgentConfig
 from edgeota.agent.runner import Agent, AgentSettings
-from edgeota.server.embedded import bind_loopback
-from edgeota.server.home import HomeOptions
-from edgeota.server.transport import MqttTransport
-
-
-@pytest.fixture
-def mqtt_server(tmp_path: Path, db_url: str) -> Iterator[tuple[RunningServer, MqttTransport]]:
-    probe = bind_loopback()
-    port = probe.getsockname()[1]
-    probe.close()  # the embedded broker binds it next
-    with running_server(tmp_path, db_url, HomeOptions(bin_bits=4, mqtt=f"127.0.0.1:{port}")) \
-            as server:
-        transport = MqttTransport(server.config.ca_dir, server.ctx.store, embedded_port=port,
-                                  sessions=server.ctx.sessions, clock=server.ctx.clock)
-        transport.start()
-        server.ctx.notify = transport.notify
-        try:
-            yield server, transport
-        finally:
-            transport.stop()
 
 
 def test_device_installs_a_release_entirely_over_mqtt(mqtt_server) -> None:

@@ -69,7 +69,8 @@ def deploy(
         help="Inferences a device must have made on each release before the gates count "
              "it.")] = 20,
     auto_rollback: Annotated[bool, typer.Option(
-        help="When a gate fires, give the devices it names their previous release.")] = False,
+        help="When a gate fires, give the deployment's devices of the regressed hardware "
+             "class their previous release.")] = False,
     home: HomeOption = DEFAULT_HOME,
     as_json: JsonOption = False,
 ) -> None:

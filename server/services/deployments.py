@@ -250,10 +250,11 @@ def deploy(
                if (problem := eligibility_problem(release, d)) is not None}
     eligible = [d for d in selected if d.id not in skipped]
     if not eligible:
+        reasons = [f"{k}: {v}" for k, v in skipped.items()]
+        shown = "; ".join(reasons[:5]) + (f"; and {len(reasons) - 5} more"
+                                          if len(reasons) > 5 else "")
         raise InvalidRequestError(
-            "no eligible device: " + ("; ".join(f"{k}: {v}" for k, v in skipped.items())
-                                      or "the selector matches no enrolled device")
-        )
+            "no eligible device: " + (shown or "the selector matches no enrolled device"))
     model_name = model_name_of(release.target_path)
     now = ctx.clock()
     deployment = Deployment(

@@ -11,8 +11,8 @@ looks at every active deployment and, in this order:
    *same devices* on their previous release (from the telemetry the agents
    send, kept per version by the MQTT ingest). A gate that fires pauses the
    deployment with a reason naming the metric, the numbers and the devices,
-   and with ``auto_rollback`` assigns exactly those devices their previous
-   release;
+   and with ``auto_rollback`` assigns the deployment's devices of that
+   hardware class their previous release;
 3. pauses when the failure ratio of the started phases crosses the limit;
 4. advances to the next phase (or completes) when the success ratio is met and
    the phase has soaked long enough.
@@ -335,9 +335,12 @@ def _step(ctx: ServerContext, session: Session, deployment: Deployment,
         rolled: list[str] = []
         skipped: dict[str, str] = {}
         if options.auto_rollback:
-            affected = {d for f in findings for d in f.devices}
+            # The whole hardware class regressed, not only the devices that had
+            # sent enough figures yet: all of its devices on the release go back.
+            hardware = {f.hardware for f in findings}
             targets = [a for a in _started(session, deployment)
-                       if a.device_id in affected and a.state != AssignmentState.ROLLED_BACK]
+                       if a.device.hardware in hardware
+                       and a.state != AssignmentState.ROLLED_BACK]
             rolled, skipped = _rollback_assignments(ctx, session, deployment, targets, now,
                                                     f"gate {findings[0].metric}")
             record_event(session, deployment, "rolled_back", ENGINE_ACTOR, now,
