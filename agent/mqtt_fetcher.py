@@ -1,10 +1,12 @@
 """A ``tuf.ngclient`` fetcher over MQTT, and resumable target downloads on top of it.
 
 :class:`DeviceConnection` is the device's one MQTT connection: paho runs its
-network loop in its own thread, reconnects with exponential backoff (each
-device's delays jittered so a fleet does not reconnect in lock-step after a
-broker restart), subscribes to the device's own ``rx`` topic and routes each
-incoming frame by request id to the fetch waiting for it.
+network loop in its own thread (or, for many simulated devices in one process,
+a :class:`~edgeota.agent.mqtt_loop.SharedNetworkLoop` drives it), reconnects
+with exponential backoff (each device's delays jittered so a fleet does not
+reconnect in lock-step after a broker restart), subscribes to the device's own
+``rx`` topic and routes each incoming frame by request id to the fetch waiting
+for it.
 
 :class:`MqttFetcher` implements ngclient's ``FetcherInterface``. The Updater
 is configured with ``mqtt://`` base URLs whose path is the repository path,
@@ -51,6 +53,7 @@ import paho.mqtt.client as mqtt
 from tuf.api import exceptions
 from tuf.ngclient import FetcherInterface
 
+from edgeota.agent.mqtt_loop import SharedNetworkLoop
 from edgeota.protocol.fetch import (
     MAX_OFFSET,
     MAX_WINDOW,
@@ -168,7 +171,11 @@ class _Inbox:
 
 
 class DeviceConnection:
-    """One device's MQTT connection, shared by all its fetches (thread-safe)."""
+    """One device's MQTT connection, shared by all its fetches (thread-safe).
+
+    With ``network`` the connection runs on that shared loop instead of a paho
+    thread of its own; everything else behaves the same.
+    """
 
     def __init__(
         self,
@@ -183,8 +190,10 @@ class DeviceConnection:
         reconnect_min_delay: float = 1.0,  # seconds, before jitter
         reconnect_max_delay: float = 60.0,  # seconds, before jitter
         rng: random.Random | None = None,
+        network: SharedNetworkLoop | None = None,
     ) -> None:
         self._topics = topics or Topics()
+        self._network = network
         self.device_id = device_id
         self._rx = self._topics.device(device_id, DeviceTopic.RX)
         self._notify = self._topics.device(device_id, DeviceTopic.NOTIFY)
@@ -213,8 +222,8 @@ class DeviceConnection:
         # Jitter: one random factor per connection scales the whole backoff
         # sequence, so devices cut off together come back spread out.
         factor = (rng or random.Random()).uniform(0.5, 1.5)  # noqa: S311 (not for secrets)
-        self._client.reconnect_delay_set(  # type: ignore[arg-type]
-            reconnect_min_delay * factor, reconnect_max_delay * factor)
+        self._reconnect_delays = (reconnect_min_delay * factor, reconnect_max_delay * factor)
+        self._client.reconnect_delay_set(*self._reconnect_delays)  # type: ignore[arg-type]
         # Presence: the broker announces "offline" for us if we vanish without goodbye.
         self._online_topic = self._topics.device(device_id, DeviceTopic.ONLINE)
         self._client.will_set(self._online_topic, _PRESENCE_OFFLINE, qos=1, retain=True)
@@ -235,6 +244,11 @@ class DeviceConnection:
         if self._started:
             raise RuntimeError("connection already started")
         self._started = True
+        if self._network is not None:
+            low, high = self._reconnect_delays
+            self._network.connect(self._client, self._host, self._port, self._keepalive,
+                                  min_delay=low, max_delay=high, name=self.device_id)
+            return self
         self._client.connect_async(self._host, self._port, self._keepalive)
         self._client.loop_start()
         return self
@@ -244,8 +258,11 @@ class DeviceConnection:
         # paho 2.2's network loop may run once more after disconnect and log
         # "Client is not connected" as an error: noise when we are closing on purpose.
         self._client.disable_logger()
-        self._client.disconnect()
-        self._client.loop_stop()
+        if self._network is not None:
+            self._network.remove(self._client)  # disconnects cleanly, bounded
+        else:
+            self._client.disconnect()
+            self._client.loop_stop()
         self._lost("connection closed")
 
     def __enter__(self) -> DeviceConnection:

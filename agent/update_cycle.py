@@ -31,6 +31,7 @@ from edgeota.agent.mqtt_fetcher import (
     MqttFetcher,
     ResumableDownload,
 )
+from edgeota.agent.mqtt_loop import SharedNetworkLoop
 from edgeota.agent.uptane import DeviceFacts, InstallDecision, decide
 from edgeota.agent.validation import ValidationReport, validate_model
 from edgeota.protocol.bundle import OpenedBundle, open_bundle
@@ -67,6 +68,7 @@ class UpdateClient:
         identity: DeviceIdentity | None = None,
         fetcher_factory: Callable[[str | None], FetcherInterface] | None = None,
         transport: str = "http",
+        network: SharedNetworkLoop | None = None,  # MQTT: share this loop, no thread of our own
     ) -> None:
         self._config = config
         self._identity = identity or DeviceIdentity.load(config.identity_dir)
@@ -79,7 +81,7 @@ class UpdateClient:
         self._connection = None
         self._base = config.repository_url
         if fetcher_factory is None and transport == "mqtt":
-            fetcher_factory, self._connection = self._mqtt_fetchers(config)
+            fetcher_factory, self._connection = self._mqtt_fetchers(config, network)
             self._base = MQTT_REPOSITORY_URL
         self._fetcher_factory = fetcher_factory or (
             lambda token: HttpFetcher(HttpFetcherConfig(token=token))
@@ -106,7 +108,7 @@ class UpdateClient:
 
     @staticmethod
     def _mqtt_fetchers(
-        config: AgentConfig,
+        config: AgentConfig, network: SharedNetworkLoop | None = None,
     ) -> tuple[Callable[[str | None], FetcherInterface], DeviceConnection]:
         """One TLS connection with the device certificate; a fetcher per Updater over it."""
         if not config.mqtt_url:
@@ -118,6 +120,7 @@ class UpdateClient:
             config.device_id, host=parts.hostname, port=parts.port or 8883,
             tls=MqttTls(ca_file=config.ca_cert, cert_file=config.tls_cert,
                         key_file=config.tls_key),
+            network=network,
         )
         connection.start()
         return (lambda _token: MqttFetcher(connection)), connection

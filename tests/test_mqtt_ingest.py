@@ -207,9 +207,13 @@ def test_latest_telemetry_is_stored_beside_the_reported_state(
     sink.submit("pi-a", TELEMETRY, telemetry(digits=model(inferences=10)))
     sink.flush()
     stored = device(sessions, "pi-a").reported_state
-    assert stored == {"telemetry": {
-        "v": 1, "received_at": (NOW + timedelta(seconds=1)).isoformat(),
-        "models": {"digits": model(inferences=10)}}}
+    received = (NOW + timedelta(seconds=1)).isoformat()
+    assert stored == {
+        "telemetry": {"v": 1, "received_at": received,
+                      "models": {"digits": model(inferences=10)}},
+        # The same figures per version: what the rollout gates compare.
+        "versions": {"digits": {"2.0.0": {**model(inferences=10), "received_at": received}}},
+    }
     # A signed report replaces the state but keeps the telemetry ...
     sink.submit("pi-a", STATUS, signed(identities["pi-a"], 1, "committed"))
     sink.flush()
