@@ -74,6 +74,7 @@ __all__ = [
     "ConnectionCounters",
     "ConnectionLostError",
     "DeviceConnection",
+    "DownloadStats",
     "FrameRejectedError",
     "MqttFetchError",
     "MqttFetcher",
@@ -318,6 +319,22 @@ class DeviceConnection:
         if info.rc != mqtt.MQTT_ERR_SUCCESS:
             raise ConnectionLostError(f"request not sent: {mqtt.error_string(info.rc)}")
 
+    def drop(self) -> bool:
+        """Cut the TCP connection as a network fault would (no DISCONNECT sent).
+
+        The broker sees the device vanish (its last will goes out) and the
+        connection reconnects by itself, as after a real outage. Used by the
+        simulator's link profiles; True if there was a connection to cut.
+        """
+        sock = self._client.socket()
+        if sock is None:
+            return False
+        try:
+            sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            return False
+        return True
+
     def publish(self, kind: DeviceTopic, payload: bytes, *, retain: bool = False) -> bool:
         """Publish on one of this device's own topics (QoS 1); False when not connected.
 
@@ -534,6 +551,16 @@ class _Progress:
         return saved
 
 
+@dataclass
+class DownloadStats:
+    """What resumable downloads did, summed over a device's life (read by the simulator)."""
+
+    completed: int = 0
+    bytes_fetched: int = 0  # payload bytes received, re-fetched ones included
+    resumes: int = 0  # continuations from a saved offset: after a drop, or a restart
+    full_restarts: int = 0  # downloads thrown away (wrong digest) to begin again
+
+
 class ResumableDownload:
     """Download targets into ``folder`` so that no finished chunk is ever fetched twice.
 
@@ -551,8 +578,10 @@ class ResumableDownload:
         max_retries: int = 5,  # consecutive failed attempts without progress
         reconnect_timeout: float = 120.0,  # seconds to wait for the broker per attempt
         on_progress: Callable[[int, int], None] | None = None,  # (offset, length)
+        stats: DownloadStats | None = None,
     ) -> None:
         self._connection = connection
+        self.stats = stats if stats is not None else DownloadStats()
         self._window = window
         self._fetcher = MqttFetcher(connection, timeout=timeout, window=window)
         self._folder = Path(folder)
@@ -591,6 +620,8 @@ class ResumableDownload:
         self._folder.mkdir(parents=True, exist_ok=True)
         partial = self.partial_path(sha256)
         progress = _Progress.load(self.progress_path(sha256), sha256, length)
+        if progress.offset:
+            self.stats.resumes += 1  # picked up after an agent restart
         fd = os.open(partial, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
         try:
             # Bytes past the synced offset may be torn by a crash: never trust them.
@@ -601,10 +632,12 @@ class ResumableDownload:
         if (actual := _sha256_of(partial)) != sha256:
             partial.unlink(missing_ok=True)
             self.progress_path(sha256).unlink(missing_ok=True)
+            self.stats.full_restarts += 1
             raise exceptions.LengthOrHashMismatchError(
                 f"{path}: downloaded sha256 {actual}, expected {sha256}")
         partial.replace(final)
         self.progress_path(sha256).unlink(missing_ok=True)
+        self.stats.completed += 1
         return final
 
     def _fill(self, fd: int, path: str, progress: _Progress) -> None:
@@ -637,6 +670,7 @@ class ResumableDownload:
                         raise exceptions.LengthOrHashMismatchError(
                             f"{path}: the server offers another file ({frame.total} bytes)")
                     os.pwrite(fd, frame.payload, frame.offset)
+                    self.stats.bytes_fetched += len(frame.payload)
                     progress = _Progress(progress.sha256, progress.length,
                                          frame.offset + len(frame.payload))
                     unsaved_frames += 1
@@ -653,6 +687,7 @@ class ResumableDownload:
                     raise
                 logger.info("download of %s interrupted at %d (%s); resuming",
                             path, progress.offset, e)
+                self.stats.resumes += 1
                 if not self._connection.wait_ready(self._reconnect_timeout):
                     raise ConnectionLostError(
                         f"broker unreachable for {self._reconnect_timeout}s") from e

@@ -28,6 +28,7 @@ from edgeota.agent.http_fetcher import HttpFetcher, HttpFetcherConfig
 from edgeota.agent.mqtt_fetcher import (
     MQTT_REPOSITORY_URL,
     DeviceConnection,
+    DownloadStats,
     MqttFetcher,
     ResumableDownload,
 )
@@ -79,6 +80,7 @@ class UpdateClient:
             )
         self._token = config.token()
         self._connection = None
+        self.download_stats = DownloadStats()  # resumable (MQTT) downloads only
         self._base = config.repository_url
         if fetcher_factory is None and transport == "mqtt":
             fetcher_factory, self._connection = self._mqtt_fetchers(config, network)
@@ -176,7 +178,8 @@ class UpdateClient:
             return Path(cached)
         if self._connection is None:
             return Path(image.download_target(info))
-        resumable = ResumableDownload(self._connection, self._downloads / "resumable")
+        resumable = ResumableDownload(self._connection, self._downloads / "resumable",
+                                      stats=self.download_stats)
         return resumable.download(
             f"{MQTT_REPOSITORY_URL}/image/targets/"
             f"{_hash_prefixed(decision.target_path, decision.sha256)}",

@@ -146,6 +146,9 @@ class SessionSettings:
         spinning = "1" if self.allow_spinning else "0"
         options.add_session_config_entry("session.intra_op.allow_spinning", spinning)
         options.add_session_config_entry("session.inter_op.allow_spinning", spinning)
+        # Errors only: warnings (e.g. an unused initializer dropped) are not the
+        # device operator's concern, and a fleet would print them per device.
+        options.log_severity_level = 3
         return options
 
 

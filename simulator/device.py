@@ -27,6 +27,7 @@ import numpy as np
 
 from edgeota.agent.config import AgentConfig
 from edgeota.agent.model_host import HardwareEmulation, ModelHostError, warmup_feeds
+from edgeota.agent.mqtt_fetcher import DownloadStats
 from edgeota.agent.runner import Agent, AgentSettings
 from edgeota.agent.update_cycle import UpdateClient
 
@@ -67,6 +68,7 @@ class SimulatedDevice:
         timing: DeviceTiming | None = None,
         transport: str = "mqtt",
         update_client: UpdateClient | None = None,
+        make_client: Callable[[], UpdateClient | None] | None = None,
         monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
         self.device_id = config.device_id
@@ -80,6 +82,12 @@ class SimulatedDevice:
         self._next_poll = 0.0  # the first step checks at once
         self._next_telemetry = 0.0
         self._feeds: dict[tuple[str, str], dict[str, np.ndarray]] = {}
+        self._settings = settings
+        self._transport = transport
+        # A restart needs a fresh connection the way the first one was made.
+        self._make_client = make_client or (lambda: None)
+        self.crash_when: str | None = None  # a fault: die and restart in this state
+        self.restarts = 0
 
     def start(self) -> None:
         """Recover the journal and serve what was committed (as a booting device does)."""
@@ -87,6 +95,18 @@ class SimulatedDevice:
 
     def close(self) -> None:
         self.agent.updates.close()
+
+    def drop_connection(self) -> bool:
+        """Cut the MQTT connection as a flaky link would; it reconnects by itself."""
+        connection = self.agent.updates.connection
+        return connection.drop() if connection is not None else False
+
+    def download_stats(self) -> DownloadStats:
+        """Resumes, full restarts and bytes of this device's resumable downloads."""
+        return self.agent.updates.download_stats
+
+    def journal_state(self, name: str) -> str:
+        return str(self.agent.journal(name).current.state)
 
     def serving(self) -> dict[str, str]:
         """Model name -> version served now."""
@@ -100,7 +120,21 @@ class SimulatedDevice:
             self.counters.step_errors += 1
             logger.exception("simulated device step failed", extra={"device_id": self.device_id})
 
+    def restart(self) -> None:
+        """Die and boot again from the same state folder: the journal decides what happens."""
+        self.agent.updates.close()
+        self.agent = Agent(self.agent.config, self._settings, transport=self._transport,
+                           emulation=self.emulation, update_client=self._make_client())
+        self.agent.start()
+        self.restarts += 1
+        self._next_poll = 0.0
+
     def _step(self) -> None:
+        if self.crash_when is not None and any(
+                self.crash_when in ("any", self.journal_state(name))
+                for name in self.agent.host.models()):
+            self.crash_when = None
+            self.restart()
         now = self._monotonic()
         agent = self.agent
         if agent.wake.is_set() or now >= self._next_poll:

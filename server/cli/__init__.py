@@ -24,6 +24,7 @@ from edgeota.server.cli import operate as operate_cli
 from edgeota.server.cli import release as release_cli
 from edgeota.server.cli import rollout as rollout_cli
 from edgeota.server.cli import serve as serve_cli
+from edgeota.server.cli import sim as sim_cli
 
 __all__ = ["app", "main"]
 
@@ -50,6 +51,7 @@ app.add_typer(operate_cli.audit_app, name="audit")
 app.add_typer(operate_cli.token_app, name="token")
 app.add_typer(keys_cli.app, name="keys")
 app.add_typer(bundle_cli.app, name="bundle")
+app.add_typer(sim_cli.app, name="sim")
 app.command(name="demo")(demo_cli.demo)
 
 

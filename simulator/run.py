@@ -1,0 +1,416 @@
+"""Run a scenario: a real server and broker, a fleet of real agents, the timeline, a report.
+
+:class:`Simulation` sets everything up in a work folder on embedded defaults
+(SQLite, the embedded TLS broker, a loopback HTTP port), enrols the devices
+through the operator API as ``edgeota device enroll`` does, and runs one
+unmodified agent per device (:class:`~edgeota.simulator.device.SimulatedDevice`)
+on a few worker threads, their MQTT connections on one shared network loop
+when one is available. The timeline's steps publish releases through the
+release manager's code path and deploy them through the operator API; the
+server's own rollout engine advances phases and gates. Every wait is bounded
+by its step's timeout; a step that times out is a problem in the result, and
+the run goes on to write its report.
+
+``edgeota sim run`` and ``edgeota demo`` both use this class, and the tests
+drive it the same way.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import random
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from edgeota.agent.config import AgentConfig
+from edgeota.agent.model_host import HardwareEmulation
+from edgeota.agent.runner import AgentSettings
+from edgeota.agent.update_cycle import UpdateClient
+from edgeota.protocol.errors import EdgeotaError
+from edgeota.simulator.device import DeviceTiming, SimulatedDevice
+from edgeota.simulator.fleet import FleetRunner
+from edgeota.simulator.models import padded_model
+from edgeota.simulator.scenario import Scenario, Step
+
+__all__ = ["Simulation", "SimulationError", "SimulationResult"]
+
+logger = logging.getLogger(__name__)
+
+SAMPLE_INTERVAL = 0.25  # seconds between two looks at the fleet
+ENGINE_INTERVAL = 0.5  # seconds: the rollout engine's period during a simulation
+
+
+class SimulationError(EdgeotaError):
+    """The simulation could not be set up (the message says what failed)."""
+
+
+@dataclass
+class SimulationResult:
+    """What a run ended with: per device, what it serves; problems found on the way."""
+
+    scenario: str
+    serving: dict[str, dict[str, str]]  # device -> model -> version
+    hardware: dict[str, str]
+    deployments: list[dict[str, Any]] = field(default_factory=list)
+    attacks: list[Any] = field(default_factory=list)  # AttackVerdict
+    problems: list[str] = field(default_factory=list)
+    report_dir: Path | None = None
+    summary: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+
+class Simulation:
+    """One scenario run in ``workdir``; use as a context manager, then :meth:`run`."""
+
+    def __init__(
+        self,
+        scenario: Scenario,
+        workdir: Path,
+        *,
+        workers: int = 4,
+        on_progress: Callable[[Simulation], None] | None = None,
+        say: Callable[[str], None] = lambda _text: None,
+    ) -> None:
+        self.scenario = scenario
+        self.workdir = workdir
+        self.workers = workers
+        self.devices: list[SimulatedDevice] = []
+        self.recorder: Any = None
+        self._on_progress = on_progress
+        self._say = say
+        self._rng = random.Random(scenario.seed)  # noqa: S311 - fault draws, not secrets
+        self._stack: list[Callable[[], None]] = []
+        self._released: dict[str, dict[str, Any]] = {}  # NAME@VERSION -> release JSON
+        self.server: Any = None
+        self.client: Any = None
+        self.transport: Any = None
+        self.operator: Any = None
+        self.network: Any = None
+        self._fault_thread: threading.Thread | None = None
+        self._stop_faults = threading.Event()
+
+    # -- set-up and tear-down --------------------------------------------------------
+
+    def __enter__(self) -> Simulation:
+        try:
+            self._start()
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._stop_faults.set()
+        while self._stack:
+            undo = self._stack.pop()
+            try:
+                undo()
+            except Exception:
+                logger.exception("simulation tear-down step failed")
+
+    def _start(self) -> None:
+        from edgeota.server.client import OperatorClient
+        from edgeota.server.config import load_operator_config, load_server_config
+        from edgeota.server.embedded import EmbeddedServer, bind_loopback
+        from edgeota.server.home import HomeOptions, init_home
+        from edgeota.server.transport import MqttTransport
+
+        home = self.workdir / "home"
+        sock = bind_loopback()
+        probe = bind_loopback()
+        mqtt_port = probe.getsockname()[1]
+        probe.close()  # the embedded broker binds it next
+        init_home(home, HomeOptions(http=f"127.0.0.1:{sock.getsockname()[1]}",
+                                    mqtt=f"127.0.0.1:{mqtt_port}", bin_bits=4))
+        config = dataclasses.replace(load_server_config(home),
+                                     rollout_interval_seconds=ENGINE_INTERVAL)
+        config.save()
+        self.operator = load_operator_config(home)
+        self.server = EmbeddedServer(config, sock)
+        self.server.start()
+        self._stack.append(self.server.stop)
+        self.transport = MqttTransport(config.ca_dir, self.server.ctx.store,
+                                       embedded_port=mqtt_port,
+                                       sessions=self.server.ctx.sessions,
+                                       clock=self.server.ctx.clock)
+        self.transport.start()
+        self._stack.append(self.transport.stop)
+        self.server.ctx.notify = self.transport.notify
+        self.client = OperatorClient(self.server.url, self.operator.token())
+        self._stack.append(self.client.close)
+        self.network = _shared_network_loop()
+        if self.network is not None:
+            self.network.start()
+            self._stack.append(self.network.stop)
+        self._enrol()
+
+    def _enrol(self) -> None:
+        from edgeota.server.enrollment import enroll_device
+
+        scenario = self.scenario
+        classes = scenario.hardware_of()
+        settings = AgentSettings(
+            probation_seconds=scenario.agent.probation_seconds,
+            probation_min_inferences=scenario.agent.probation_min_inferences,
+            max_latency_factor=scenario.agent.max_latency_factor)
+        timing = DeviceTiming(poll_seconds=scenario.agent.poll_seconds,
+                              telemetry_seconds=scenario.agent.telemetry_seconds,
+                              inferences_per_step=scenario.agent.inferences_per_step)
+        self._say(f"enrolling {scenario.devices} devices")
+        for index, cls in enumerate(classes):
+            device_id = f"sim-{index + 1:04d}"
+            config = enroll_device(self.operator, self.client, device_id, hardware=cls.hardware,
+                                   tags={**cls.tags, "sim": "fleet"},
+                                   out=self.workdir / "devices" / device_id)
+            device = self._device(config, cls.hardware, settings, timing)
+            self.devices.append(device)
+        self._stack.append(self._close_devices)
+        for device in self.devices:
+            device.start()
+        deadline = time.monotonic() + 60
+        for device in self.devices:
+            connection = device.agent.updates.connection
+            if not connection.wait_ready(max(0.1, deadline - time.monotonic())):
+                raise SimulationError(f"{device.device_id} did not connect to the broker "
+                                      "within 60 s")
+        self._say(f"{len(self.devices)} agents connected")
+
+    def _device(self, config: AgentConfig, hardware: str, settings: AgentSettings,
+                timing: DeviceTiming) -> SimulatedDevice:
+        emulation = HardwareEmulation()
+        for behaviour in self.scenario.behaviour:
+            if behaviour.hardware in (None, hardware):
+                if behaviour.extra_latency_ms:
+                    emulation.extra_latency_s[behaviour.release] = \
+                        behaviour.extra_latency_ms / 1000
+                if behaviour.fail:
+                    emulation.failing.add(behaviour.release)
+        def make_client() -> UpdateClient | None:
+            if self.network is None:
+                return None  # the agent makes its own, with a network thread
+            return UpdateClient(config, transport="mqtt", network=self.network)
+
+        return SimulatedDevice(config, settings, hardware=hardware, emulation=emulation,
+                               timing=timing, update_client=make_client(),
+                               make_client=make_client)
+
+    def _close_devices(self) -> None:
+        for device in self.devices:
+            try:
+                device.close()
+            except Exception:
+                logger.exception("closing %s failed", device.device_id)
+
+    # -- the run ---------------------------------------------------------------------
+
+    def run(self, report_dir: Path | None = None) -> SimulationResult:
+        from edgeota.simulator.report import FleetRecorder
+
+        bridge = self.transport.bridge
+        self.recorder = FleetRecorder(self.devices, bridge_counters=bridge.counters)
+        result = SimulationResult(scenario=self.scenario.name, serving={},
+                                  hardware={d.device_id: d.hardware for d in self.devices})
+        runner = FleetRunner(self.devices, workers=self.workers)
+        runner.start()
+        self._start_faults()
+        try:
+            for index, step in enumerate(self.scenario.timeline):
+                problem = self._do(step, result)
+                if problem:
+                    result.problems.append(f"step {index + 1} ({step.action}"
+                                           f"{' ' + step.release if step.release else ''}): "
+                                           f"{problem}")
+        finally:
+            self._stop_faults.set()
+            runner.stop()
+        self.recorder.sample()
+        result.serving = {d.device_id: d.serving() for d in self.devices}
+        result.deployments = self.client.get("/api/v1/deployments")
+        step_errors = sum(d.counters.step_errors for d in self.devices)
+        if step_errors:
+            result.problems.append(f"{step_errors} device step(s) raised (see the log)")
+        result.summary = self.recorder.summary()
+        if report_dir is not None:
+            self.recorder.write_report(report_dir)
+            result.report_dir = report_dir
+        return result
+
+    def _progress(self) -> None:
+        self.recorder.sample()
+        if self._on_progress is not None:
+            self._on_progress(self)
+
+    def _wait(self, condition: Callable[[], bool], timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        while True:
+            self._progress()
+            if condition():
+                return True
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(SAMPLE_INTERVAL)  # pacing the display, not synchronising
+
+    def _do(self, step: Step, result: SimulationResult) -> str | None:
+        if step.action == "publish":
+            return self._publish(step)
+        if step.action == "deploy":
+            return self._deploy(step)
+        if step.action == "wait":
+            self.recorder.event("wait", label=step.label, seconds=step.soak_seconds)
+            self._wait(lambda: False, step.soak_seconds)
+            return None
+        if step.action == "attacks":
+            return self._attacks(result)
+        return f"unknown action {step.action}"
+
+    def _publish(self, step: Step) -> str | None:
+        from edgeota.samples import load_catalog, sample_path
+        from edgeota.server.publisher import PublishRequest, publish_release
+
+        assert step.release is not None and step.sample is not None
+        name, version = step.release.split("@")
+        catalog = load_catalog()
+        if step.sample not in catalog:
+            return f"no sample model {step.sample!r} (known: {', '.join(sorted(catalog))})"
+        sample = catalog[step.sample]
+        hardware = tuple(sorted({c.hardware for c in self.scenario.fleet}))
+        model = sample.path
+        if step.pad_mb:
+            model = padded_model(sample.path, self.workdir / "models" / f"{step.release}.onnx",
+                                 step.pad_mb)
+        self._say(f"publishing {step.release} ({step.sample}"
+                  + (f", padded by {step.pad_mb:g} MiB" if step.pad_mb else "") + ")")
+        release = publish_release(self.operator, self.client, PublishRequest(
+            model=model, name=name, version=version, hardware=hardware,
+            vectors=sample.vectors_path, golden=sample_path("digits_golden.json")
+            if name == "digits" else None,
+            min_accuracy=sample.recommended_min_accuracy if name == "digits" else None))
+        self._released[step.release] = release
+        self.recorder.event("publish", release=step.release, status=release["status"])
+        return None if release["status"] == "published" else f"release is {release['status']}"
+
+    def _deploy(self, step: Step) -> str | None:
+        assert step.release is not None
+        name, version = step.release.split("@")
+        answer = self.client.post("/api/v1/deployments", {
+            "name": name, "version": version, "tags": {"sim": "fleet"}, "devices": [],
+            "phases": list(step.phases),
+            "options": {"soak_seconds": step.soak_seconds,
+                        "min_success_ratio": step.min_success_ratio,
+                        "max_failure_ratio": step.max_failure_ratio,
+                        "latency_factor": step.latency_factor,
+                        "error_rate_factor": step.error_rate_factor,
+                        "auto_rollback": step.auto_rollback}})
+        deployment_id = answer["deployment_id"]
+        self._say(f"deployment {deployment_id}: {step.release} to "
+                  f"{len(answer['scheduled'])} devices in phases "
+                  f"{', '.join(map(str, answer['phases']))} %"
+                  + (f" ({step.label})" if step.label else ""))
+        self.recorder.set_targets({name: version}, step.label or step.release)
+        self.recorder.event("deploy", release=step.release, deployment=deployment_id,
+                            phases=list(step.phases))
+        eligible = set(answer["scheduled"])
+
+        def status() -> str:
+            return self.client.get(f"/api/v1/deployments/{deployment_id}")["status"]
+
+        if step.wait == "none":
+            return None
+        if step.wait == "updated":
+            def condition() -> bool:
+                return all(d.serving().get(name) == version
+                           for d in self.devices if d.device_id in eligible)
+        else:
+            def condition() -> bool:
+                return status() == step.wait
+        if not self._wait(condition, step.timeout_seconds):
+            detail = self.client.get(f"/api/v1/deployments/{deployment_id}")
+            return (f"not {step.wait} within {step.timeout_seconds:g} s (deployment "
+                    f"{detail['status']}: {detail['counts']}"
+                    + (f"; {detail['status_reason']}" if detail["status_reason"] else "") + ")")
+        detail = self.client.get(f"/api/v1/deployments/{deployment_id}")
+        self.recorder.event("deployment", deployment=deployment_id, status=detail["status"],
+                            reason=detail["status_reason"])
+        if detail["status_reason"]:
+            self._say(f"  deployment {deployment_id} {detail['status']}: "
+                      f"{detail['status_reason']}")
+        return None
+
+    def _attacks(self, result: SimulationResult) -> str | None:
+        from edgeota.simulator.attacks import AttackLab, run_suite
+
+        self._say("running the attack suite")
+        lab = AttackLab.from_simulation(self)
+        verdicts = run_suite(lab)
+        result.attacks = verdicts
+        for verdict in verdicts:
+            self.recorder.event("attack", name=verdict.name, passed=verdict.passed)
+        failed = [v.name for v in verdicts if not v.passed]
+        return f"attack(s) not refused cleanly: {', '.join(failed)}" if failed else None
+
+    # -- faults ----------------------------------------------------------------------
+
+    def _start_faults(self) -> None:
+        """Link drops (random per link profile, or at a state) and crashes, seeded."""
+        classes = self.scenario.hardware_of()
+        rates = {d.device_id: self.scenario.links[c.link].disconnects_per_minute
+                 for d, c in zip(self.devices, classes, strict=True)}
+        at_state: dict[str, str] = {}  # device -> state in which its link drops
+        for fault in self.scenario.faults:
+            chosen = self._rng.sample(self.devices, min(fault.devices, len(self.devices)))
+            for device in chosen:
+                if fault.kind == "crash":
+                    device.crash_when = fault.when
+                    self.recorder.event("fault", kind="crash", device=device.device_id,
+                                        when=fault.when)
+                else:
+                    at_state[device.device_id] = fault.when
+        if not any(rates.values()) and not at_state:
+            return
+        by_id = {d.device_id: d for d in self.devices}
+        models = sorted({s.release.split("@")[0] for s in self.scenario.timeline
+                         if s.release})
+        dropped: set[tuple[str, str]] = set()  # (device, state) already hit once
+
+        def drop(device_id: str, why: str) -> None:
+            if by_id[device_id].drop_connection():
+                self.recorder.event("disconnect", device=device_id, why=why)
+
+        def faults() -> None:
+            tick = 0.1
+            while not self._stop_faults.wait(tick):
+                for device_id, rate in rates.items():
+                    if rate and self._rng.random() < rate * tick / 60:
+                        drop(device_id, "link")
+                for device_id, when in at_state.items():
+                    device = by_id[device_id]
+                    for name in models:
+                        state = device.journal_state(name)
+                        if (when in ("any", state) and state != "idle"
+                                and (device_id, state) not in dropped):
+                            dropped.add((device_id, state))
+                            drop(device_id, f"fault at {state}")
+
+        self._fault_thread = threading.Thread(target=faults, daemon=True, name="sim-faults")
+        self._fault_thread.start()
+        self._stack.append(lambda: self._fault_thread.join(5) if self._fault_thread else None)
+
+
+def _shared_network_loop() -> Any:
+    """One selectors loop for every device's MQTT connection, when the agent has it."""
+    try:
+        from edgeota.agent.mqtt_loop import SharedNetworkLoop
+    except ImportError:  # pragma: no cover - the loop ships with the agent
+        return None
+    return SharedNetworkLoop()

@@ -1,0 +1,346 @@
+"""Scenario files: the fleet, its links, the timeline, faults and model behaviour, in TOML.
+
+A scenario says what a simulated run does; :mod:`edgeota.simulator.run` does it.
+Example (``simulator/scenarios/staged.toml`` ships with more comments)::
+
+    name = "staged rollout"
+    devices = 20
+
+    [[fleet]]                      # hardware classes, shares of the devices
+    hardware = "rpi4"
+    share = 1
+    tags = { site = "lab" }
+    link = "lan"
+
+    [links.lan]
+    disconnects_per_minute = 0.0   # per device: the connection drops, the agent resumes
+
+    [agent]
+    probation_seconds = 1.0
+    probation_min_inferences = 10
+
+    [[timeline]]
+    action = "publish"             # a sample model as NAME@VERSION
+    sample = "digits_v1"
+    release = "digits@1.0.0"
+
+    [[timeline]]
+    action = "deploy"
+    release = "digits@1.0.0"
+    phases = [10, 50, 100]
+    wait = "updated"               # or "completed", "paused", "none"
+
+    [[behaviour]]                  # a release slow or failing on one hardware class
+    release = "digits@2.0.0"
+    hardware = "rpi5"
+    extra_latency_ms = 40
+
+    [[faults]]
+    kind = "disconnect"            # the link drops (crash: the agent dies and restarts)
+    devices = 2                    # how many (chosen by a seeded draw)
+    when = "downloading"           # the state it happens in (crash: probation or any)
+
+Every value is checked when the file is read, with the file, the entry and
+the reason in the error; unknown keys are refused (a typo must not silently
+do nothing). Sizes are bounded: at most :data:`MAX_DEVICES` devices and
+:data:`MAX_STEPS` timeline steps.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from edgeota.protocol.errors import EdgeotaError
+
+__all__ = [
+    "MAX_DEVICES",
+    "MAX_STEPS",
+    "AgentTiming",
+    "Behaviour",
+    "Fault",
+    "HardwareClass",
+    "LinkProfile",
+    "Scenario",
+    "ScenarioError",
+    "Step",
+    "builtin_scenarios",
+    "load_scenario",
+]
+
+MAX_DEVICES = 5000
+MAX_STEPS = 100
+MAX_WAIT_SECONDS = 3600.0
+SCENARIO_DIR = Path(__file__).parent / "scenarios"
+ACTIONS = frozenset({"publish", "deploy", "attacks", "wait"})
+WAITS = frozenset({"updated", "completed", "paused", "none"})
+FAULT_KINDS = frozenset({"crash", "disconnect"})
+FAULT_STATES = frozenset({"downloading", "probation", "any"})
+
+
+class ScenarioError(EdgeotaError):
+    """A scenario file that does not parse or breaks a rule (the message says which)."""
+
+
+@dataclass(frozen=True)
+class LinkProfile:
+    disconnects_per_minute: float = 0.0  # per device, while connected
+
+
+@dataclass(frozen=True)
+class HardwareClass:
+    hardware: str
+    share: float = 1.0
+    tags: dict[str, str] = field(default_factory=dict)
+    link: str = "lan"
+
+
+@dataclass(frozen=True)
+class AgentTiming:
+    probation_seconds: float = 1.0
+    probation_min_inferences: int = 10
+    poll_seconds: float = 60.0
+    telemetry_seconds: float = 1.0
+    inferences_per_step: int = 2
+    max_latency_factor: float = 3.0
+
+
+@dataclass(frozen=True)
+class Step:
+    action: str
+    release: str | None = None  # NAME@VERSION
+    sample: str | None = None  # a firmware sample model (publish)
+    phases: tuple[int, ...] = (100,)
+    soak_seconds: float = 0.0
+    min_success_ratio: float = 0.95
+    max_failure_ratio: float = 0.05
+    latency_factor: float | None = 2.0
+    error_rate_factor: float | None = 2.0
+    auto_rollback: bool = False
+    wait: str = "updated"
+    timeout_seconds: float = 300.0
+    label: str = ""
+    pad_mb: float = 0.0  # publish: unused weights added, so the bundle weighs this much more
+
+
+@dataclass(frozen=True)
+class Behaviour:
+    release: str
+    hardware: str | None = None  # None: every class
+    extra_latency_ms: float = 0.0
+    fail: bool = False
+
+
+@dataclass(frozen=True)
+class Fault:
+    kind: str
+    devices: int = 1
+    when: str = "any"
+
+
+@dataclass(frozen=True)
+class Scenario:
+    name: str
+    devices: int
+    fleet: tuple[HardwareClass, ...]
+    links: dict[str, LinkProfile]
+    agent: AgentTiming
+    timeline: tuple[Step, ...]
+    behaviour: tuple[Behaviour, ...] = ()
+    faults: tuple[Fault, ...] = ()
+    seed: int = 1
+    source: str = "<built-in>"
+
+    def with_devices(self, count: int) -> Scenario:
+        _check(1 <= count <= MAX_DEVICES, self.source, "devices",
+               f"must be between 1 and {MAX_DEVICES}")
+        return Scenario(**{**self.__dict__, "devices": count})
+
+    def hardware_of(self) -> list[HardwareClass]:
+        """One class per device, by the classes' shares (largest remainders, stable)."""
+        total = sum(c.share for c in self.fleet)
+        exact = [c.share / total * self.devices for c in self.fleet]
+        counts = [int(e) for e in exact]
+        by_remainder = sorted(range(len(exact)), key=lambda i: (counts[i] - exact[i], i))
+        for i in by_remainder[:self.devices - sum(counts)]:
+            counts[i] += 1
+        result: list[HardwareClass] = []
+        # Interleaved, so any prefix of the fleet mixes the classes.
+        while len(result) < self.devices:
+            for i, cls in enumerate(self.fleet):
+                if counts[i] > 0:
+                    result.append(cls)
+                    counts[i] -= 1
+        return result
+
+
+def _check(ok: bool, source: str, where: str, why: str) -> None:
+    if not ok:
+        raise ScenarioError(f"{source}: {where} {why}")
+
+
+def _only(table: dict[str, Any], allowed: set[str], source: str, where: str) -> None:
+    unknown = sorted(set(table) - allowed)
+    _check(not unknown, source, where, f"has unknown key(s) {unknown} (allowed: "
+           f"{sorted(allowed)})")
+
+
+def _number(value: Any, source: str, where: str, low: float, high: float) -> float:
+    _check(isinstance(value, int | float) and not isinstance(value, bool)
+           and low <= value <= high, source, where, f"must be a number in [{low}, {high}]")
+    return float(value)
+
+
+def _release(value: Any, source: str, where: str) -> str:
+    _check(isinstance(value, str) and value.count("@") == 1 and all(value.split("@")),
+           source, where, "must be NAME@VERSION, e.g. digits@2.0.0")
+    return value
+
+
+def _dataclass_from(cls: type, table: Any, source: str, where: str) -> Any:
+    _check(isinstance(table, dict), source, where, "must be a table")
+    fields = {f for f in cls.__dataclass_fields__}
+    _only(table, fields, source, where)
+    return table
+
+
+def parse_scenario(data: dict[str, Any], source: str) -> Scenario:
+    """Check and build a scenario from parsed TOML (see the module docstring)."""
+    _only(data, {"name", "devices", "fleet", "links", "agent", "timeline", "behaviour",
+                 "faults", "seed"}, source, "the file")
+    devices = int(_number(data.get("devices", 20), source, "devices", 1, MAX_DEVICES))
+    links = {"lan": LinkProfile()}
+    raw_links = data.get("links", {})
+    _check(isinstance(raw_links, dict), source, "[links]", "must be a table of tables")
+    for name, table in raw_links.items():
+        table = _dataclass_from(LinkProfile, table, source, f"[links.{name}]")
+        links[name] = LinkProfile(disconnects_per_minute=_number(
+            table.get("disconnects_per_minute", 0.0), source,
+            f"links.{name}.disconnects_per_minute", 0, 60))
+    fleet = []
+    raw_fleet = data.get("fleet", [{"hardware": "rpi4"}, {"hardware": "rpi5"}])
+    _check(isinstance(raw_fleet, list) and 1 <= len(raw_fleet) <= 16, source, "[[fleet]]",
+           "must be 1 to 16 hardware classes")
+    for index, table in enumerate(raw_fleet):
+        where = f"fleet[{index}]"
+        table = _dataclass_from(HardwareClass, table, source, where)
+        hardware = table.get("hardware")
+        _check(isinstance(hardware, str) and hardware.isascii() and 0 < len(hardware) <= 64,
+               source, f"{where}.hardware", "must be a hardware id like rpi4")
+        tags = table.get("tags", {})
+        _check(isinstance(tags, dict) and all(isinstance(v, str) for v in tags.values()),
+               source, f"{where}.tags", "must be a table of strings")
+        link = table.get("link", "lan")
+        _check(link in links, source, f"{where}.link", f"names no [links.{link}] table")
+        fleet.append(HardwareClass(hardware=hardware, share=_number(
+            table.get("share", 1.0), source, f"{where}.share", 0.001, 1e6),
+            tags=dict(tags), link=link))
+    agent_table = _dataclass_from(AgentTiming, data.get("agent", {}), source, "[agent]")
+    agent = AgentTiming(
+        probation_seconds=_number(agent_table.get("probation_seconds", 1.0), source,
+                                  "agent.probation_seconds", 0, 3600),
+        probation_min_inferences=int(_number(agent_table.get("probation_min_inferences", 10),
+                                             source, "agent.probation_min_inferences", 0,
+                                             1e6)),
+        poll_seconds=_number(agent_table.get("poll_seconds", 60.0), source,
+                             "agent.poll_seconds", 0.1, 86400),
+        telemetry_seconds=_number(agent_table.get("telemetry_seconds", 1.0), source,
+                                  "agent.telemetry_seconds", 0.05, 3600),
+        inferences_per_step=int(_number(agent_table.get("inferences_per_step", 2), source,
+                                        "agent.inferences_per_step", 0, 1000)),
+        max_latency_factor=_number(agent_table.get("max_latency_factor", 3.0), source,
+                                   "agent.max_latency_factor", 1.0, 1e6),
+    )
+    raw_steps = data.get("timeline", [])
+    _check(isinstance(raw_steps, list) and 1 <= len(raw_steps) <= MAX_STEPS, source,
+           "[[timeline]]", f"must have 1 to {MAX_STEPS} steps")
+    timeline = [_step(table, source, f"timeline[{i}]") for i, table in enumerate(raw_steps)]
+    behaviour = []
+    for index, table in enumerate(data.get("behaviour", [])):
+        where = f"behaviour[{index}]"
+        table = _dataclass_from(Behaviour, table, source, where)
+        behaviour.append(Behaviour(
+            release=_release(table.get("release"), source, f"{where}.release"),
+            hardware=table.get("hardware"),
+            extra_latency_ms=_number(table.get("extra_latency_ms", 0.0), source,
+                                     f"{where}.extra_latency_ms", 0, 60_000),
+            fail=bool(table.get("fail", False))))
+    faults = []
+    for index, table in enumerate(data.get("faults", [])):
+        where = f"faults[{index}]"
+        table = _dataclass_from(Fault, table, source, where)
+        kind = table.get("kind")
+        _check(kind in FAULT_KINDS, source, f"{where}.kind", f"must be one of "
+               f"{sorted(FAULT_KINDS)}")
+        when = table.get("when", "any")
+        _check(when in FAULT_STATES, source, f"{where}.when",
+               f"must be one of {sorted(FAULT_STATES)}")
+        _check(not (kind == "crash" and when == "downloading"), source, f"{where}.when",
+               "crash happens between agent steps: use probation or any (a link "
+               "disconnect interrupts downloads)")
+        faults.append(Fault(kind=kind, devices=int(_number(
+            table.get("devices", 1), source, f"{where}.devices", 0, MAX_DEVICES)), when=when))
+    name = data.get("name", Path(source).stem)
+    _check(isinstance(name, str) and len(name) <= 200, source, "name", "must be a string")
+    return Scenario(name=name, devices=devices, fleet=tuple(fleet), links=links, agent=agent,
+                    timeline=tuple(timeline), behaviour=tuple(behaviour), faults=tuple(faults),
+                    seed=int(_number(data.get("seed", 1), source, "seed", 0, 2**31)),
+                    source=source)
+
+
+def _step(table: Any, source: str, where: str) -> Step:
+    table = _dataclass_from(Step, table, source, where)
+    action = table.get("action")
+    _check(action in ACTIONS, source, f"{where}.action", f"must be one of {sorted(ACTIONS)}")
+    release = table.get("release")
+    if action in ("publish", "deploy"):
+        release = _release(release, source, f"{where}.release")
+    if action == "publish":
+        _check(isinstance(table.get("sample"), str), source, f"{where}.sample",
+               "must name a sample model, e.g. digits_v2")
+    phases = table.get("phases", [100])
+    _check(isinstance(phases, list) and phases and all(
+        isinstance(p, int) and not isinstance(p, bool) for p in phases),
+        source, f"{where}.phases", "must be a list of percentages ending at 100")
+    wait = table.get("wait", "updated" if action == "deploy" else "none")
+    _check(wait in WAITS, source, f"{where}.wait", f"must be one of {sorted(WAITS)}")
+
+    def factor(key: str) -> float | None:
+        value = table.get(key, 2.0)
+        return None if value == 0 else _number(value, source, f"{where}.{key}", 1.0001, 1e6)
+
+    return Step(
+        action=action, release=release, sample=table.get("sample"), phases=tuple(phases),
+        soak_seconds=_number(table.get("soak_seconds", 0.0), source, f"{where}.soak_seconds",
+                             0, MAX_WAIT_SECONDS),
+        min_success_ratio=_number(table.get("min_success_ratio", 0.95), source,
+                                  f"{where}.min_success_ratio", 0, 1),
+        max_failure_ratio=_number(table.get("max_failure_ratio", 0.05), source,
+                                  f"{where}.max_failure_ratio", 0, 1),
+        latency_factor=factor("latency_factor"), error_rate_factor=factor("error_rate_factor"),
+        auto_rollback=bool(table.get("auto_rollback", False)), wait=wait,
+        timeout_seconds=_number(table.get("timeout_seconds", 300.0), source,
+                                f"{where}.timeout_seconds", 1, MAX_WAIT_SECONDS),
+        label=str(table.get("label", "")),
+        pad_mb=_number(table.get("pad_mb", 0.0), source, f"{where}.pad_mb", 0, 512),
+    )
+
+
+def load_scenario(path: Path) -> Scenario:
+    """Read and check a scenario file (a built-in name like ``staged`` works too)."""
+    if not path.exists() and (SCENARIO_DIR / f"{path}.toml").exists():
+        path = SCENARIO_DIR / f"{path}.toml"
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        known = ", ".join(builtin_scenarios())
+        raise ScenarioError(f"{path}: no such scenario file (built-in: {known})") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise ScenarioError(f"{path}: not valid TOML: {e}") from e
+    return parse_scenario(data, str(path))
+
+
+def builtin_scenarios() -> list[str]:
+    return sorted(p.stem for p in SCENARIO_DIR.glob("*.toml"))
