@@ -72,6 +72,9 @@ class AgentSettings:
     probation_min_inferences: int = 20
     max_error_rate: float = 0.05
     max_latency_factor: float = 3.0  # new p95 vs previous p95
+    # A previous p95 below this counts as this: sub-millisecond figures are mostly
+    # scheduler noise, and x3 of 0.1 ms would refuse a model for 0.2 ms of jitter.
+    latency_floor_ms: float = 2.0
     session: SessionSettings = field(default_factory=SessionSettings)
     report_timeout: float = 10.0  # seconds
 
@@ -336,6 +339,8 @@ class Agent:
         if previous is None or metrics.latency_p95_ms is None:
             return None
         baseline = self.host.metrics(name, previous).latency_p95_ms
+        if baseline is not None and not math.isnan(baseline):
+            baseline = max(baseline, self.settings.latency_floor_ms)
         if baseline and not math.isnan(baseline) and \
                 metrics.latency_p95_ms > baseline * self.settings.max_latency_factor and \
                 metrics.inferences >= self.settings.probation_min_inferences:

@@ -3,23 +3,33 @@
 Each check creates fresh ``tuf.ngclient.Updater`` objects for both
 repositories, but over *persistent* metadata folders: a fresh cache would
 accept an older (still unexpired) timestamp, so keeping the cache is what
-protects a device from replayed metadata. The install downloads the bundle
-through ngclient (length and hash checked against signed metadata), unwraps
-the content key with the device's own key, opens the bundle into a new
-version folder (digests from signed metadata checked in the same pass) and
-runs the validation gate. Nothing here swaps a live model: that is the model
-host's job once the journal and hot swap land.
+protects a device from replayed metadata. The install unwraps
+the content key with the device's own key (a key wrapped for another device is
+refused before a byte is downloaded), downloads the bundle (length and hash
+checked against signed metadata), opens it into a new version folder (digests
+from signed metadata checked in the same pass) and runs the validation gate.
+Nothing here swaps a live model: that is the model host's job.
+
+Every transfer is bounded (:class:`TransferLimits`): a repository that stops
+sending fails after ``frame_timeout``, and one that trickles (slow retrieval)
+fails once its average rate stays below ``min_rate`` past a grace period, so an
+attacker between device and server can delay an update cycle, never hold it.
+Whatever goes wrong while installing is raised as an :class:`InstallError`
+that is also the ngclient error it stands for: the agent reports it as a
+failed update and goes back to idle, instead of ending the cycle half-way.
 """
 
 from __future__ import annotations
 
 import logging
 import shutil
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
+from tuf.api import exceptions as tuf_exceptions
 from tuf.api.metadata import Metadata, TargetFile, Targets
 from tuf.ngclient import FetcherInterface, Updater
 
@@ -36,14 +46,138 @@ from edgeota.agent.mqtt_loop import SharedNetworkLoop
 from edgeota.agent.uptane import DeviceFacts, InstallDecision, decide
 from edgeota.agent.validation import ValidationReport, validate_model
 from edgeota.protocol.bundle import OpenedBundle, open_bundle
-from edgeota.protocol.errors import ManifestError
-from edgeota.protocol.fetch import MqttTls
+from edgeota.protocol.errors import EdgeotaError, ManifestError
+from edgeota.protocol.fetch import MAX_OFFSET, ChunkFrame, MqttTls
 from edgeota.protocol.identity import DeviceIdentity
 from edgeota.protocol.keywrap import unwrap_content_key
 
-__all__ = ["InstalledModel", "UpdateClient"]
+__all__ = [
+    "BundleMismatchError",
+    "BundleTooLargeError",
+    "BundleTooSlowError",
+    "BundleUnavailableError",
+    "InstallError",
+    "InstallMetadataError",
+    "InstalledModel",
+    "TransferLimits",
+    "UpdateClient",
+]
 
 logger = logging.getLogger(__name__)
+
+
+class InstallError(EdgeotaError):
+    """Installing a decided target failed before anything was unpacked; nothing changed.
+
+    Each subclass is also the ngclient error it stands for (callers that handle
+    ngclient's errors keep working) and an ``EdgeotaError``, which the agent
+    reports as a failed update by its type name.
+    """
+
+
+class BundleMismatchError(InstallError, tuf_exceptions.LengthOrHashMismatchError):
+    """The bundle's bytes are not the ones both repositories signed."""
+
+
+class BundleTooLargeError(InstallError, tuf_exceptions.DownloadLengthMismatchError):
+    """The server offered more bytes than the signed length (endless data)."""
+
+
+class BundleTooSlowError(InstallError, tuf_exceptions.DownloadError):
+    """The transfer stalled or stayed below the minimum rate (slow retrieval).
+
+    Not a ``SlowRetrievalError``: the resumable download retries those, and a
+    trickle must end the attempt, not start another one.
+    """
+
+
+class BundleUnavailableError(InstallError, tuf_exceptions.DownloadError):
+    """The bundle could not be fetched (network, broker, server refusal)."""
+
+
+class InstallMetadataError(InstallError, tuf_exceptions.RepositoryError):
+    """The image repository's metadata was refused while installing."""
+
+
+# First match wins: the specific ngclient errors before their bases.
+_INSTALL_ERRORS: tuple[tuple[type[Exception], type[InstallError]], ...] = (
+    (tuf_exceptions.LengthOrHashMismatchError, BundleMismatchError),
+    (tuf_exceptions.DownloadLengthMismatchError, BundleTooLargeError),
+    (tuf_exceptions.SlowRetrievalError, BundleTooSlowError),
+    (tuf_exceptions.DownloadError, BundleUnavailableError),
+    (tuf_exceptions.RepositoryError, InstallMetadataError),
+)
+
+
+def _install_error(error: Exception) -> InstallError:
+    for tuf_type, ours in _INSTALL_ERRORS:
+        if isinstance(error, tuf_type):
+            return ours(str(error))
+    raise TypeError(f"not an ngclient error: {error!r}")  # pragma: no cover
+
+
+@dataclass(frozen=True)
+class TransferLimits:
+    """Bounds of every repository transfer over MQTT; every wait is bounded.
+
+    A transfer fails when no frame arrives for ``frame_timeout`` seconds, or
+    once ``elapsed > grace + received / min_rate``: a trickle slower than
+    ``min_rate`` is cut after at most ``grace / (1 - rate / min_rate)``
+    seconds, whatever the file's size. A bundle cut this way resumes from its
+    last durable window in the next cycle, so a slow honest link still
+    finishes; metadata files are small enough to need no resume.
+    """
+
+    frame_timeout: float = 30.0  # seconds without a frame
+    min_rate: float = 1024.0  # bytes per second, averaged since the transfer began
+    grace: float = 120.0  # seconds before the rate counts
+    max_retries: int = 5  # interrupted bundle transfers resumed within one install
+
+    def __post_init__(self) -> None:
+        if self.frame_timeout <= 0 or self.min_rate <= 0 or self.grace < 0:
+            raise ValueError("frame_timeout and min_rate must be positive, grace not negative")
+        if self.max_retries < 0:
+            raise ValueError("max_retries must not be negative")
+
+
+class _RateGuard:
+    """Raises ``error`` once a transfer's average rate is below the floor past the grace."""
+
+    def __init__(self, limits: TransferLimits, what: str,
+                 error: type[Exception], clock: Callable[[], float] = time.monotonic) -> None:
+        self._limits = limits
+        self._what = what
+        self._error = error
+        self._clock = clock
+        self._started = clock()
+
+    def check(self, received: int) -> None:
+        elapsed = self._clock() - self._started
+        if elapsed > self._limits.grace + received / self._limits.min_rate:
+            raise self._error(
+                f"{self._what}: {received} bytes in {elapsed:.1f}s, below "
+                f"{self._limits.min_rate:g} B/s after the {self._limits.grace:g}s grace")
+
+
+class _BoundedMqttFetcher(MqttFetcher):
+    """ngclient's MQTT fetcher with the minimum average rate of :class:`TransferLimits`."""
+
+    def __init__(self, connection: DeviceConnection, limits: TransferLimits) -> None:
+        super().__init__(connection, timeout=limits.frame_timeout)
+        self._limits = limits
+
+    def stream(self, path: str, *, offset: int = 0,
+               max_length: int = MAX_OFFSET) -> Iterator[ChunkFrame]:
+        guard = _RateGuard(self._limits, path, tuf_exceptions.SlowRetrievalError)
+        frames = super().stream(path, offset=offset, max_length=max_length)
+        received = 0
+        try:
+            for frame in frames:
+                received += len(frame.payload)
+                guard.check(received)
+                yield frame
+        finally:
+            frames.close()  # cancels the request if it did not finish
 
 
 @dataclass(frozen=True)
@@ -70,8 +204,11 @@ class UpdateClient:
         fetcher_factory: Callable[[str | None], FetcherInterface] | None = None,
         transport: str = "http",
         network: SharedNetworkLoop | None = None,  # MQTT: share this loop, no thread of our own
+        limits: TransferLimits | None = None,
     ) -> None:
         self._config = config
+        # Read at the start of every transfer, so the simulator may tighten them.
+        self.limits = limits or TransferLimits()
         self._identity = identity or DeviceIdentity.load(config.identity_dir)
         if self._identity.device_id != config.device_id:
             raise ManifestError(
@@ -83,7 +220,8 @@ class UpdateClient:
         self.download_stats = DownloadStats()  # resumable (MQTT) downloads only
         self._base = config.repository_url
         if fetcher_factory is None and transport == "mqtt":
-            fetcher_factory, self._connection = self._mqtt_fetchers(config, network)
+            fetcher_factory, self._connection = self._mqtt_fetchers(
+                config, network, lambda: self.limits)
             self._base = MQTT_REPOSITORY_URL
         self._fetcher_factory = fetcher_factory or (
             lambda token: HttpFetcher(HttpFetcherConfig(token=token))
@@ -111,6 +249,7 @@ class UpdateClient:
     @staticmethod
     def _mqtt_fetchers(
         config: AgentConfig, network: SharedNetworkLoop | None = None,
+        limits: Callable[[], TransferLimits] = TransferLimits,
     ) -> tuple[Callable[[str | None], FetcherInterface], DeviceConnection]:
         """One TLS connection with the device certificate; a fetcher per Updater over it."""
         if not config.mqtt_url:
@@ -125,7 +264,7 @@ class UpdateClient:
             network=network,
         )
         connection.start()
-        return (lambda _token: MqttFetcher(connection)), connection
+        return (lambda _token: _BoundedMqttFetcher(connection, limits())), connection
 
     @property
     def connection(self) -> DeviceConnection | None:
@@ -178,24 +317,43 @@ class UpdateClient:
             return Path(cached)
         if self._connection is None:
             return Path(image.download_target(info))
-        resumable = ResumableDownload(self._connection, self._downloads / "resumable",
-                                      stats=self.download_stats)
+        limits = self.limits
+        folder = self._downloads / "resumable"
+        guard = _RateGuard(limits, decision.target_path, BundleTooSlowError)
+        resumable = ResumableDownload(
+            self._connection, folder, timeout=limits.frame_timeout,
+            max_retries=limits.max_retries, stats=self.download_stats,
+            on_progress=lambda offset, _length: guard.check(offset - start))
+        start = resumable.saved_offset(decision.sha256, decision.length)  # bytes kept from before
         return resumable.download(
             f"{MQTT_REPOSITORY_URL}/image/targets/"
             f"{_hash_prefixed(decision.target_path, decision.sha256)}",
             length=decision.length, sha256=decision.sha256)
 
     def install(self, decision: InstallDecision) -> InstalledModel:
-        """Download, verify, decrypt, unpack and validate one decided target."""
-        image = self._image()
-        image.refresh()
-        info = image.get_targetinfo(decision.target_path)
-        if info is None or info.hashes.get("sha256") != decision.sha256:
-            raise ManifestError(f"{decision.target_path} changed since it was checked")
-        bundle_path = self._download(image, info, decision)
+        """Download, verify, decrypt, unpack and validate one decided target.
+
+        Raises:
+            KeyUnwrapError: the content key is not wrapped for this device
+                (checked first: nothing is downloaded for a key it cannot open).
+            InstallError: the metadata or the bundle transfer was refused.
+            ManifestError, BundleError, ValidationError: see ``open_bundle`` and
+                ``validate_model``.
+        """
         content_key = unwrap_content_key(
             decision.director.wrapped_key, self._identity.kem_private_key, self._config.device_id
         )
+        try:
+            image = self._image()
+            image.refresh()
+            info = image.get_targetinfo(decision.target_path)
+            if info is None or info.hashes.get("sha256") != decision.sha256:
+                raise ManifestError(f"{decision.target_path} changed since it was checked")
+            bundle_path = self._download(image, info, decision)
+        except InstallError:
+            raise
+        except (tuf_exceptions.RepositoryError, tuf_exceptions.DownloadError) as e:
+            raise _install_error(e) from e
         version_folder = f"{decision.image.version}-{decision.sha256[:12]}"
         dest = self._models / decision.image.name / version_folder
         if dest.exists():

@@ -53,6 +53,7 @@ class StepCounters:
     telemetry_sent: int = 0
     step_errors: int = 0
     states: dict[str, str] = field(default_factory=dict)  # last cycle outcome per model
+    reasons: dict[str, str] = field(default_factory=dict)  # last failure reason per model
 
 
 class SimulatedDevice:
@@ -143,8 +144,13 @@ class SimulatedDevice:
             outcome = agent.run_cycle()
             self.counters.cycles += 1
             self.counters.states.update(outcome.states)
+            self.counters.reasons.update(outcome.reasons)
         self._serve_traffic()
-        agent.check_probation()
+        for name, state in agent.check_probation().items():
+            self.counters.states[name] = state
+            if state == "rolled_back":
+                self.counters.reasons[name] = str(agent.journal(name).current.reason
+                                                  or "probation")
         if now >= self._next_telemetry:
             self._next_telemetry = now + self.timing.telemetry_seconds
             if agent.publish_telemetry():

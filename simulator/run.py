@@ -163,7 +163,8 @@ class Simulation:
         settings = AgentSettings(
             probation_seconds=scenario.agent.probation_seconds,
             probation_min_inferences=scenario.agent.probation_min_inferences,
-            max_latency_factor=scenario.agent.max_latency_factor)
+            max_latency_factor=scenario.agent.max_latency_factor,
+            latency_floor_ms=scenario.agent.latency_floor_ms)
         timing = DeviceTiming(poll_seconds=scenario.agent.poll_seconds,
                               telemetry_seconds=scenario.agent.telemetry_seconds,
                               inferences_per_step=scenario.agent.inferences_per_step)
@@ -317,7 +318,8 @@ class Simulation:
                   f"{len(answer['scheduled'])} devices in phases "
                   f"{', '.join(map(str, answer['phases']))} %"
                   + (f" ({step.label})" if step.label else ""))
-        self.recorder.set_targets({name: version}, step.label or step.release)
+        self.recorder.set_targets({name: version}, step.label or step.release,
+                                  devices=answer["scheduled"])
         self.recorder.event("deploy", release=step.release, deployment=deployment_id,
                             phases=list(step.phases))
         eligible = set(answer["scheduled"])
@@ -329,8 +331,12 @@ class Simulation:
             return None
         if step.wait == "updated":
             def condition() -> bool:
-                return all(d.serving().get(name) == version
-                           for d in self.devices if d.device_id in eligible)
+                if all(d.serving().get(name) == version
+                       for d in self.devices if d.device_id in eligible):
+                    # Served is not yet committed and reported: the rollout says when.
+                    return status() == "completed"
+                # A stopped rollout will not update the rest: say so now, not at the timeout.
+                return status() in ("paused", "cancelled")
         else:
             def condition() -> bool:
                 return status() == step.wait
@@ -342,6 +348,8 @@ class Simulation:
         detail = self.client.get(f"/api/v1/deployments/{deployment_id}")
         self.recorder.event("deployment", deployment=deployment_id, status=detail["status"],
                             reason=detail["status_reason"])
+        if step.wait == "updated" and detail["status"] in ("paused", "cancelled"):
+            return f"deployment {deployment_id} {detail['status']}: {detail['status_reason']}"
         if detail["status_reason"]:
             self._say(f"  deployment {deployment_id} {detail['status']}: "
                       f"{detail['status_reason']}")

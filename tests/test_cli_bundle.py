@@ -109,21 +109,27 @@ def test_help_teaches(tmp_path: Path) -> None:
 
 
 def test_demo_runs_and_reports_real_accuracies(tmp_path: Path) -> None:
+    """What `make demo` runs: 20 devices, two hardware classes, a staged rollout to 2.0.0."""
     from edgeota.samples import load_catalog
 
     catalog = load_catalog()
-    result = run("demo", "--devices", "4", "--workdir", str(tmp_path / "demo"))
-    assert result.returncode == 0, result.stderr
+    report = tmp_path / "report"
+    result = run("demo", "--workdir", str(tmp_path / "demo"), "--report", str(report))
+    assert result.returncode == 0, result.stderr + result.stdout
     out = result.stdout
-    v1, v2 = (f"{catalog[k].test_accuracy:.4f}" for k in ("digits_v1", "digits_v2"))
-    assert f"hot-swapped to 1.0.0 and committed it after probation; measured accuracy {v1}" in out
-    assert f"hot-swapped to 2.0.0 and committed it after probation; measured accuracy {v2}" in out
-    assert "embedded broker mqtts://127.0.0.1:" in out
-    assert out.count(f"digits 2.0.0 │ {v2}") == 4
-    assert out.count("refused") >= 4
-    assert "BUG" not in out
+    v2 = f"{catalog['digits_v2'].test_accuracy:.4f}"
+    assert "dashboard: http://127.0.0.1:" in out and "viewer token eot_" in out
+    assert "deployment 2: digits@2.0.0 to 20 devices in phases 10, 50, 100 %" in out
+    assert out.count(f"digits 2.0.0 │ {v2}") == 20  # the final table: every device, v2's accuracy
+    assert out.count("│ rpi4     │ digits 2.0.0") == 10
+    assert out.count("│ rpi5     │ digits 2.0.0") == 10
+    assert "problem" not in out
+    summary = json.loads((report / "summary.json").read_text())
+    staged = summary["waves"][-1]
+    assert staged["devices_updated"] == 20 and staged["time_to_100"] is not None
+    assert (report / "states.png").stat().st_size > 10_000
+    assert len(list((report / "timeline").glob("*.csv"))) == 20
     devices = tmp_path / "demo" / "devices"
-    installed = sorted(p.relative_to(devices).parts[0]
-                       for p in devices.glob("*/state/models/*/*/model.onnx"))
-    assert installed == ["pi-001", "pi-001", "pi-002", "pi-002", "pi-003", "pi-003",
-                         "pi-004", "pi-004"]
+    serving = {p.relative_to(devices).parts[0]
+               for p in devices.glob("*/state/models/digits/2.0.0-*/model.onnx")}
+    assert len(serving) == 20

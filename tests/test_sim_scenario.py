@@ -57,7 +57,7 @@ def test_bad_scenarios_are_refused_with_where_and_why(data: dict, why: str) -> N
 
 
 def test_a_missing_or_broken_file_says_so(tmp_path: Path) -> None:
-    with pytest.raises(ScenarioError, match="no such scenario file .*built-in: attacks"):
+    with pytest.raises(ScenarioError, match=r"no such scenario file .*built-in: attacks"):
         load_scenario(tmp_path / "nope.toml")
     broken = tmp_path / "broken.toml"
     broken.write_text("devices = [")

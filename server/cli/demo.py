@@ -27,8 +27,9 @@ def demo(
     devices: Annotated[int, typer.Option(min=2, max=200, help="Simulated devices.")] = 20,
     workdir: Annotated[Path | None, typer.Option(
         help="Keep the demo's files here instead of a temporary folder.")] = None,
-    report: Annotated[Path | None, typer.Option(
-        help="Where to write the report (default: WORKDIR/report).")] = None,
+    report: Annotated[Path, typer.Option(
+        help="Where to write the report (JSON summary, CSV timelines, PNG plots).")]
+    = Path("edgeota-demo-report"),
 ) -> None:
     """Publish two releases and watch a simulated fleet verify, decrypt and hot-swap them
     in a staged rollout; prints the dashboard URL while it runs and the report at the end."""
@@ -41,7 +42,7 @@ def demo(
     with tempfile.TemporaryDirectory(prefix="edgeota-demo-") as scratch:
         base = (workdir or Path(scratch)).resolve()
         base.mkdir(parents=True, exist_ok=True)
-        target = (report or base / "report").resolve()
+        target = report.resolve()
         result = simulate(plan, base, target, workers=4, console=console,
                           on_start=lambda sim: _dashboard(console, sim),
                           on_finish=lambda sim, _result: accuracy.update(_measure(sim)))
@@ -49,7 +50,7 @@ def demo(
         _final_table(console, result.hardware, accuracy)
         _check(result, accuracy)
         if workdir is None:
-            console.print("(the demo's files and report are removed with its temporary "
+            console.print("(the demo's server home and devices are removed with its temporary "
                           "folder: use --workdir DIR to keep them)")
     console.rule("done")
 

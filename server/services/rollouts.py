@@ -71,6 +71,7 @@ from edgeota.server.services.errors import ConflictError, NotFoundError
 __all__ = [
     "ENGINE_ACTOR",
     "ERROR_RATE_FLOOR",
+    "LATENCY_FLOOR_MS",
     "GateFinding",
     "advance",
     "cancel",
@@ -89,6 +90,8 @@ ENGINE_ACTOR = "rollout-engine"
 # An error rate of the previous release below this counts as this: a factor of
 # a zero baseline would fire on the first error of the new release.
 ERROR_RATE_FLOOR = 0.01
+# Likewise a previous p95 below this many milliseconds: below it, latency is noise.
+LATENCY_FLOOR_MS = 1.0
 MAX_NAMED_DEVICES = 20  # devices named in one pause reason
 
 _IN_PROGRESS = frozenset({"checking", "downloading", "verifying", "validating", "staged",
@@ -263,11 +266,13 @@ def evaluate_gates(session: Session, deployment: Deployment) -> list[GateFinding
             if pairs:
                 new_p95 = statistics.median(p[1] for p in pairs)
                 old_p95 = statistics.median(p[2] for p in pairs)
-                if old_p95 > 0 and new_p95 > options.latency_factor * old_p95:
+                baseline = max(old_p95, LATENCY_FLOOR_MS)
+                if new_p95 > options.latency_factor * baseline:
                     findings.append(GateFinding(
-                        "latency_p95_ms", hardware, new_p95, old_p95, new_p95 / old_p95,
+                        "latency_p95_ms", hardware, new_p95, old_p95, new_p95 / baseline,
                         options.latency_factor, release.version,
-                        tuple(d for d, n, o in pairs if n > options.latency_factor * o)
+                        tuple(d for d, n, o in pairs
+                              if n > options.latency_factor * max(o, LATENCY_FLOOR_MS))
                         or tuple(p[0] for p in pairs)))
         if options.error_rate_factor is not None:
             new_inf = sum(n["inferences"] for _, n, _, _ in rows)

@@ -1,0 +1,119 @@
+"""The attack suite against a real server, the embedded TLS broker and three real agents.
+
+Every TUF/Uptane attack of ``edgeota.simulator.attacks`` -- a malicious server
+holding the online keys and the storage, and a man-in-the-middle on the
+broker -- is played against three unmodified agents (their own identities,
+journals, MQTT connections, ngclient caches) that serve a committed
+digits 1.0.0. Every attack must be refused by every device with the reason it
+is meant to meet, and no device may change what it serves or has committed.
+Afterwards an honest deployment still goes through: the attacks left the
+devices able to update.
+
+Runs on SQLite and PostgreSQL (``db_url``): the database is only touched by
+publishing and enrolment, and the suite takes about the same time on both.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from rich.console import Console
+from server_support import running_mqtt_server
+
+from edgeota.agent.config import AgentConfig
+from edgeota.agent.runner import AgentSettings
+from edgeota.agent.update_cycle import TransferLimits, UpdateClient
+from edgeota.server.client import OperatorClient
+from edgeota.simulator.attacks import (
+    BROKER_MITM,
+    MALICIOUS_SERVER,
+    AttackLab,
+    default_attacks,
+    release_publisher,
+    run_suite,
+    verdict_table,
+)
+from edgeota.simulator.device import SimulatedDevice
+
+DEVICES = ("pi-a", "pi-b", "pi-c")
+SETTINGS = AgentSettings(probation_seconds=0, probation_min_inferences=1)
+# Short transfer limits keep slow retrieval at a few seconds; honest transfers on
+# loopback are thousands of times faster than the floor.
+LIMITS = TransferLimits(frame_timeout=2.0, min_rate=16 * 1024, grace=1.0, max_retries=2)
+SUITE_BUDGET = 90.0  # seconds for all ten attacks (they take about 15 s)
+
+EXPECTED = {
+    "arbitrary software": (MALICIOUS_SERVER, "BundleMismatchError"),
+    "rollback": (MALICIOUS_SERVER, "below_floor"),
+    "freeze": (BROKER_MITM, "ExpiredMetadataError"),
+    "mix-and-match": (BROKER_MITM, "BadVersionNumberError"),
+    "endless data": (BROKER_MITM, "BundleTooLargeError"),
+    "slow retrieval": (BROKER_MITM, "BundleTooSlowError"),
+    "wrong hardware": (MALICIOUS_SERVER, "hardware_not_in_release"),
+    "replayed director metadata": (BROKER_MITM, "BadVersionNumberError"),
+    "another device's key": (MALICIOUS_SERVER, "KeyUnwrapError"),
+    "unsigned model (compromised director key)": (MALICIOUS_SERVER, "not_in_image_repository"),
+}
+
+
+@pytest.fixture
+def lab(tmp_path: Path, db_url: str) -> Iterator[AttackLab]:
+    """Three agents over MQTT serving a committed digits 1.0.0 (release counter 1)."""
+    with running_mqtt_server(tmp_path, db_url) as (server, transport):
+        assert server.publish("digits_v1", "1.0.0").code == 0
+        devices = []
+        for device_id in DEVICES:
+            config = AgentConfig.load(server.enroll(device_id, "rpi4") / "agent.toml")
+            devices.append(SimulatedDevice(
+                config, SETTINGS, hardware="rpi4",
+                update_client=UpdateClient(config, transport="mqtt", limits=LIMITS)))
+        client = OperatorClient(server.url, server.operator.token())
+        try:
+            for device in devices:
+                device.start()
+                assert device.agent.updates.connection.wait_ready(20)
+            assert server.cli("deploy", "digits@1.0.0", "--devices", ",".join(DEVICES)).code == 0
+            for device in devices:
+                assert device.agent.run_cycle().states == {"digits": "probation"}
+                assert device.agent.check_probation(force=True) == {"digits": "committed"}
+            yield AttackLab(server.ctx, transport, devices,
+                            publish=release_publisher(server.operator, client))
+        finally:
+            client.close()
+            for device in devices:
+                device.close()
+
+
+def test_every_attack_is_refused_by_every_device_and_nothing_changes(lab: AttackLab) -> None:
+    started = time.monotonic()
+    verdicts = run_suite(lab)
+    took = time.monotonic() - started
+    Console(width=160).print(verdict_table(verdicts))  # shown with -s, and on failure
+    assert [v.name for v in verdicts] == [a.name for a in default_attacks()]
+    assert set(EXPECTED) == {v.name for v in verdicts}
+    for verdict in verdicts:
+        attacker, reason = EXPECTED[verdict.name]
+        assert verdict.attacker == attacker
+        assert verdict.error is None, verdict.to_dict()
+        assert verdict.unchanged, verdict.to_dict()
+        assert verdict.passed, verdict.to_dict()
+        assert [(d.state, d.reason) for d in verdict.devices] == \
+            [("failed", reason)] * len(DEVICES), verdict.to_dict()
+        assert verdict.as_expected
+    assert took < SUITE_BUDGET, f"the suite took {took:.1f}s"
+
+    # The honest state is back and the devices are not wedged: they still serve
+    # 1.0.0, see nothing to do, and take an honest update of the lab's next release.
+    for device in lab.devices:
+        assert device.serving() == {"digits": "1.0.0"}
+        assert device.agent.run_cycle().states == {"digits": "current"}
+    with lab.session():
+        following = lab.release("next")
+        for device in lab.devices:
+            lab.assign(device.device_id, following)
+        for device in lab.devices:
+            assert device.agent.run_cycle().states == {"digits": "probation"}
+            assert device.serving() == {"digits": following.version}
