@@ -5,12 +5,16 @@ director metadata is served only to that device. This fetcher adds the
 device's bearer token (and, over HTTPS, can present its client certificate),
 keeps ngclient's error contract (``DownloadHTTPError`` with the status for
 4xx/5xx, ``SlowRetrievalError`` on a stalled socket, ``DownloadError``
-otherwise), and bounds every wait.
+otherwise), and bounds every wait: a socket silent for ``read_timeout``, and a
+server that trickles bytes just fast enough to dodge it (slow retrieval), which
+fails once the transfer's average rate stays below ``min_rate`` after
+``grace`` seconds.
 """
 
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +36,8 @@ class HttpFetcherConfig:
     connect_timeout: float = 10.0  # seconds
     read_timeout: float = 30.0  # seconds between bytes
     chunk_size: int = 64 * 1024  # bytes
+    min_rate: float = 1024.0  # bytes per second, averaged since the transfer began
+    grace: float = 120.0  # seconds before the rate counts
     ca_file: Path | None = None
     client_cert: Path | None = None
     client_key: Path | None = None
@@ -81,8 +87,20 @@ class HttpFetcher(FetcherInterface):
         return self._chunks(response)
 
     def _chunks(self, response: urllib3.response.BaseHTTPResponse) -> Iterator[bytes]:
+        config = self._config
+        started = time.monotonic()
+        received = 0
         try:
-            yield from response.stream(self._config.chunk_size)
+            # read1, not stream(): stream() blocks until a whole chunk arrived, so a
+            # trickle of a few bytes per read_timeout would never be looked at.
+            while data := response.read1(config.chunk_size):
+                received += len(data)
+                elapsed = time.monotonic() - started
+                if elapsed > config.grace + received / config.min_rate:
+                    raise exceptions.SlowRetrievalError(
+                        f"{received} bytes in {elapsed:.1f}s, below {config.min_rate:g} B/s "
+                        f"after the {config.grace:g}s grace")
+                yield data
         except urllib3.exceptions.ReadTimeoutError as e:
             raise exceptions.SlowRetrievalError from e
         except urllib3.exceptions.HTTPError as e:

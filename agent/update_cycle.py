@@ -118,14 +118,15 @@ def _install_error(error: Exception) -> InstallError:
 
 @dataclass(frozen=True)
 class TransferLimits:
-    """Bounds of every repository transfer over MQTT; every wait is bounded.
+    """Bounds of every repository transfer, over MQTT or HTTP; every wait is bounded.
 
-    A transfer fails when no frame arrives for ``frame_timeout`` seconds, or
+    A transfer fails when no frame (HTTP: no byte) arrives for ``frame_timeout`` seconds, or
     once ``elapsed > grace + received / min_rate``: a trickle slower than
     ``min_rate`` is cut after at most ``grace / (1 - rate / min_rate)``
-    seconds, whatever the file's size. A bundle cut this way resumes from its
-    last durable window in the next cycle, so a slow honest link still
-    finishes; metadata files are small enough to need no resume.
+    seconds, whatever the file's size. Over MQTT a bundle cut this way resumes
+    from its last durable window in the next cycle, so a slow honest link still
+    finishes (over HTTP it starts again); metadata files are small enough to
+    need no resume.
     """
 
     frame_timeout: float = 30.0  # seconds without a frame
@@ -224,7 +225,9 @@ class UpdateClient:
                 config, network, lambda: self.limits)
             self._base = MQTT_REPOSITORY_URL
         self._fetcher_factory = fetcher_factory or (
-            lambda token: HttpFetcher(HttpFetcherConfig(token=token))
+            lambda token: HttpFetcher(HttpFetcherConfig(
+                token=token, read_timeout=self.limits.frame_timeout,
+                min_rate=self.limits.min_rate, grace=self.limits.grace))
         )
         self._tuf_dir = config.state_dir / "tuf"
         self._downloads = config.state_dir / "downloads"

@@ -27,15 +27,18 @@ with a download that happens): the honest server then assigns the lab's
 ``next`` release as a deployment would, and takes the assignment back when the
 attack ends. Every attack restores the honest state when it ends -- director
 assignments, stored files, the device clock -- so attacks are independent.
+(Time the freeze attack lets pass passes for the honest server too: it re-signs
+its timestamps for that moment, and they stay valid afterwards.)
 
 The lab needs releases besides the one the fleet serves (:class:`LabReleases`):
 an older one below the devices' release-counter floor, a newer one, and one
 signed for other hardware. :meth:`AttackLab.session` publishes them through
 the release managers' code path (honestly: the attacker never holds release
 keys) when they are missing. While the suite runs the lab drives the devices'
-update cycles itself; devices stepped by a :class:`~edgeota.simulator.fleet.
-FleetRunner` are taken off it for the duration (their ``step`` runs only the
-cycles the lab asks for, on the runner's own thread).
+update cycles itself; devices stepped by a
+:class:`~edgeota.simulator.fleet.FleetRunner` are taken off it for the
+duration (their ``step`` runs only the cycles the lab asks for, on the
+runner's own thread).
 
 The freeze attack moves the devices' clock forward, which for ngclient is the
 process clock (:func:`device_clock_ahead`): nothing else in the process may
@@ -90,6 +93,7 @@ __all__ = [
     "BROKER_MITM",
     "MALICIOUS_SERVER",
     "REFUSAL_STATES",
+    "SIMULATION_LIMITS",
     "AnotherDevicesKey",
     "ArbitrarySoftware",
     "Attack",
@@ -339,7 +343,9 @@ def verdict_table(verdicts: Sequence[AttackVerdict]) -> Table:
     for column in ("attack", "attacker", "device verdicts", "unchanged", "result"):
         table.add_column(column)
     for verdict in verdicts:
-        result = "[green]refused[/]" if verdict.passed else "[red]NOT REFUSED[/]"
+        result = ("[green]refused[/]" if verdict.as_expected
+                  else f"[yellow]refused, not by {verdict.expected_reason}[/]" if verdict.passed
+                  else "[red]NOT REFUSED[/]")
         detail = verdict.summary() or "-"
         if verdict.error:
             detail += f" ({verdict.error})"
@@ -455,7 +461,6 @@ class BrokerMitm:
         self._stop = threading.Event()
         self._silent = threading.Event()
         self._devices = frozenset(d.device_id for d in lab.devices)
-        self.frames_sent = 0
 
     # -- rules ------------------------------------------------------------------
 
@@ -502,7 +507,6 @@ class BrokerMitm:
         rule(self, device_id, request)
 
     def _send(self, device_id: str, frame: ChunkFrame | ErrorFrame, path: str) -> bool:
-        self.frames_sent += 1
         return self._bridge._send(device_id, frame, path=path)
 
     def _send_bytes(self, device_id: str, request: FetchRequest, data: bytes, *,

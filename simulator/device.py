@@ -110,8 +110,14 @@ class SimulatedDevice:
         return str(self.agent.journal(name).current.state)
 
     def serving(self) -> dict[str, str]:
-        """Model name -> version served now."""
-        return {name: self.agent.host.current_version(name) for name in self.agent.host.models()}
+        """Model name -> version served now (a model between unload and load is left out)."""
+        served = {}
+        for name in self.agent.host.models():
+            try:
+                served[name] = self.agent.host.current_version(name)
+            except ModelHostError:
+                continue  # an unload-then-load swap's gap: nothing serves it this instant
+        return served
 
     def step(self) -> None:
         """One slice of the device's life; exceptions are counted and logged, never raised."""

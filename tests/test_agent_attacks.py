@@ -16,12 +16,16 @@ man-in-the-middle decides what reaches the device). Each test asserts
   attempt (checking, downloading, failed, idle), which is the journal's job.
 
 One server for the module (SQLite: the database plays no part in what the
-agent decides), a fresh enrolled device per test.
+agent decides), a fresh enrolled device per test. Slow retrieval is also shown
+on the director metadata and, at fetcher level, over HTTP (the real HTTP server
+cannot be made to trickle).
 """
 
 from __future__ import annotations
 
 import itertools
+import socket
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -366,3 +370,39 @@ def test_slow_retrieval_of_metadata_is_cut_too(victim: Victim) -> None:
         with pytest.raises(tuf_errors.SlowRetrievalError):
             agent.updates.check(agent.release_floor())
     assert_untouched(before, agent)
+
+
+def test_slow_retrieval_over_http_is_cut_by_the_minimum_rate() -> None:
+    """The HTTP transport faces the same trickle: one byte every tenth of a second, well
+    inside the read timeout. Fetcher level: the real server never trickles."""
+    from edgeota.agent.http_fetcher import HttpFetcher, HttpFetcherConfig
+
+    stop = threading.Event()
+    listener = socket.create_server(("127.0.0.1", 0))
+
+    def trickle() -> None:
+        conn, _ = listener.accept()
+        with conn:
+            conn.recv(4096)  # the request
+            conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 100000\r\n\r\n")
+            give_up = time.monotonic() + 15  # a client that never hangs up fails, not hangs
+            while not stop.wait(0.1) and time.monotonic() < give_up:
+                try:
+                    conn.sendall(b"x")
+                except OSError:
+                    return  # the client hung up
+
+    thread = threading.Thread(target=trickle, daemon=True)
+    thread.start()
+    config = HttpFetcherConfig(read_timeout=1.0, min_rate=1024.0, grace=0.5)
+    url = f"http://127.0.0.1:{listener.getsockname()[1]}/repo/image/metadata/timestamp.json"
+    started = time.monotonic()
+    try:
+        with pytest.raises(tuf_errors.SlowRetrievalError):
+            for _chunk in HttpFetcher(config).fetch(url):
+                pass
+        assert time.monotonic() - started < config.grace * 2 + config.read_timeout + 1
+    finally:
+        stop.set()
+        listener.close()
+        thread.join(5)

@@ -6,15 +6,19 @@ broker -- is played against three unmodified agents (their own identities,
 journals, MQTT connections, ngclient caches) that serve a committed
 digits 1.0.0. Every attack must be refused by every device with the reason it
 is meant to meet, and no device may change what it serves or has committed.
-Afterwards an honest deployment still goes through: the attacks left the
-devices able to update.
+Afterwards an honest deployment, judged the same way, goes through: the
+attacks left the devices able to update, and the verdicts are not vacuous.
+The same suite also runs as the simulator's ``attacks`` scenario, on a fleet
+its runner keeps stepping.
 
-Runs on SQLite and PostgreSQL (``db_url``): the database is only touched by
-publishing and enrolment, and the suite takes about the same time on both.
+The suite runs on SQLite and PostgreSQL (``db_url``): about 6 s each, the
+database only serving publishing and enrolment. The scenario test uses the
+simulator's own embedded SQLite.
 """
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -30,6 +34,7 @@ from edgeota.server.client import OperatorClient
 from edgeota.simulator.attacks import (
     BROKER_MITM,
     MALICIOUS_SERVER,
+    Attack,
     AttackLab,
     default_attacks,
     release_publisher,
@@ -106,14 +111,45 @@ def test_every_attack_is_refused_by_every_device_and_nothing_changes(lab: Attack
     assert took < SUITE_BUDGET, f"the suite took {took:.1f}s"
 
     # The honest state is back and the devices are not wedged: they still serve
-    # 1.0.0, see nothing to do, and take an honest update of the lab's next release.
+    # 1.0.0 and see nothing to do ...
     for device in lab.devices:
         assert device.serving() == {"digits": "1.0.0"}
         assert device.agent.run_cycle().states == {"digits": "current"}
-    with lab.session():
-        following = lab.release("next")
-        for device in lab.devices:
-            lab.assign(device.device_id, following)
-        for device in lab.devices:
-            assert device.agent.run_cycle().states == {"digits": "probation"}
-            assert device.serving() == {"digits": following.version}
+    # ... and the verdicts are not vacuous: an honest deployment, judged the same
+    # way, is installed by every device and the lab says so.
+    (control,) = run_suite(lab, [HonestDeployment()])
+    assert not control.passed and not control.unchanged, control.to_dict()
+    assert [(d.state, d.refused) for d in control.devices] == [("probation", False)] * 3
+    assert all(any(c.startswith("served") for c in d.changes) for d in control.devices)
+    assert {d.serving()["digits"] for d in lab.devices} == {lab.releases.next}
+
+
+class HonestDeployment(Attack):
+    """Control: the server assigns the lab's next release honestly (no attacker)."""
+
+    name = "control: honest deployment"
+    attacker = "nobody"
+    description = "assigns the lab's next release as a deployment would"
+    expected_reason = "-"
+
+    @contextlib.contextmanager
+    def staged(self, lab: AttackLab) -> Iterator[None]:
+        with lab.honest_director():
+            for device in lab.devices:
+                lab.assign(device.device_id, lab.release("next"))
+            yield
+
+
+def test_the_attacks_scenario_runs_the_suite_on_a_simulated_fleet(tmp_path: Path) -> None:
+    """``edgeota sim run attacks``: the suite against a fleet its runner keeps stepping
+    (the lab takes the devices off the runner while it drives them)."""
+    from edgeota.simulator.run import Simulation
+    from edgeota.simulator.scenario import load_scenario
+
+    with Simulation(load_scenario(Path("attacks")), tmp_path / "sim") as simulation:
+        result = simulation.run()
+    assert result.ok, result.problems
+    assert [v.name for v in result.attacks] == [a.name for a in default_attacks()]
+    assert all(v.as_expected for v in result.attacks), [v.to_dict() for v in result.attacks]
+    assert {device: serving["digits"] for device, serving in result.serving.items()} == \
+        dict.fromkeys(result.serving, "1.0.0")
