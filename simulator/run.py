@@ -365,7 +365,11 @@ class Simulation:
         for verdict in verdicts:
             self.recorder.event("attack", name=verdict.name, passed=verdict.passed)
         failed = [v.name for v in verdicts if not v.passed]
-        return f"attack(s) not refused cleanly: {', '.join(failed)}" if failed else None
+        if failed:
+            return f"attack(s) not refused cleanly: {', '.join(failed)}"
+        unexpected = [v.name for v in verdicts if not v.as_expected]
+        return (f"attack(s) refused for another reason than expected: {', '.join(unexpected)}"
+                if unexpected else None)
 
     # -- faults ----------------------------------------------------------------------
 
