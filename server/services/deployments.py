@@ -51,6 +51,7 @@ __all__ = [
     "phase_of_ranks",
     "rank_devices",
     "record_event",
+    "release_content_key",
     "selector_matches",
     "start_assignment",
     "start_phase",
@@ -155,15 +156,22 @@ def _director_target(release: Release, device: Device, wrapped: bytes) -> Target
     )
 
 
-def assign_release(ctx: ServerContext, device: Device, release: Release) -> None:
+def release_content_key(ctx: ServerContext, release: Release) -> bytes:
+    """The release's content key, unwrapped with the server's key-wrap key."""
+    return unwrap_content_key(release.wrapped_content_key, ctx.keywrap_key, SERVER_IDENTITY)
+
+
+def assign_release(ctx: ServerContext, device: Device, release: Release,
+                   content_key: bytes | None = None) -> None:
     """Make ``release`` the device's target for its model: wrap the key, sign, notify.
 
     The caller holds the ``director`` lock. Other models' targets stay as
     they are; the device hears of it over MQTT at once, or on its next poll.
+    ``content_key`` saves unwrapping it again per device when a phase assigns many.
     """
     model_name = model_name_of(release.target_path)
-    content_key = unwrap_content_key(release.wrapped_content_key, ctx.keywrap_key,
-                                     SERVER_IDENTITY)
+    if content_key is None:
+        content_key = release_content_key(ctx, release)
     kem = KemPublicKey.from_dict(device.identity["kem"])
     wrapped = wrap_content_key(content_key, kem, device.id)
     current = ctx.director.current_targets(device.id).signed.targets
@@ -199,7 +207,7 @@ def record_event(session: Session, deployment: Deployment, kind: str, actor: str
 
 
 def start_assignment(ctx: ServerContext, session: Session, assignment: Assignment,
-                     now: datetime) -> None:
+                     now: datetime, content_key: bytes | None = None) -> None:
     """Hand one waiting device its release (its phase started, or it joined a live one)."""
     device = assignment.device
     if already_running(device, assignment.release):
@@ -207,7 +215,7 @@ def start_assignment(ctx: ServerContext, session: Session, assignment: Assignmen
         assignment.detail = "already running this release"
         assignment.finished_at = now
     else:
-        assign_release(ctx, device, assignment.release)
+        assign_release(ctx, device, assignment.release, content_key)
         assignment.state = AssignmentState.PENDING
     assignment.assigned_at = now
 
@@ -218,13 +226,14 @@ def start_phase(ctx: ServerContext, session: Session, deployment: Deployment, ph
     deployment.current_phase = phase
     deployment.phase_started_at = now
     started = []
+    content_key = release_content_key(ctx, deployment.release)  # once, not per device
     for assignment in session.scalars(
         select(Assignment).where(Assignment.deployment_id == deployment.id,
                                  Assignment.phase == phase,
                                  Assignment.state == AssignmentState.WAITING)
         .order_by(Assignment.device_id)
     ):
-        start_assignment(ctx, session, assignment, now)
+        start_assignment(ctx, session, assignment, now, content_key)
         started.append(assignment.device_id)
     record_event(session, deployment, "phase_started", actor, now, phase=phase,
                  percent=deployment.phases[phase], devices=started)
