@@ -57,6 +57,8 @@ def serve(
     typer.echo(f"edgeota server on http://{config.http_host}:{config.http_port}"
                + (f" and {transport.address.url}" if transport else "")
                + f" (home {config.home})", err=True)
+    typer.echo(f"dashboard: http://{config.http_host}:{config.http_port}/ (sign in with a "
+               "viewer token: edgeota token create NAME --role viewer)", err=True)
     try:
         uvicorn.run(create_app(ctx), host=config.http_host, port=config.http_port,
                     log_level="warning")
