@@ -41,6 +41,7 @@ from edgeota.server.db.session import lock
 from edgeota.server.services.errors import ConflictError, InvalidRequestError, NotFoundError
 
 __all__ = [
+    "add_assignment",
     "already_running",
     "assign_release",
     "check_phases",
@@ -206,6 +207,32 @@ def record_event(session: Session, deployment: Deployment, kind: str, actor: str
                                 detail=dict(detail)))
 
 
+def add_assignment(ctx: ServerContext, session: Session, deployment: Deployment,
+                   device_id: str, phase: int, now: datetime) -> tuple[Assignment, set[int]]:
+    """Put a device in ``deployment`` (waiting in ``phase``), taking it out of older ones.
+
+    Remembers the release of the model the director assigns it now, which is
+    what a rollback gives back. Returns it and the ids of the deployments it left.
+    """
+    release = deployment.release
+    left: set[int] = set()
+    for older in session.scalars(select(Assignment).where(
+            Assignment.device_id == device_id,
+            Assignment.model_name == deployment.model_name,
+            Assignment.state != AssignmentState.SUPERSEDED)):
+        older.state = AssignmentState.SUPERSEDED
+        left.add(older.deployment_id)
+    previous = current_release(ctx, session, device_id, deployment.model_name)
+    assignment = Assignment(
+        deployment_id=deployment.id, device_id=device_id, release_id=release.id,
+        model_name=deployment.model_name, phase=phase, state=AssignmentState.WAITING,
+        previous_release_id=previous.id if previous is not None
+        and previous.id != release.id else None,
+        updated_at=now)
+    session.add(assignment)
+    return assignment, left
+
+
 def start_assignment(ctx: ServerContext, session: Session, assignment: Assignment,
                      now: datetime, content_key: bytes | None = None) -> None:
     """Hand one waiting device its release (its phase started, or it joined a live one)."""
@@ -283,27 +310,7 @@ def deploy(
     ranked = rank_devices(deployment.id, list(by_id))
     scheduled: dict[str, int] = {}
     for device_id, phase in zip(ranked, phase_of_ranks(len(ranked), phases), strict=True):
-        for older in session.scalars(
-            select(Assignment).where(
-                Assignment.device_id == device_id,
-                Assignment.model_name == model_name,
-                Assignment.state != AssignmentState.SUPERSEDED,
-            )
-        ):
-            older.state = AssignmentState.SUPERSEDED
-            superseded.add(older.deployment_id)
-        previous = current_release(ctx, session, device_id, model_name)
-        session.add(Assignment(
-            deployment_id=deployment.id,
-            device_id=device_id,
-            release_id=release.id,
-            model_name=model_name,
-            phase=phase,
-            state=AssignmentState.WAITING,
-            previous_release_id=previous.id if previous is not None
-            and previous.id != release.id else None,
-            updated_at=now,
-        ))
+        superseded |= add_assignment(ctx, session, deployment, device_id, phase, now)[1]
         scheduled[device_id] = phase
     session.flush()
     for deployment_id in sorted(superseded):

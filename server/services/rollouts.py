@@ -58,8 +58,8 @@ from edgeota.server.db.models import (
 )
 from edgeota.server.db.session import lock
 from edgeota.server.services.deployments import (
+    add_assignment,
     assign_release,
-    current_release,
     eligibility_problem,
     record_event,
     selector_matches,
@@ -207,19 +207,8 @@ def _join_new_devices(ctx: ServerContext, session: Session, deployment: Deployme
             Deployment.id > deployment.id)).first()
         if busy is not None:
             continue  # a newer deployment of this model already has it
-        for older in session.scalars(select(Assignment).where(
-                Assignment.device_id == device.id,
-                Assignment.model_name == deployment.model_name,
-                Assignment.state != AssignmentState.SUPERSEDED)):
-            older.state = AssignmentState.SUPERSEDED
-        previous = current_release(ctx, session, device.id, deployment.model_name)
-        assignment = Assignment(
-            deployment_id=deployment.id, device_id=device.id, release_id=release.id,
-            model_name=deployment.model_name, phase=deployment.current_phase,
-            state=AssignmentState.WAITING, updated_at=now,
-            previous_release_id=previous.id if previous is not None
-            and previous.id != release.id else None)
-        session.add(assignment)
+        assignment, _ = add_assignment(ctx, session, deployment, device.id,
+                                       deployment.current_phase, now)
         session.flush()
         start_assignment(ctx, session, assignment, now)
         joined.append(device.id)
@@ -425,12 +414,19 @@ def _deployment(session: Session, deployment_id: int) -> Deployment:
     return deployment
 
 
-def pause(ctx: ServerContext, session: Session, actor: str,
-          deployment_id: int) -> RolloutActionOut:
+def _locked(session: Session, deployment_id: int, allowed: tuple[DeploymentStatus, ...],
+            wanted: str) -> Deployment:
+    """The deployment under the director lock, refused unless its status is ``allowed``."""
     lock(session, "director")
     deployment = _deployment(session, deployment_id)
-    if deployment.status != DeploymentStatus.ACTIVE:
-        raise ConflictError(f"deployment {deployment_id} is {deployment.status}, not active")
+    if deployment.status not in allowed:
+        raise ConflictError(f"deployment {deployment_id} is {deployment.status}{wanted}")
+    return deployment
+
+
+def pause(ctx: ServerContext, session: Session, actor: str,
+          deployment_id: int) -> RolloutActionOut:
+    deployment = _locked(session, deployment_id, (DeploymentStatus.ACTIVE,), ", not active")
     _pause(session, deployment, ctx.clock(), actor, f"paused by {actor}")
     return RolloutActionOut(deployment_id=deployment_id, action="pause",
                             status=str(deployment.status))
@@ -439,10 +435,7 @@ def pause(ctx: ServerContext, session: Session, actor: str,
 def resume(ctx: ServerContext, session: Session, actor: str,
            deployment_id: int) -> RolloutActionOut:
     """Continue a paused deployment; failures and gate findings so far are acknowledged."""
-    lock(session, "director")
-    deployment = _deployment(session, deployment_id)
-    if deployment.status != DeploymentStatus.PAUSED:
-        raise ConflictError(f"deployment {deployment_id} is {deployment.status}, not paused")
+    deployment = _locked(session, deployment_id, (DeploymentStatus.PAUSED,), ", not paused")
     now = ctx.clock()
     excused = sorted({*(deployment.options or {}).get("excused_devices", []),
                       *(d for f in evaluate_gates(session, deployment) for d in f.devices)})
@@ -459,10 +452,8 @@ def resume(ctx: ServerContext, session: Session, actor: str,
 def cancel(ctx: ServerContext, session: Session, actor: str,
            deployment_id: int) -> RolloutActionOut:
     """Stop: devices not yet started never get the release; started ones keep it."""
-    lock(session, "director")
-    deployment = _deployment(session, deployment_id)
-    if deployment.status not in (DeploymentStatus.ACTIVE, DeploymentStatus.PAUSED):
-        raise ConflictError(f"deployment {deployment_id} is {deployment.status}")
+    deployment = _locked(session, deployment_id,
+                         (DeploymentStatus.ACTIVE, DeploymentStatus.PAUSED), "")
     now = ctx.clock()
     deployment.status = DeploymentStatus.CANCELLED
     deployment.status_reason = f"cancelled by {actor}"
