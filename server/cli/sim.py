@@ -34,7 +34,7 @@ def run(
     devices: Annotated[int | None, typer.Option(
         help="Devices to simulate (default: the scenario's).", min=1, max=5000)] = None,
     scenario: Annotated[str, typer.Option(
-        help="A scenario TOML file, or a built-in one: staged, flaky, gate, attacks.")]
+        help="A scenario TOML file, or a built-in one: staged, flaky, gate, attacks, demo.")]
     = "staged",
     report: Annotated[Path | None, typer.Option(
         help="Write summary.json, per-device CSV timelines and PNG plots here.")] = None,
