@@ -9,7 +9,13 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Histogram,
+    ProcessCollector,
+    generate_latest,
+)
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 from sqlalchemy import func, select
@@ -94,6 +100,9 @@ class ServerMetrics:
             "edgeota_director_sign_seconds", "Time to sign one device's director metadata",
             registry=self.registry, buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5))
         self.registry.register(_FleetCollector(sessions))
+        # process_cpu_seconds_total and friends: what a scraper (or `edgeota sim run`
+        # joining this server) divides by updates to get the server's cost per update.
+        ProcessCollector(registry=self.registry)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

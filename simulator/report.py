@@ -315,7 +315,7 @@ class FleetRecorder:
         *,
         clock: Callable[[], float] = time.monotonic,
         bridge_counters: Callable[[], Any] | None = None,
-        server_cpu_seconds: Callable[[], float] | None = None,
+        server_cpu_seconds: Callable[[], float | None] | None = None,
         max_transitions: int = 100_000,
         max_count_rows: int = 20_000,
         max_events: int = 10_000,
@@ -546,7 +546,8 @@ class FleetRecorder:
             snap.bytes_total = sum(received.values())
         snap.resume = dict(resume)
         if self._server_cpu is not None:
-            snap.cpu_seconds = float(self._server_cpu())
+            cpu = self._server_cpu()  # None: the server could not say (logged where asked)
+            snap.cpu_seconds = float(cpu) if cpu is not None else None
         return snap
 
     # -- reading ---------------------------------------------------------------------

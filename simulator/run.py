@@ -1,15 +1,19 @@
-"""Run a scenario: a real server and broker, a fleet of real agents, the timeline, a report.
+"""Run a scenario: a server and broker, a fleet of real agents, the timeline, a report.
 
-:class:`Simulation` sets everything up in a work folder on embedded defaults
-(SQLite, the embedded TLS broker, a loopback HTTP port), enrols the devices
+:class:`Simulation` gets its server from :mod:`edgeota.simulator.server`:
+by default (the tests) the embedded server and TLS broker in this process on
+a fresh home (SQLite, loopback ports); ``edgeota sim run`` starts ``edgeota
+serve`` in a child process instead, so the report has the server's own CPU
+per update, or joins a running server (``--server``). It enrols the devices
 through the operator API as ``edgeota device enroll`` does, and runs one
 unmodified agent per device (:class:`~edgeota.simulator.device.SimulatedDevice`)
 on a few worker threads, their MQTT connections on one shared network loop
 when one is available. The timeline's steps publish releases through the
-release manager's code path and deploy them through the operator API; the
-server's own rollout engine advances phases and gates. Every wait is bounded
-by its step's timeout; a step that times out is a problem in the result, and
-the run goes on to write its report.
+release manager's code path and deploy them through the operator API to the
+run's own devices (selected by their ``sim`` tag); the server's own rollout
+engine advances phases and gates. Every wait is bounded by its step's
+timeout; a step that times out is a problem in the result, and the run goes
+on to write its report.
 
 ``edgeota sim run`` and ``edgeota demo`` both use this class, and the tests
 drive it the same way.
@@ -36,13 +40,13 @@ from edgeota.simulator.device import DeviceTiming, SimulatedDevice
 from edgeota.simulator.fleet import FleetRunner
 from edgeota.simulator.models import padded_model
 from edgeota.simulator.scenario import Scenario, Step
+from edgeota.simulator.server import ServerChoice, SimServer, SimServerError, open_server
 
 __all__ = ["Simulation", "SimulationError", "SimulationResult"]
 
 logger = logging.getLogger(__name__)
 
 SAMPLE_INTERVAL = 0.25  # seconds between two looks at the fleet
-ENGINE_INTERVAL = 0.5  # seconds: the rollout engine's period during a simulation
 
 
 class SimulationError(EdgeotaError):
@@ -76,10 +80,17 @@ class Simulation:
         workdir: Path,
         *,
         workers: int = 4,
+        server: ServerChoice | None = None,
         on_progress: Callable[[Simulation], None] | None = None,
         say: Callable[[str], None] = lambda _text: None,
     ) -> None:
         self.scenario = scenario
+        self.server_choice = server or ServerChoice()
+        if any(step.action == "attacks" for step in scenario.timeline) \
+                and self.server_choice.mode != "in-process":
+            raise SimulationError(
+                "the attack suite plays a malicious server with the server's own keys and "
+                "storage, so it needs the server in this process (--in-process)")
         self.workdir = workdir
         self.workers = workers
         self.devices: list[SimulatedDevice] = []
@@ -89,11 +100,13 @@ class Simulation:
         self._rng = random.Random(scenario.seed)  # noqa: S311 - fault draws, not secrets
         self._stack: list[Callable[[], None]] = []
         self._released: dict[str, dict[str, Any]] = {}  # NAME@VERSION -> release JSON
-        self.server: Any = None
+        self.server: SimServer = open_server(self.server_choice)
         self.client: Any = None
-        self.transport: Any = None
         self.operator: Any = None
         self.network: Any = None
+        # Tag and device ids of this run's devices: a deploy selects only them.
+        self.fleet_tag = {"sim": "fleet" if self.server.device_id_prefix == "sim"
+                          else self.server.device_id_prefix}
         self._fault_thread: threading.Thread | None = None
         self._stop_faults = threading.Event()
 
@@ -119,36 +132,20 @@ class Simulation:
             except Exception:
                 logger.exception("simulation tear-down step failed")
 
-    def _start(self) -> None:
-        from edgeota.server.client import OperatorClient
-        from edgeota.server.config import load_operator_config, load_server_config
-        from edgeota.server.embedded import EmbeddedServer, bind_loopback
-        from edgeota.server.home import HomeOptions, init_home
-        from edgeota.server.transport import MqttTransport
+    @property
+    def transport(self) -> Any:
+        """The server's MQTT transport (in-process servers only)."""
+        return self.server.transport
 
-        home = self.workdir / "home"
-        sock = bind_loopback()
-        probe = bind_loopback()
-        mqtt_port = probe.getsockname()[1]
-        probe.close()  # the embedded broker binds it next
-        init_home(home, HomeOptions(http=f"127.0.0.1:{sock.getsockname()[1]}",
-                                    mqtt=f"127.0.0.1:{mqtt_port}", bin_bits=4))
-        config = dataclasses.replace(load_server_config(home),
-                                     rollout_interval_seconds=ENGINE_INTERVAL)
-        config.save()
-        self.operator = load_operator_config(home)
-        self.server = EmbeddedServer(config, sock)
-        self.server.start()
+    def _start(self) -> None:
+        self.workdir.mkdir(parents=True, exist_ok=True)
         self._stack.append(self.server.stop)
-        self.transport = MqttTransport(config.ca_dir, self.server.ctx.store,
-                                       embedded_port=mqtt_port,
-                                       sessions=self.server.ctx.sessions,
-                                       clock=self.server.ctx.clock)
-        self.transport.start()
-        self._stack.append(self.transport.stop)
-        self.server.ctx.notify = self.transport.notify
-        self.client = OperatorClient(self.server.url, self.operator.token())
-        self._stack.append(self.client.close)
+        try:
+            self.server.start(self.workdir)
+        except SimServerError as e:
+            raise SimulationError(str(e)) from e
+        self.operator = self.server.operator
+        self.client = self.server.client
         self.network = _shared_network_loop()
         if self.network is not None:
             self.network.start()
@@ -170,10 +167,13 @@ class Simulation:
                               inferences_per_step=scenario.agent.inferences_per_step)
         self._say(f"enrolling {scenario.devices} devices")
         for index, cls in enumerate(classes):
-            device_id = f"sim-{index + 1:04d}"
+            device_id = f"{self.server.device_id_prefix}-{index + 1:04d}"
             config = enroll_device(self.operator, self.client, device_id, hardware=cls.hardware,
-                                   tags={**cls.tags, "sim": "fleet"},
+                                   tags={**cls.tags, **self.fleet_tag},
                                    out=self.workdir / "devices" / device_id)
+            if self.server.broker_override:
+                config = dataclasses.replace(config, mqtt_url=self.server.broker_override)
+                config.save()
             device = self._device(config, cls.hardware, settings, timing)
             self.devices.append(device)
         self._stack.append(self._close_devices)
@@ -218,8 +218,10 @@ class Simulation:
     def run(self, report_dir: Path | None = None) -> SimulationResult:
         from edgeota.simulator.report import FleetRecorder
 
-        bridge = self.transport.bridge
-        self.recorder = FleetRecorder(self.devices, bridge_counters=bridge.counters)
+        self.recorder = FleetRecorder(
+            self.devices,
+            bridge_counters=self.server.bridge_counters if self.server.in_process else None,
+            server_cpu_seconds=None if self.server.in_process else self.server.cpu_seconds)
         result = SimulationResult(scenario=self.scenario.name, serving={},
                                   hardware={d.device_id: d.hardware for d in self.devices})
         runner = FleetRunner(self.devices, workers=self.workers)
@@ -305,7 +307,7 @@ class Simulation:
         assert step.release is not None
         name, version = step.release.split("@")
         answer = self.client.post("/api/v1/deployments", {
-            "name": name, "version": version, "tags": {"sim": "fleet"}, "devices": [],
+            "name": name, "version": version, "tags": self.fleet_tag, "devices": [],
             "phases": list(step.phases),
             "options": {"soak_seconds": step.soak_seconds,
                         "min_success_ratio": step.min_success_ratio,

@@ -1,7 +1,7 @@
 """``edgeota demo``: the whole release flow on this machine, on embedded defaults.
 
 A temporary home (SQLite, local keys), the update server and the embedded
-TLS broker in this process, 20 simulated devices on two hardware classes
+TLS broker in a child process (``edgeota serve``), 20 simulated devices on two hardware classes
 running the real agent (the fleet simulator's built-in ``demo`` scenario).
 The release manager publishes digits 1.0.0, the operator deploys it; then
 2.0.0 goes out in a staged rollout (10 %, 50 %, 100 %) that the server's
@@ -35,6 +35,7 @@ def demo(
     in a staged rollout; prints the dashboard URL while it runs and the report at the end."""
     from edgeota.server.cli.sim import print_result, simulate
     from edgeota.simulator.scenario import load_scenario
+    from edgeota.simulator.server import ServerChoice
 
     console = Console()
     plan = load_scenario(Path("demo")).with_devices(devices)
@@ -44,6 +45,7 @@ def demo(
         base.mkdir(parents=True, exist_ok=True)
         target = report.resolve()
         result = simulate(plan, base, target, workers=4, console=console,
+                          server=ServerChoice(mode="process"),
                           on_start=lambda sim: _dashboard(console, sim),
                           on_finish=lambda sim, _result: accuracy.update(_measure(sim)))
         print_result(console, result)
@@ -56,10 +58,7 @@ def demo(
 
 
 def _dashboard(console: Console, sim: Any) -> None:
-    from edgeota.server.tokens import Role, issue_token
-
-    with sim.server.ctx.sessions() as session, session.begin():
-        _, token = issue_token(session, name="demo-viewer", role=Role.VIEWER)
+    token = sim.client.post("/api/v1/tokens", {"name": "demo-viewer", "role": "viewer"})["token"]
     console.print(f"  dashboard: {sim.server.url}/  (sign in with the viewer token {token})")
 
 

@@ -44,27 +44,63 @@ def run(
     workers: Annotated[int, typer.Option(
         help="Threads that step the agents (their MQTT runs on one network loop).",
         min=1, max=64)] = 4,
+    in_process: Annotated[bool | None, typer.Option(
+        "--in-process/--server-process",
+        help="Run the server in this process (needed by the attack suite, which plays a "
+        "malicious server) or as `edgeota serve` in a child process, so the report has its "
+        "CPU per update. Default: in-process only for scenarios with attacks.",
+        show_default=False)] = None,
+    server: Annotated[str | None, typer.Option(
+        help="Join a running server at this URL instead of starting one (needs --home).")]
+    = None,
+    home: Annotated[Path | None, typer.Option(
+        help="With --server: the operator home (operator.toml: release keys, trusted roots, "
+        "admin token) of that server, as written by `edgeota init`.")] = None,
+    broker: Annotated[str | None, typer.Option(
+        help="With --server: mqtts://HOST:PORT for the devices, instead of the broker the "
+        "server advertises.")] = None,
 ) -> None:
     """Run real agents (each with its own identity, journal and MQTT connection) through a
-    scenario: a server and embedded broker start in this process, the devices enrol, the
-    timeline publishes and deploys, faults and attacks happen; a live table shows devices
-    per state. Exits 1 if a step did not reach its goal or an attack was not refused.
+    scenario: a server and embedded broker start (or --server joins a running one), the
+    devices enrol, the timeline publishes and deploys, faults and attacks happen; a live
+    table shows devices per state. Exits 1 if a step did not reach its goal or an attack
+    was not refused.
 
-    Example: edgeota sim run --devices 100 --scenario flaky --report sim-report
+    Joining a server adds devices with ids and a `sim` tag unique to the run and deploys
+    only to them; the scenario's releases are published there (a version that exists is
+    refused by the server).
+
+    Examples:
+
+      edgeota sim run --devices 100 --scenario flaky --report sim-report
+
+      edgeota sim run --scenario staged --server http://10.0.0.5:8443 --home ./ops-home
     """
+    from edgeota.simulator.server import ServerChoice
+
     plan = _scenario(scenario, devices)
+    has_attacks = any(step.action == "attacks" for step in plan.timeline)
+    if server is not None:
+        if in_process:
+            raise typer.BadParameter("--in-process starts a server: it cannot join --server")
+        choice = ServerChoice(mode="join", url=server, home=home, broker=broker)
+    else:
+        if home is not None or broker is not None:
+            raise typer.BadParameter("--home and --broker only apply with --server URL")
+        choice = ServerChoice(mode="in-process" if (has_attacks if in_process is None
+                                                    else in_process) else "process")
     console = Console()
     with tempfile.TemporaryDirectory(prefix="edgeota-sim-") as scratch:
         base = (workdir or Path(scratch)).resolve()
         base.mkdir(parents=True, exist_ok=True)
-        result = simulate(plan, base, report, workers, console)
+        result = simulate(plan, base, report, workers, console, server=choice)
     print_result(console, result)
     if not result.ok:
         raise SimulationFailedError("; ".join(result.problems))
 
 
 def simulate(plan: Any, base: Path, report: Path | None, workers: int, console: Console,
-             on_start: Any = None, on_finish: Any = None) -> Any:
+             on_start: Any = None, on_finish: Any = None, server: Any = None) -> Any:
     """Run ``plan`` with a live view on ``console``; returns the SimulationResult."""
     from edgeota.simulator.report import live_view
     from edgeota.simulator.run import Simulation
@@ -80,7 +116,7 @@ def simulate(plan: Any, base: Path, report: Path | None, workers: int, console: 
         if live is not None:
             live.update(live_view(sim.recorder))
 
-    with Simulation(plan, base, workers=workers, on_progress=refresh,
+    with Simulation(plan, base, workers=workers, server=server, on_progress=refresh,
                     say=lambda text: console.print(f"  {text}")) as sim:
         if on_start is not None:
             on_start(sim)
@@ -119,7 +155,9 @@ def print_result(console: Console, result: Any) -> None:
     for wave in summary.get("waves", []):
         console.print(f"  {wave.get('label')}: " + ", ".join(
             f"{k} {wave[k]:.1f} s" if isinstance(wave.get(k), float) else f"{k} {wave.get(k)}"
-            for k in ("time_to_50", "time_to_95", "time_to_100") if k in wave))
+            for k in ("time_to_50", "time_to_95", "time_to_100") if k in wave)
+            + (f", server CPU {wave['server_cpu_seconds_per_update'] * 1000:.0f} ms per update"
+               if wave.get("server_cpu_seconds_per_update") is not None else ""))
     if result.report_dir is not None:
         console.print(f"report: {result.report_dir}")
     for problem in result.problems:
