@@ -6,11 +6,21 @@ embedded amqtt broker runs in-process with TLS and the per-device ACL; with
 set up by ``edgeota broker-config``). Either way the bridge authenticates
 with the server's own client certificate (CN ``_edgeota-server``), issued
 from the fleet CA into a private folder at start.
+
+On an external broker several ``edgeota serve`` replicas may share the work:
+each connects with a client id of its own (the broker would otherwise
+disconnect one replica whenever another connects with the same id) and
+subscribes through the shared-subscription group :data:`REPLICA_GROUP`, so
+every fetch request and every device report reaches exactly one replica
+(two replicas ingesting the same report would see the second copy as a
+replay). The embedded broker lives inside one replica and has no shared
+subscriptions, so there the bridge subscribes plainly.
 """
 
 from __future__ import annotations
 
 import logging
+import secrets
 import shutil
 import tempfile
 from collections.abc import Callable
@@ -31,9 +41,17 @@ from edgeota.server.mqtt_bridge import FetchBridge
 from edgeota.server.mqtt_ingest import DeviceMessageSink
 from edgeota.server.repo.storage import RepoStore
 
-__all__ = ["BrokerAddress", "MqttTransport", "TransportError", "parse_broker_url"]
+__all__ = [
+    "REPLICA_GROUP",
+    "BrokerAddress",
+    "MqttTransport",
+    "TransportError",
+    "parse_broker_url",
+]
 
 logger = logging.getLogger(__name__)
+
+REPLICA_GROUP = "edgeota-replicas"  # the shared-subscription group of the server replicas
 
 
 class TransportError(EdgeotaError):
@@ -112,9 +130,13 @@ class MqttTransport:
             address = self.address
             if self.sink is not None:
                 self.sink.start()
+            external = self._external is not None
+            client_id = (f"{SERVER_IDENTITY}-{secrets.token_hex(4)}" if external
+                         else SERVER_IDENTITY)
             self.bridge = FetchBridge(self._store, host=address.host, port=address.port,
-                                      client_id=SERVER_IDENTITY, tls=self._server_identity(),
-                                      on_device_message=self.sink)
+                                      client_id=client_id, tls=self._server_identity(),
+                                      on_device_message=self.sink,
+                                      shared_group=REPLICA_GROUP if external else None)
             self.bridge.start()
         except BaseException:
             self.stop()

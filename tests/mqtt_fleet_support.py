@@ -1,6 +1,7 @@
 """A private Mosquitto with the production TLS setup, for tests that connect many devices.
 
-The fixture ``tls_mosquitto`` creates a fleet CA in the test's ``tmp_path``,
+The fixture ``tls_mosquitto`` creates a fleet CA in the test's ``tmp_path``
+(``running_fleet_mosquitto`` does the same for a given CA, e.g. a server home's),
 writes the broker files exactly as ``edgeota broker-config`` does
 (``write_mosquitto_files``: TLS, client certificates required, the fleet ACL)
 and runs them through ``mosquitto_support.MosquittoBroker``, so ``restart()``
@@ -11,6 +12,7 @@ certificate the broker files hold.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 from collections.abc import Iterator
@@ -24,7 +26,7 @@ from edgeota.protocol.fetch import MqttTls
 from edgeota.server.broker_config import BrokerFiles, write_mosquitto_files
 from edgeota.server.fleet_ca import TLS_CERT_FILE, TLS_KEY_FILE, FleetCA, write_device_tls
 
-__all__ = ["TlsFleetBroker", "tls_mosquitto"]
+__all__ = ["TlsFleetBroker", "running_fleet_mosquitto", "tls_mosquitto"]
 
 HOST = "127.0.0.1"
 
@@ -58,21 +60,21 @@ class TlsFleetBroker:
         return MqttTls(self.files.ca_cert, folder / TLS_CERT_FILE, folder / TLS_KEY_FILE)
 
 
-@pytest.fixture
-def tls_mosquitto(tmp_path: Path) -> Iterator[TlsFleetBroker]:
-    """Mosquitto on a free loopback port with the production TLS + ACL files."""
+@contextlib.contextmanager
+def running_fleet_mosquitto(ca: FleetCA, folder: Path) -> Iterator[TlsFleetBroker]:
+    """Mosquitto on a free loopback port with the files ``edgeota broker-config`` writes
+    for ``ca`` (TLS, client certificates required, the fleet ACL), under ``folder``."""
     if shutil.which(MOSQUITTO) is None:
         reason = f"mosquitto binary not found at {MOSQUITTO}; install the mosquitto package"
         if os.environ.get("CI", "").lower() == "true":
             pytest.fail(reason)
         pytest.skip(reason)
-    ca = FleetCA.create(tmp_path / "fleet-ca")
     # Started as root, Mosquitto switches to another user, who cannot read our 0600 files.
     run_as = "root" if os.geteuid() == 0 else None
     last_error: Exception | None = None
     for attempt in range(3):  # another process may take the free port first
         port = _free_port(HOST)
-        files = write_mosquitto_files(ca, tmp_path / f"tls-broker-{attempt}", host=HOST,
+        files = write_mosquitto_files(ca, folder / f"tls-broker-{attempt}", host=HOST,
                                       port=port, run_as=run_as)
         broker = MosquittoBroker(HOST, port, None, files.folder)  # type: ignore[arg-type]
         try:
@@ -86,3 +88,10 @@ def tls_mosquitto(tmp_path: Path) -> Iterator[TlsFleetBroker]:
             broker.stop()
         return
     raise RuntimeError(f"could not start the TLS mosquitto: {last_error}")
+
+
+@pytest.fixture
+def tls_mosquitto(tmp_path: Path) -> Iterator[TlsFleetBroker]:
+    """Mosquitto on a free loopback port with the production TLS + ACL files."""
+    with running_fleet_mosquitto(FleetCA.create(tmp_path / "fleet-ca"), tmp_path) as broker:
+        yield broker

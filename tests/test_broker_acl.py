@@ -10,11 +10,7 @@ it before the control.
 
 from __future__ import annotations
 
-import os
 import queue
-import shutil
-import socket
-import subprocess
 import threading
 import time
 import uuid
@@ -27,6 +23,7 @@ import pytest
 import typer
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
+from mqtt_fleet_support import running_fleet_mosquitto
 from typer.testing import CliRunner
 
 from edgeota.protocol.identity import SERVER_IDENTITY, TLS_CERT_FILE, TLS_KEY_FILE
@@ -34,7 +31,6 @@ from edgeota.protocol.topics import DeviceTopic, Topics
 from edgeota.server.broker_config import (
     BrokerConfigError,
     render_acl,
-    write_mosquitto_config,
     write_mosquitto_files,
 )
 from edgeota.server.cli.broker import broker_config
@@ -53,9 +49,6 @@ from edgeota.server.home import init_home
 TOPICS = Topics()
 PREFIX = TOPICS.prefix
 WAIT = 5.0  # seconds: the bound on every wait for something that must happen
-MOSQUITTO = shutil.which("mosquitto") or next(
-    (p for p in ("/usr/sbin/mosquitto", "/usr/local/sbin/mosquitto") if Path(p).is_file()), None
-)
 
 
 def t(device: str, kind: DeviceTopic) -> str:
@@ -106,51 +99,13 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Fleet:
     return Fleet(home, ca_dir, ca.folder / "ca.crt.pem", devices, foreign, work)
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def wait_for_port(port: int, proc: subprocess.Popen[bytes], log: Path) -> None:
-    deadline = time.monotonic() + WAIT
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise AssertionError(f"mosquitto exited with {proc.returncode}:\n{log.read_text()}")
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
-                return
-        except OSError:
-            time.sleep(0.02)
-    raise AssertionError(f"mosquitto did not listen on {port} within {WAIT}s:\n{log.read_text()}")
-
-
 @pytest.fixture(scope="module")
 def acl_mosquitto(fleet: Fleet) -> Iterator[RunningBroker]:
-    if MOSQUITTO is None:
-        if os.environ.get("CI") == "true":
-            pytest.fail("the mosquitto binary is required in CI")
-        pytest.skip("mosquitto binary not installed (apt install mosquitto)")
-    files = write_mosquitto_config(
-        fleet.home, fleet.work / "mosquitto", port=free_port(),
-        # Started as root, Mosquitto would switch to the `mosquitto` user, who
-        # cannot read the 0600 files this test process owns.
-        run_as="root" if os.geteuid() == 0 else None,
-    )
-    log = fleet.work / "mosquitto.log"
-    with log.open("wb") as out:
-        proc = subprocess.Popen(files.command(MOSQUITTO), stdout=out, stderr=subprocess.STDOUT)
-    try:
-        wait_for_port(files.port, proc, log)
-        yield RunningBroker("mosquitto", files.port, files.ca_cert,
+    ca = FleetCA.load(fleet.ca_dir)
+    with running_fleet_mosquitto(ca, fleet.work / "mosquitto") as broker:
+        files = broker.files
+        yield RunningBroker("mosquitto", broker.port, files.ca_cert,
                             Credentials(files.bridge_cert, files.bridge_key))
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(WAIT)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(WAIT)
 
 
 @pytest.fixture(scope="module")
@@ -440,8 +395,8 @@ def test_broker_certificate_is_not_a_client_identity(broker: RunningBroker, flee
         creds.cert.write_bytes(certificate_pem(cert))
         creds.key.write_bytes(private_key_pem(key))
     else:
-        creds = Credentials(fleet.work / "mosquitto" / "server.crt.pem",
-                            fleet.work / "mosquitto" / "server.key.pem")
+        files = sorted((fleet.work / "mosquitto").glob("tls-broker-*"))[-1]  # the one running
+        creds = Credentials(files / "server.crt.pem", files / "server.key.pem")
     client = Client(broker, creds)
     try:
         assert not client.connect()

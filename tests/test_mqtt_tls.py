@@ -19,11 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import queue
-import shutil
-import socket
-import subprocess
 import threading
 import time
 import uuid
@@ -33,7 +29,7 @@ from pathlib import Path
 
 import paho.mqtt.client as mqtt
 import pytest
-from mosquitto_support import MOSQUITTO
+from mqtt_fleet_support import running_fleet_mosquitto
 from server_support import RunningServer, wait_for
 from sqlalchemy import select
 from tuf.api import exceptions
@@ -46,7 +42,6 @@ from edgeota.protocol.fetch import MqttTls
 from edgeota.protocol.identity import SERVER_IDENTITY, DeviceIdentity
 from edgeota.protocol.reports import SignedReport, StatusReport
 from edgeota.protocol.topics import DeviceTopic, Topics
-from edgeota.server.broker_config import write_mosquitto_config
 from edgeota.server.db.models import AuditEntry, Device
 from edgeota.server.embedded_broker import EmbeddedBroker
 from edgeota.server.fleet_ca import FleetCA, certificate_pem, private_key_pem
@@ -72,52 +67,11 @@ class TlsBroker:
     shared_group: str | None  # amqtt has no shared subscriptions
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind((HOST, 0))
-        return int(sock.getsockname()[1])
-
-
-def _wait_for_port(port: int, proc: subprocess.Popen[bytes], log: Path) -> None:
-    deadline = time.monotonic() + WAIT
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise AssertionError(f"mosquitto exited with {proc.returncode}:\n{log.read_text()}")
-        try:
-            with socket.create_connection((HOST, port), timeout=0.2):
-                return
-        except OSError:
-            time.sleep(0.01)  # polling the port: mosquitto gives no readiness signal
-    raise AssertionError(f"mosquitto did not listen on {port} within {WAIT}s:\n{log.read_text()}")
-
-
 def _mosquitto(server: RunningServer) -> Iterator[TlsBroker]:
-    if shutil.which(MOSQUITTO) is None:
-        if os.environ.get("CI", "").lower() == "true":
-            pytest.fail(f"the mosquitto binary ({MOSQUITTO}) is required in CI")
-        pytest.skip(f"mosquitto binary not found at {MOSQUITTO}")
-    files = write_mosquitto_config(
-        server.home, server.home.parent / "mosquitto", port=_free_port(),
-        # Started as root, Mosquitto switches to the `mosquitto` user, who
-        # cannot read the 0600 files this test process owns.
-        run_as="root" if os.geteuid() == 0 else None,
-    )
-    log = files.folder / "mosquitto.log"
-    with log.open("wb") as out:
-        proc = subprocess.Popen(files.command(MOSQUITTO), stdout=out, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL)
-    try:
-        _wait_for_port(files.port, proc, log)
-        yield TlsBroker("mosquitto", files.port, files.ca_cert,
-                        MqttTls(files.ca_cert, files.bridge_cert, files.bridge_key),
+    ca = FleetCA.load(server.config.ca_dir)
+    with running_fleet_mosquitto(ca, server.home.parent / "mosquitto") as broker:
+        yield TlsBroker("mosquitto", broker.port, broker.files.ca_cert, broker.server_tls,
                         shared_group="edgeota-replicas")
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(WAIT)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(WAIT)
 
 
 def _embedded(server: RunningServer) -> Iterator[TlsBroker]:

@@ -13,7 +13,12 @@ from edgeota.protocol.identity import DeviceIdentity
 from edgeota.protocol.reports import MalformedReportError, SignedReport, StatusReport
 from edgeota.server import audit
 from edgeota.server.db.models import AuditEntry, Device, StatusEvent
-from edgeota.server.services.reports import ReportRejection, ingest_report
+from edgeota.server.services.reports import (
+    SEQ_WINDOW,
+    ReportRejection,
+    check_seq,
+    ingest_report,
+)
 
 NOW = datetime(2026, 11, 25, 12, 0, tzinfo=UTC)
 
@@ -59,6 +64,8 @@ def test_reports_in_order_are_stored(db_session: Session, devices: dict) -> None
 def test_attacks_are_rejected_audited_and_change_nothing(
     db_session: Session, devices: dict, attack: str
 ) -> None:
+    first = SignedReport.sign(report("pi-a", 1), devices["pi-a"])
+    assert ingest(db_session, "pi-a", first.to_bytes()).accepted
     good = SignedReport.sign(report("pi-a", 3), devices["pi-a"])
     assert ingest(db_session, "pi-a", good.to_bytes()).accepted
     before = dict(db_session.get(Device, "pi-a").reported_state)
@@ -75,8 +82,8 @@ def test_attacks_are_rejected_audited_and_change_nothing(
     elif attack == "replayed":
         raw = good.to_bytes()
         expected = ReportRejection.REPLAYED
-    elif attack == "older":
-        raw = SignedReport.sign(report("pi-a", 2), devices["pi-a"]).to_bytes()
+    elif attack == "older":  # an accepted report again, after a newer one
+        raw = first.to_bytes()
         expected = ReportRejection.REPLAYED
     elif attack == "wrong-device":  # pi-a's genuine report published on pi-b's topic
         raw = SignedReport.sign(report("pi-a", 4), devices["pi-a"]).to_bytes()
@@ -95,6 +102,41 @@ def test_attacks_are_rejected_audited_and_change_nothing(
     assert db_session.get(Device, "pi-a").reported_state == before
     assert db_session.get(Device, "pi-a").report_seq == 3
     assert audit.verify(db_session).ok
+
+
+def test_a_late_report_is_taken_once_into_history_without_undoing_the_newer_state(
+    db_session: Session, devices: dict
+) -> None:
+    # Two replicas (or MQTT and HTTP) stored seq 3 before seq 2: 2 is late, not a replay.
+    newer = SignedReport.sign(report("pi-a", 3, "committed"), devices["pi-a"]).to_bytes()
+    late = SignedReport.sign(report("pi-a", 2, "verifying"), devices["pi-a"]).to_bytes()
+    assert ingest(db_session, "pi-a", newer).accepted
+    outcome = ingest(db_session, "pi-a", late)
+    assert outcome.accepted and outcome.reason is None
+    device = db_session.get(Device, "pi-a")
+    assert (device.report_seq, device.reported_state["state"]) == (3, "committed")
+    assert sorted(db_session.scalars(select(StatusEvent.seq)).all()) == [2, 3]
+    again = ingest(db_session, "pi-a", late)  # a copy of the late one is a replay
+    assert again.reason is ReportRejection.REPLAYED
+    assert last_audit(db_session).action == "report.rejected"
+
+
+def test_the_sequence_window_accepts_each_number_once_and_nothing_too_old() -> None:
+    state = check_seq(0, 0, 5)
+    assert (state.fresh, state.last, state.window) == (True, 5, 0)
+    seen = {5}
+    for seq in (9, 7, 6, 8, 9, 5, 4, 3, 8, 9 + SEQ_WINDOW, 9, 10):
+        verdict = check_seq(state.last, state.window, seq)
+        expected = seq not in seen and seq > max(seen) - SEQ_WINDOW - 1 and seq > 0
+        assert verdict.accepted == expected, (seq, seen)
+        if verdict.accepted:
+            seen.add(seq)
+            state = verdict
+    assert state.last == 9 + SEQ_WINDOW
+    assert not check_seq(state.last, state.window, 0).accepted
+    assert not check_seq(state.last, state.window, -1).accepted
+    far = check_seq(state.last, state.window, state.last + SEQ_WINDOW + 5)
+    assert far.fresh and far.window == 0  # every earlier number is now out of the window
 
 
 def test_envelope_bounds() -> None:

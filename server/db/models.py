@@ -206,6 +206,8 @@ class Device(Base):
     )
     # Highest accepted report sequence number: a replayed older report is refused.
     report_seq: Mapped[int] = mapped_column(BigInteger, default=0)
+    # Bit k: report report_seq - 1 - k was accepted (late reports get in once; see reports.py).
+    report_seq_window: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
     disabled: Mapped[bool] = mapped_column(Boolean, default=False)
 
     @validates("id")

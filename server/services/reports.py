@@ -1,10 +1,20 @@
-"""Accepting device status reports: verified, in order, from the device that sent them.
+"""Accepting device status reports: verified, each once, from the device that sent them.
 
 Called by the MQTT bridge for every message on ``devices/{id}/status`` (the
 topic names the sender: the broker ACL lets only that device's certificate
 publish there) and usable from HTTP alike. A rejected report changes nothing
 about the device and is recorded in the audit log with the reason, so a
 forging or replaying client leaves a trace.
+
+Replays are refused with a sliding window (as IPsec's anti-replay window,
+RFC 4303 3.4.3) rather than "above the last accepted": server replicas
+sharing the MQTT subscription, or MQTT and the HTTP fallback at once, can
+store two reports of one device out of order. A report older than the
+newest one accepted but within :data:`SEQ_WINDOW` and never seen is *late*:
+it enters the device's history and moves its rollout assignment forward
+only (it never undoes a newer outcome), and leaves the device's current
+state to the newer report. A second copy of any accepted report, or one
+older than the window, is a replay.
 """
 
 from __future__ import annotations
@@ -23,10 +33,49 @@ from edgeota.server import audit
 from edgeota.server.db.models import Device, StatusEvent
 from edgeota.server.services.rollouts import record_report
 
-__all__ = ["KEPT_ACROSS_REPORTS", "ReportOutcome", "ReportRejection", "ingest_report"]
+__all__ = [
+    "KEPT_ACROSS_REPORTS",
+    "SEQ_WINDOW",
+    "ReportOutcome",
+    "ReportRejection",
+    "SeqCheck",
+    "check_seq",
+    "ingest_report",
+]
 
 # What a status report leaves in Device.reported_state (it replaces the rest).
 KEPT_ACROSS_REPORTS = ("telemetry", "versions")
+
+
+SEQ_WINDOW = 62  # reports behind the newest that may still arrive late (fits a signed BIGINT)
+
+
+@dataclass(frozen=True)
+class SeqCheck:
+    """The verdict on a report's sequence number, and the device's counters after it."""
+
+    fresh: bool  # newer than every accepted report
+    late: bool  # older, inside the window, not seen before
+    last: int
+    window: int
+
+    @property
+    def accepted(self) -> bool:
+        return self.fresh or self.late
+
+
+def check_seq(last: int, window: int, seq: int) -> SeqCheck:
+    """Where ``seq`` stands against the newest accepted ``last`` and the ``window`` bits."""
+    if seq > last:
+        shift = seq - last
+        moved = (window << shift) | (1 << (shift - 1)) if last > 0 else 0
+        if shift > SEQ_WINDOW:
+            moved = 0
+        return SeqCheck(True, False, seq, moved & ((1 << SEQ_WINDOW) - 1))
+    behind = last - 1 - seq
+    if seq <= 0 or seq == last or behind >= SEQ_WINDOW or window & (1 << behind):
+        return SeqCheck(False, False, last, window)
+    return SeqCheck(False, True, last, window | (1 << behind))
 
 
 class ReportRejection(enum.StrEnum):
@@ -70,12 +119,20 @@ def ingest_report(
                       signed.signature)
     except ProtocolError as e:
         return _reject(session, sender, ReportRejection.BAD_SIGNATURE, str(e))
-    if report.seq <= device.report_seq:
+    seq = check_seq(device.report_seq, device.report_seq_window, report.seq)
+    if not seq.accepted:
         return _reject(session, sender, ReportRejection.REPLAYED,
-                       f"seq {report.seq} is not above the last accepted {device.report_seq}")
+                       f"seq {report.seq} was accepted before or is older than the "
+                       f"{SEQ_WINDOW} before the last accepted {device.report_seq}")
     now = clock()
-    device.report_seq = report.seq
+    device.report_seq, device.report_seq_window = seq.last, seq.window
     device.last_seen = now
+    if seq.late:
+        session.add(StatusEvent(device_id=sender, received_at=now, seq=report.seq,
+                                state=report.state, release=report.release,
+                                detail=dict(report.detail)))
+        record_report(session, device, report, now, late=True)
+        return ReportOutcome(True, None, report)
     previous = device.reported_state or {}
     # Telemetry arrives on its own channel and outlives any one report.
     kept = {key: previous[key] for key in KEPT_ACROSS_REPORTS if key in previous}

@@ -62,6 +62,7 @@ from edgeota.server.services.deployments import (
     assign_release,
     eligibility_problem,
     record_event,
+    restart_stalled,
     selector_matches,
     start_assignment,
     start_phase,
@@ -131,8 +132,13 @@ class GateFinding:
 
 
 def record_report(session: Session, device: Device, report: StatusReport,
-                  now: datetime) -> None:
-    """Move the device's assignment for the reported release (called per accepted report)."""
+                  now: datetime, *, late: bool = False) -> None:
+    """Move the device's assignment for the reported release (called per accepted report).
+
+    A ``late`` report (stored after a newer one of the same device) only moves
+    the assignment forward: a failure it tells of does not undo an install
+    that a newer report already confirmed.
+    """
     if not report.release or "@" not in report.release:
         return
     name, _, version = report.release.partition("@")
@@ -155,6 +161,8 @@ def record_report(session: Session, device: Device, report: StatusReport,
         assignment.detail = None
         assignment.finished_at = now
     elif report.state in ("failed", "rolled_back"):
+        if late and assignment.state is AssignmentState.INSTALLED:
+            return
         assignment.state = AssignmentState.FAILED
         assignment.detail = report.error or report.state
         assignment.finished_at = now
@@ -322,7 +330,8 @@ def _step(ctx: ServerContext, session: Session, deployment: Deployment,
           now: datetime) -> str | None:
     """One engine step for one active deployment; returns what changed (None: nothing)."""
     options = _options(deployment)
-    joined = _join_new_devices(ctx, session, deployment, now)
+    retried = restart_stalled(ctx, session, deployment, now, ENGINE_ACTOR)
+    joined = _join_new_devices(ctx, session, deployment, now) + retried.started
     findings = evaluate_gates(session, deployment)
     if findings:
         reasons = "; ".join(f.reason() for f in findings)
