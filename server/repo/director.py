@@ -87,6 +87,10 @@ class DirectorRepository:
         self._signer = online_signer
         self._expiry = expiry or ExpiryPolicy()
         self._clock = clock
+        # (version, parsed root): root files never change once written, so a
+        # parsed version stays valid; which version is current is listed anew
+        # on every use (another replica may have rotated it).
+        self._root_cache: tuple[int, Metadata[Root]] | None = None
         self._trusted_signer(self._root().signed)
 
     @classmethod
@@ -139,12 +143,29 @@ class DirectorRepository:
         return self._store.read_metadata(DIRECTOR, "root", version)
 
     def _root(self) -> Metadata[Root]:
+        """The current shared root: one listing of the small root folder, parsed once per version.
+
+        Writers call this inside the device lock, so a root rotated by another
+        replica is seen (see ``rotate_online_key``); only the parsing is cached.
+        Callers must not modify the returned object.
+        """
+        version = self._store.latest_version(DIRECTOR, "root")
+        if version is None:
+            raise NotInitialisedError(
+                f"{self._store.root} holds no director repository (run edgeota init)"
+            )
+        cached = self._root_cache
+        if cached is not None and cached[0] == version:
+            return cached[1]
         try:
-            return Metadata.from_bytes(self._store.read_metadata(DIRECTOR, "root"))
+            root: Metadata[Root] = Metadata.from_bytes(
+                self._store.read_metadata(DIRECTOR, "root", version))
         except RepoFileNotFoundError as e:
             raise NotInitialisedError(
                 f"{self._store.root} holds no director repository (run edgeota init)"
             ) from e
+        self._root_cache = (version, root)
+        return root
 
     def current_targets(self, device_id: str) -> Metadata[Targets]:
         """The device's current director targets metadata.
@@ -180,34 +201,114 @@ class DirectorRepository:
         """
         repo = _device_repo(device_id)
         with self._store.lock(repo):
-            return self._ensure(repo, self._now(), [self._trusted_signer(self._root().signed)])
+            _, wrote = self._ensure(repo, self._now(),
+                                    [self._trusted_signer(self._root().signed)])
+            return wrote
 
-    def _ensure(self, repo: str, now: datetime, signers: Sequence[Signer]) -> bool:
+    def _ensure(self, repo: str, now: datetime,
+                signers: Sequence[Signer]) -> tuple[dict[str, int], bool]:
+        """Complete the device's metadata if anything is missing.
+
+        Returns the highest stored version of each role and whether anything
+        was written. One folder listing when nothing is missing (the usual
+        case); the versions are what the caller's next writes build on.
+        """
         versions = self._store.latest_versions(repo)
         wrote = False
         if "targets" not in versions:
             targets = Metadata(Targets(version=1, expires=now + self._expiry.director_targets))
             self._sign_write(repo, targets, signers)
+            versions["targets"] = 1
             wrote = True
+        snapshot_bytes = None
         if "snapshot" not in versions:
-            self._write_snapshot(repo, now, signers)
+            snapshot_bytes = self._write_snapshot(repo, now, signers, versions)
             wrote = True
         if wrote or "timestamp" not in versions:
-            self._write_timestamp(repo, now, signers)
+            self._write_timestamp(repo, now, signers, versions, snapshot_bytes)
             wrote = True
-        return wrote
+        return versions, wrote
 
-    def assign(self, device_id: str, targets: Mapping[str, TargetFile]) -> int:
+    def assign(self, device_id: str, targets: Mapping[str, TargetFile],
+               current: Metadata[Targets] | None = None) -> int:
         """Make ``targets`` exactly the device's director targets; return the targets version.
 
         Each ``TargetFile`` carries the director ``custom`` for this device.
-        An assignment equal to the current one writes nothing.
+        An assignment equal to the current one writes nothing. ``current`` is
+        the device's targets metadata as the caller last read it: used (not
+        read and parsed again) if it is still the newest stored version.
+
+        Safe to call for different devices from several threads at once: each
+        device's files are its own, written under its own lock.
 
         Raises:
             AssignmentError: a key that is not its target's path, an
                 unservable path, a custom that does not parse or names another device.
         """
+        wanted = self._checked(device_id, targets)  # before anything is written
+        return self._assign(device_id, lambda _current: wanted, current, check=False)
+
+    def assign_with(
+        self,
+        device_id: str,
+        change: Callable[[Mapping[str, TargetFile]], Mapping[str, TargetFile]],
+        current: Metadata[Targets] | None = None,
+    ) -> int:
+        """Like :meth:`assign`, with the new targets computed from the current ones.
+
+        ``change`` gets the device's current targets, read under the device
+        lock, and returns the complete new set: a read-modify-write that cannot
+        lose a concurrent change to another model's target. If the device has
+        no director metadata yet it is created first (as ``ensure_device``).
+
+        Raises:
+            AssignmentError: as :meth:`assign`, for what ``change`` returns.
+        """
+        return self._assign(device_id, change, current, check=True)
+
+    def _assign(
+        self,
+        device_id: str,
+        change: Callable[[Mapping[str, TargetFile]], Mapping[str, TargetFile]],
+        current: Metadata[Targets] | None,
+        *,
+        check: bool,
+    ) -> int:
         repo = _device_repo(device_id)
+        with self._store.lock(repo):
+            now = self._now()
+            signers = [self._trusted_signer(self._root().signed)]
+            versions, _ = self._ensure(repo, now, signers)
+            if current is None or current.signed.version != versions["targets"]:
+                current = Metadata.from_bytes(
+                    self._store.read_metadata(repo, "targets", versions["targets"]))
+            changed = change(current.signed.targets)
+            wanted = self._checked(device_id, changed) if check else dict(changed)
+            if current.signed.targets == wanted:
+                return current.signed.version
+            new = next_version(current, expires=now + self._expiry.director_targets)
+            new.signed.targets = wanted
+            for signer in signers:
+                sign(new, signer)
+            versions["targets"] = new.signed.version
+            snapshot_version, snapshot_bytes = self._new_snapshot(repo, now, signers, versions)
+            versions["snapshot"] = snapshot_version
+            timestamp_version, timestamp_bytes = self._new_timestamp(
+                repo, now, signers, versions, snapshot_bytes)
+            # One set: the three files, one folder sync, then the timestamp pointer.
+            self._store.write_metadata_set(repo, [
+                ("targets", new.signed.version, new.to_bytes()),
+                ("snapshot", snapshot_version, snapshot_bytes),
+                ("timestamp", timestamp_version, timestamp_bytes),
+            ])
+            logger.info("assigned %d targets to %s (targets v%d)", len(wanted), device_id,
+                        new.signed.version,
+                        extra={"device_id": device_id, "targets_version": new.signed.version})
+            return new.signed.version
+
+    @staticmethod
+    def _checked(device_id: str, targets: Mapping[str, TargetFile]) -> dict[str, TargetFile]:
+        """A private copy of ``targets`` after checking each belongs to ``device_id``."""
         wanted = {path: copy.deepcopy(target) for path, target in targets.items()}
         for path, target in wanted.items():
             if target.path != path:
@@ -222,21 +323,7 @@ class DirectorRepository:
                     f"target {path} carries the custom of device {custom.device_id!r}, "
                     f"not {device_id!r}"
                 )
-        with self._store.lock(repo):
-            now = self._now()
-            signers = [self._trusted_signer(self._root().signed)]
-            self._ensure(repo, now, signers)
-            current = Metadata.from_bytes(self._store.read_metadata(repo, "targets"))
-            if current.signed.targets == wanted:
-                return current.signed.version
-            new = next_version(current, expires=now + self._expiry.director_targets)
-            new.signed.targets = wanted
-            self._sign_write(repo, new, signers)
-            self._write_snapshot(repo, now, signers)
-            self._write_timestamp(repo, now, signers)
-            logger.info("assigned %d targets to %s (targets v%d)", len(wanted), device_id,
-                        new.signed.version)
-            return new.signed.version
+        return wanted
 
     def refresh(self, device_id: str, now: datetime | None = None) -> list[str]:
         """Re-sign the device's roles that are within the margin of expiry; return them.
@@ -255,11 +342,14 @@ class DirectorRepository:
     def _refresh(
         self, repo: str, now: datetime, signers: Sequence[Signer], force: bool = False
     ) -> list[str]:
+        versions = self._store.latest_versions(repo)
         try:
-            targets = Metadata.from_bytes(self._store.read_metadata(repo, "targets"))
-            snapshot = Metadata.from_bytes(self._store.read_metadata(repo, "snapshot"))
+            targets = Metadata.from_bytes(
+                self._store.read_metadata(repo, "targets", versions["targets"]))
+            snapshot = Metadata.from_bytes(
+                self._store.read_metadata(repo, "snapshot", versions["snapshot"]))
             timestamp = Metadata.from_bytes(self._store.read_metadata(repo, "timestamp"))
-        except RepoFileNotFoundError as e:
+        except (KeyError, RepoFileNotFoundError) as e:
             raise UnknownDeviceError(f"{repo} has no complete director metadata") from e
         due = self._expiry.due
         policy = self._expiry
@@ -267,12 +357,14 @@ class DirectorRepository:
         if force or due(targets.signed.expires, policy.director_targets, now):
             new = next_version(targets, expires=now + policy.director_targets)
             self._sign_write(repo, new, signers)
+            versions["targets"] = new.signed.version
             resigned.append("targets")
+        snapshot_bytes = None
         if resigned or due(snapshot.signed.expires, policy.director_snapshot, now):
-            self._write_snapshot(repo, now, signers)
+            snapshot_bytes = self._write_snapshot(repo, now, signers, versions)
             resigned.append("snapshot")
         if resigned or due(timestamp.signed.expires, policy.director_timestamp, now):
-            self._write_timestamp(repo, now, signers)
+            self._write_timestamp(repo, now, signers, versions, snapshot_bytes)
             resigned.append("timestamp")
         return resigned
 
@@ -364,12 +456,13 @@ class DirectorRepository:
             sign(md, signer)
         self._store.write_metadata(repo, "targets", md.signed.version, md.to_bytes())
 
-    def _write_snapshot(self, repo: str, now: datetime, signers: Sequence[Signer]) -> None:
-        """Write the next snapshot, naming the highest stored targets version."""
-        targets_version = self._store.latest_version(repo, "targets")
+    def _new_snapshot(self, repo: str, now: datetime, signers: Sequence[Signer],
+                      versions: dict[str, int]) -> tuple[int, bytes]:
+        """The next snapshot, naming ``versions["targets"]``, signed: (version, bytes)."""
+        targets_version = versions.get("targets")
         if targets_version is None:
             raise UnknownDeviceError(f"{repo} has no targets")
-        version = (self._store.latest_version(repo, "snapshot") or 0) + 1
+        version = versions.get("snapshot", 0) + 1
         snapshot = Metadata(
             Snapshot(
                 version=version,
@@ -379,15 +472,20 @@ class DirectorRepository:
         )
         for signer in signers:
             sign(snapshot, signer)
-        self._store.write_metadata(repo, "snapshot", version, snapshot.to_bytes())
+        return version, snapshot.to_bytes()
 
-    def _write_timestamp(self, repo: str, now: datetime, signers: Sequence[Signer]) -> None:
-        """Write the next timestamp, naming the highest stored snapshot (never an older one)."""
-        snapshot_version = self._store.latest_version(repo, "snapshot")
+    def _new_timestamp(self, repo: str, now: datetime, signers: Sequence[Signer],
+                       versions: dict[str, int], snapshot_bytes: bytes | None) -> tuple[int, bytes]:
+        """The next timestamp, naming ``versions["snapshot"]``, signed: (version, bytes).
+
+        ``snapshot_bytes`` is that snapshot if the caller has it (None: read it).
+        """
+        snapshot_version = versions.get("snapshot")
         if snapshot_version is None:
             raise UnknownDeviceError(f"{repo} has no snapshot")
-        snapshot_bytes = self._store.read_metadata(repo, "snapshot", snapshot_version)
-        version = (self._store.latest_version(repo, "timestamp") or 0) + 1
+        if snapshot_bytes is None:
+            snapshot_bytes = self._store.read_metadata(repo, "snapshot", snapshot_version)
+        version = versions.get("timestamp", 0) + 1
         timestamp = Metadata(
             Timestamp(
                 version=version,
@@ -398,4 +496,24 @@ class DirectorRepository:
         )
         for signer in signers:
             sign(timestamp, signer)
-        self._store.write_metadata(repo, "timestamp", version, timestamp.to_bytes())
+        return version, timestamp.to_bytes()
+
+    def _write_snapshot(self, repo: str, now: datetime, signers: Sequence[Signer],
+                        versions: dict[str, int]) -> bytes:
+        """Write the next snapshot, naming ``versions["targets"]``; return its bytes.
+
+        ``versions`` holds the highest stored version of each role, as listed
+        under the device lock and updated by the caller's writes since; it is
+        updated with the new snapshot version.
+        """
+        version, data = self._new_snapshot(repo, now, signers, versions)
+        self._store.write_metadata(repo, "snapshot", version, data)
+        versions["snapshot"] = version
+        return data
+
+    def _write_timestamp(self, repo: str, now: datetime, signers: Sequence[Signer],
+                         versions: dict[str, int], snapshot_bytes: bytes | None) -> None:
+        """Write the next timestamp, naming the highest stored snapshot (never an older one)."""
+        version, data = self._new_timestamp(repo, now, signers, versions, snapshot_bytes)
+        self._store.write_metadata(repo, "timestamp", version, data)
+        versions["timestamp"] = version

@@ -7,9 +7,10 @@ layout is built from files that never change once written:
   no-clobber link of a fully written temp file (the ``O_EXCL`` rule, made
   crash-safe): two writers can never both produce version N -- the second gets
   :class:`VersionConflictError` -- and a reader never sees a torn file;
-* the only mutable file is the current-timestamp pointer ``timestamp.json``,
-  replaced atomically (:func:`edgeota.protocol.files.atomic_write`) and only
-  by a newer version, so the repository a client sees never moves backwards;
+* the only mutable name is the current-timestamp pointer ``timestamp.json``,
+  replaced atomically (a hard link to the new ``{N}.timestamp.json`` renamed
+  over it) and only by a newer version, so the repository a client sees never
+  moves backwards;
 * target files are stored under their sha256 (``targets/{dir}/{sha256}.{name}``,
   the URL ngclient builds for consistent snapshots), so they are immutable too.
 
@@ -47,14 +48,14 @@ import json
 import os
 import re
 import secrets
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import BinaryIO
 
 from tuf.api.metadata import TargetFile
 
 from edgeota.protocol.errors import EdgeotaError
-from edgeota.protocol.files import atomic_write, fsync_dir
+from edgeota.protocol.files import fsync_dir
 from edgeota.protocol.identity import InvalidDeviceIdError, validate_device_id
 
 __all__ = [
@@ -144,8 +145,11 @@ def _embedded_version_and_type(data: bytes) -> tuple[int, str]:
     return version, kind
 
 
-def _link_new(tmp: Path, path: Path) -> None:
-    """Give the fully written ``tmp`` the name ``path`` unless ``path`` exists (no clobber)."""
+def _link_new(tmp: Path, path: Path, *, sync: bool = True) -> None:
+    """Give the fully written ``tmp`` the name ``path`` unless ``path`` exists (no clobber).
+
+    ``sync=False`` leaves the folder sync to the caller (one for several links).
+    """
     try:
         os.link(tmp, path)
     except FileExistsError as e:
@@ -153,17 +157,12 @@ def _link_new(tmp: Path, path: Path) -> None:
     finally:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
-    fsync_dir(path.parent)
+    if sync:
+        fsync_dir(path.parent)
 
 
-def _write_new_file(path: Path, data: bytes) -> None:
-    """Create ``path`` holding ``data``; never replaces an existing file, never leaves a torn one.
-
-    A plain ``O_EXCL`` create would leave a half-written version file behind a
-    crash, and that name could then never be written again; so the bytes go to
-    an ``O_EXCL`` temp file first, are synced, and the final name is added with
-    ``link``, which fails atomically if the name exists.
-    """
+def _write_temp(path: Path, data: bytes) -> Path:
+    """Write ``data`` to a new synced temp file next to ``path``; return the temp file."""
     tmp = path.parent / f".{path.name}.{secrets.token_hex(8)}.tmp"
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW,
                  _FILE_MODE)
@@ -180,7 +179,35 @@ def _write_new_file(path: Path, data: bytes) -> None:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
         raise
-    _link_new(tmp, path)
+    return tmp
+
+
+def _write_new_file(path: Path, data: bytes, *, sync: bool = True) -> None:
+    """Create ``path`` holding ``data``; never replaces an existing file, never leaves a torn one.
+
+    A plain ``O_EXCL`` create would leave a half-written version file behind a
+    crash, and that name could then never be written again; so the bytes go to
+    an ``O_EXCL`` temp file first, are synced, and the final name is added with
+    ``link``, which fails atomically if the name exists.
+    """
+    _link_new(_write_temp(path, data), path, sync=sync)
+
+
+def _point_to(folder: Path, version_file: Path) -> None:
+    """Make ``timestamp.json`` the file ``version_file`` (a hard link renamed over it).
+
+    The bytes are already synced under their version name, so the pointer
+    costs no second copy and no file sync, only the folder sync after the rename.
+    """
+    tmp = folder / f".{_POINTER}.{secrets.token_hex(8)}.tmp"
+    os.link(version_file, tmp)
+    try:
+        tmp.replace(folder / _POINTER)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+        raise
+    fsync_dir(folder)
 
 
 class RepoStore:
@@ -243,29 +270,66 @@ class RepoStore:
             RepoError: ``data`` is not metadata of that version and type.
             ValueError: unknown repository or role; root through a device repository.
         """
-        if not isinstance(version, int) or isinstance(version, bool) or version < 1:
-            raise ValueError(f"version must be a positive integer, got {version!r}")
-        folder = self._metadata_dir(repo, role)
-        if role == "root" and repo not in (IMAGE, DIRECTOR):
-            raise ValueError("director root is shared: write it to the 'director' repository")
-        embedded, kind = _embedded_version_and_type(data)
-        expected_kind = role if role in _TOP_LEVEL_ROLES else "targets"
-        if embedded != version or kind != expected_kind:
-            raise RepoError(
-                f"refusing to store {kind} v{embedded} as {version}.{role}.json in {repo}"
-            )
-        folder.mkdir(parents=True, exist_ok=True, mode=_DIR_MODE)
-        if role != "timestamp":
-            _write_new_file(folder / f"{version}.{role}.json", data)
+        self.write_metadata_set(repo, [(role, version, data)])
+
+    def write_metadata_set(self, repo: str, files: Sequence[tuple[str, int, bytes]]) -> None:
+        """Store several new versions of ``repo``'s roles, e.g. targets, snapshot, timestamp.
+
+        Each ``(role, version, data)`` is checked and written as by
+        :meth:`write_metadata`, in order: every file synced under a temp name,
+        then published with a no-clobber link. What is shared is the folder
+        sync: one after all the links -- so every new version file is durable
+        before the timestamp pointer can move -- and, if a timestamp is in the
+        set (it must be last), one after the pointer. Three roles cost five
+        fsyncs instead of eight; the crash guarantees are those of one call per
+        file: a crash leaves at most unreferenced new version files, and the
+        pointer names either the old timestamp or the new one.
+
+        Raises:
+            VersionConflictError, RepoError, ValueError: as :meth:`write_metadata`;
+                files before the one that failed stay published (as with one
+                call per file), never the pointer.
+        """
+        if not files:
             return
+        folders = set()
+        for index, (role, version, data) in enumerate(files):
+            if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+                raise ValueError(f"version must be a positive integer, got {version!r}")
+            folders.add(self._metadata_dir(repo, role))
+            if role == "root" and repo not in (IMAGE, DIRECTOR):
+                raise ValueError("director root is shared: write it to the 'director' repository")
+            if role == "timestamp" and index != len(files) - 1:
+                raise ValueError("a timestamp must be the last file of a metadata set")
+            embedded, kind = _embedded_version_and_type(data)
+            expected_kind = role if role in _TOP_LEVEL_ROLES else "targets"
+            if embedded != version or kind != expected_kind:
+                raise RepoError(
+                    f"refusing to store {kind} v{embedded} as {version}.{role}.json in {repo}"
+                )
+        if len(folders) != 1:
+            raise ValueError(f"a metadata set must live in one folder, not {len(folders)}")
+        folder = folders.pop()
+        folder.mkdir(parents=True, exist_ok=True, mode=_DIR_MODE)
+        for role, version, data in files:
+            if role == "timestamp":
+                break
+            _write_new_file(folder / f"{version}.{role}.json", data, sync=False)
+        else:
+            fsync_dir(folder)
+            return
+        version, data = files[-1][1], files[-1][2]
         with self._flock(folder / f"{_LOCK_FILE}-pointer"):
             current = self._pointer_version(folder)
             if current is not None and version <= current:
+                fsync_dir(folder)  # the files linked above are published all the same
                 raise VersionConflictError(
                     f"timestamp v{version} is not newer than the current v{current} in {repo}"
                 )
-            _write_new_file(folder / f"{version}.timestamp.json", data)
-            atomic_write(folder / _POINTER, data, mode=_FILE_MODE)
+            new = folder / f"{version}.timestamp.json"
+            _write_new_file(new, data, sync=False)
+            fsync_dir(folder)
+            _point_to(folder, new)
 
     def _pointer_version(self, folder: Path) -> int | None:
         try:
