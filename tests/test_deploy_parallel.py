@@ -177,6 +177,7 @@ def test_one_device_failing_leaves_the_others_assigned_and_is_retried(
     others = sorted(set(fleet.keys) - {broken})
     assert sorted(response.assigned) == others
     assert response.scheduled[broken] == 0
+    assert set(response.failed) == {broken} and "the KMS refused" in response.failed[broken]
     assert sorted(fleet.told.devices) == others
     states = assignment_states(fleet)
     state, detail = states.pop(broken)

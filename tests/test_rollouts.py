@@ -387,3 +387,29 @@ def test_rollout_commands_refuse_unknown_ids(server: RunningServer) -> None:
     for action in ("status", "pause", "resume", "cancel", "rollback"):
         result = server.cli("rollout", action, "999")
         assert result.code != 0 and "no deployment 999" in result.err
+
+
+def test_an_outcome_stored_before_the_assignment_was_visible_is_caught_up(
+        server: RunningServer, fleet: ReportingDevices) -> None:
+    # A device is notified before the deploy commits; on PostgreSQL its (fast) failure
+    # report may not see the assignment row. The report is in its history all the same.
+    from sqlalchemy import select
+
+    from edgeota.server.db.models import Assignment, AssignmentState
+
+    devices = fleet.enroll(2)
+    assert server.publish("digits_v1", "1.0.0").code == 0
+    deployment_id = deploy(server, "digits@1.0.0", "--phases", "100",
+                           "--max-failure-ratio", "1")["deployment_id"]
+    fleet.report(devices[0], "failed", "digits@1.0.0", "WrongHardware")
+    fleet.report(devices[1], "committed", "digits@1.0.0")
+    with server.ctx.sessions() as session, session.begin():
+        for assignment in session.scalars(select(Assignment).where(
+                Assignment.deployment_id == deployment_id)):
+            assignment.state = AssignmentState.PENDING  # as if no report had found it
+            assignment.detail = None
+    rollouts.advance(server.ctx)
+    detail = status(server, deployment_id)
+    assert states(detail) == {devices[0]: "failed", devices[1]: "installed"}
+    failed = {a["device_id"]: a["detail"] for p in detail["phase_detail"] for a in p["devices"]}
+    assert failed[devices[0]] == "WrongHardware"

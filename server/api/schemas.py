@@ -118,6 +118,9 @@ class DeployResponse(BaseModel):
     skipped: dict[str, str]
     superseded: list[int]
     phases: list[int] = Field(default_factory=lambda: [100])
+    # Devices of the first phase whose director metadata could not be signed or written:
+    # they wait, and the rollout engine tries them again (device -> reason).
+    failed: dict[str, str] = Field(default_factory=dict)
 
 
 class AssignmentOut(BaseModel):

@@ -117,6 +117,8 @@ def deploy(
     typer.echo(f"  phase 0 assigned now: {', '.join(answer['assigned']) or '-'}")
     for device_id, reason in answer["skipped"].items():
         typer.echo(f"  skipped {device_id}: {reason}")
+    for device_id, reason in answer.get("failed", {}).items():
+        typer.echo(f"  not assigned yet {device_id}: {reason} (the rollout engine retries it)")
     if answer["superseded"]:
         typer.echo(f"  supersedes deployment(s) {', '.join(map(str, answer['superseded']))}")
     typer.echo(f"  follow it with: edgeota rollout status {answer['deployment_id']}")

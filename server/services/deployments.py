@@ -664,4 +664,5 @@ def deploy(
         skipped=skipped,
         superseded=sorted(superseded),
         phases=phases,
+        failed=dict(started.failed),
     )

@@ -128,9 +128,7 @@ def ingest_report(
     device.report_seq, device.report_seq_window = seq.last, seq.window
     device.last_seen = now
     if seq.late:
-        session.add(StatusEvent(device_id=sender, received_at=now, seq=report.seq,
-                                state=report.state, release=report.release,
-                                detail=dict(report.detail)))
+        session.add(_history(report, now))
         record_report(session, device, report, now, late=True)
         return ReportOutcome(True, None, report)
     previous = device.reported_state or {}
@@ -139,8 +137,15 @@ def ingest_report(
     device.reported_state = {"state": report.state, "release": report.release,
                              "progress": report.progress, "error": report.error,
                              "seq": report.seq, **kept}
-    session.add(StatusEvent(device_id=sender, received_at=now, seq=report.seq,
-                            state=report.state, release=report.release,
-                            detail=dict(report.detail)))
+    session.add(_history(report, now))
     record_report(session, device, report, now)
     return ReportOutcome(True, None, report)
+
+
+def _history(report: StatusReport, now: datetime) -> StatusEvent:
+    # The error travels with the event: the rollout engine reads outcomes back from here.
+    detail = dict(report.detail)
+    if report.error:
+        detail["error"] = report.error
+    return StatusEvent(device_id=report.device_id, received_at=now, seq=report.seq,
+                       state=report.state, release=report.release, detail=detail)

@@ -55,6 +55,7 @@ from edgeota.server.db.models import (
     DeploymentStatus,
     Device,
     Release,
+    StatusEvent,
 )
 from edgeota.server.db.session import lock
 from edgeota.server.services.deployments import (
@@ -326,10 +327,51 @@ def _pause(session: Session, deployment: Deployment, now: datetime, actor: str, 
     logger.warning("rollout paused", extra={"deployment_id": deployment.id, "reason": reason})
 
 
+_OUTCOMES = ("committed", "failed", "rolled_back")
+_IN_CHUNK = 500  # device ids per IN (...) list
+
+
+def _catch_up_reports(session: Session, deployment: Deployment) -> None:
+    """Apply outcomes that devices reported before their assignment was visible.
+
+    A device is notified as soon as its director metadata is written, before
+    the deploy's transaction commits; a fast outcome (a refusal takes
+    milliseconds) can be stored while the assignment row is not yet visible
+    to the report's transaction (PostgreSQL), and would leave the assignment
+    pending for good. The report itself is in the device's history: take the
+    newest outcome for this release received since the assignment was made.
+    """
+    open_ = [a for a in _started(session, deployment)
+             if a.state in (AssignmentState.PENDING, AssignmentState.DOWNLOADING)
+             and a.assigned_at is not None]
+    if not open_:
+        return
+    since = min(a.assigned_at for a in open_ if a.assigned_at is not None)
+    newest: dict[tuple[str, str | None], StatusEvent] = {}
+    ids = sorted({a.device_id for a in open_})
+    for start in range(0, len(ids), _IN_CHUNK):
+        for event in session.scalars(select(StatusEvent).where(
+                StatusEvent.device_id.in_(ids[start:start + _IN_CHUNK]),
+                StatusEvent.state.in_(_OUTCOMES), StatusEvent.received_at >= since)):
+            key = (event.device_id, event.release)
+            if key not in newest or event.seq > newest[key].seq:
+                newest[key] = event
+    for assignment in open_:
+        event = newest.get((assignment.device_id,
+                            f"{assignment.model_name}@{assignment.release.version}"))
+        if event is not None and assignment.assigned_at is not None \
+                and event.received_at >= assignment.assigned_at:
+            record_report(session, assignment.device, StatusReport(
+                device_id=event.device_id, seq=event.seq, state=event.state,
+                release=event.release, error=(event.detail or {}).get("error")),
+                event.received_at)
+
+
 def _step(ctx: ServerContext, session: Session, deployment: Deployment,
           now: datetime) -> str | None:
     """One engine step for one active deployment; returns what changed (None: nothing)."""
     options = _options(deployment)
+    _catch_up_reports(session, deployment)
     retried = restart_stalled(ctx, session, deployment, now, ENGINE_ACTOR)
     joined = _join_new_devices(ctx, session, deployment, now) + retried.started
     findings = evaluate_gates(session, deployment)
