@@ -207,6 +207,40 @@ def test_one_device_failing_leaves_the_others_assigned_and_is_retried(
         assert retried.detail == {"devices": [broken], "failed": {}}
 
 
+def test_a_device_that_keeps_failing_is_given_up_after_a_bounded_number_of_attempts(
+        fleet: Fleet, monkeypatch: pytest.MonkeyPatch) -> None:
+    broken = "dev-03"
+    original = director_module.sign
+
+    def failing_sign(md: Metadata, signer: Signer) -> None:
+        if isinstance(md.signed, Targets) and any(
+                DirectorTargetCustom.from_custom(t.custom, "test").device_id == broken
+                for t in md.signed.targets.values()):
+            raise SigningError("injected: this device's key is gone")
+        original(md, signer)
+
+    monkeypatch.setattr(director_module, "sign", failing_sign)
+    deploy(fleet)
+    for _attempt in range(deployments.MAX_DIRECTOR_ATTEMPTS - 1):
+        rollouts.advance(fleet.ctx)
+        assert assignment_states(fleet)[broken][0] == AssignmentState.WAITING
+    rollouts.advance(fleet.ctx)
+    state, detail = assignment_states(fleet)[broken]
+    assert state == AssignmentState.FAILED
+    assert detail.startswith(f"gave up after {deployments.MAX_DIRECTOR_ATTEMPTS} attempts")
+    assert "this device's key is gone" in detail
+    with fleet.ctx.sessions() as session:
+        events = session.scalars(select(DeploymentEvent.kind).where(
+            DeploymentEvent.kind.in_(("phase_started", "retried")))).all()
+    assert len(events) == deployments.MAX_DIRECTOR_ATTEMPTS
+    rollouts.advance(fleet.ctx)  # no more attempts, no more history
+    with fleet.ctx.sessions() as session:
+        assert session.scalars(select(DeploymentEvent.kind).where(
+            DeploymentEvent.kind == "retried")).all() == ["retried"] * (
+                deployments.MAX_DIRECTOR_ATTEMPTS - 1)
+    assert broken not in fleet.told.devices
+
+
 def test_stale_targets_handed_to_assign_are_read_again(fleet: Fleet) -> None:
     """A caller's copy of the targets older than the stored one is not built on."""
     director = fleet.ctx.director

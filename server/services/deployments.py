@@ -102,6 +102,7 @@ logger = logging.getLogger(__name__)
 # waiting for fsync, and parallel fsyncs share ext4 journal commits. Bounded so
 # a 10 000-device phase does not start 10 000 threads next to the request pool.
 MAX_DIRECTOR_WORKERS = min(8, (os.cpu_count() or 1) * 4)
+MAX_DIRECTOR_ATTEMPTS = 5  # a device's director work, before its assignment is marked failed
 _IN_CHUNK = 500  # ids per SQL ``IN (...)``: below every database's parameter limit
 
 # Assignment states in which the device is (or was) handed the deployment's release.
@@ -531,11 +532,32 @@ def restart_stalled(ctx: ServerContext, session: Session, deployment: Deployment
     """Retry the devices of started phases still waiting (their director work failed).
 
     The rollout engine calls this on each pass of an active deployment, so a
-    transient failure (a full disk, an unreachable KMS) heals by itself.
+    transient failure (a full disk, an unreachable KMS) heals by itself. A
+    device whose director work failed :data:`MAX_DIRECTOR_ATTEMPTS` times is
+    marked failed with the last reason instead (the failure ratio then
+    decides whether the rollout pauses): retrying forever would hide it and
+    grow the deployment's history on every pass.
     """
     if deployment.phase_started_at is None:
         return PhaseStart()
     stalled = _waiting(session, deployment, up_to=deployment.current_phase)
+    if not stalled:
+        return PhaseStart()
+    failures: dict[str, int] = {}
+    for detail in session.scalars(select(DeploymentEvent.detail).where(
+            DeploymentEvent.deployment_id == deployment.id,
+            DeploymentEvent.kind.in_(("phase_started", "retried")))):
+        for device_id in (detail or {}).get("failed") or {}:
+            failures[device_id] = failures.get(device_id, 0) + 1
+    for assignment in [a for a in stalled
+                       if failures.get(a.device_id, 0) >= MAX_DIRECTOR_ATTEMPTS]:
+        stalled.remove(assignment)
+        assignment.state = AssignmentState.FAILED
+        assignment.detail = (f"gave up after {MAX_DIRECTOR_ATTEMPTS} attempts: "
+                             f"{assignment.detail or 'director assignment failed'}")[:500]
+        assignment.finished_at = now
+        logger.warning("director assignment given up", extra={
+            "deployment_id": deployment.id, "device_id": assignment.device_id})
     if not stalled:
         return PhaseStart()
     result = start_assignments(ctx, session, stalled, now)
