@@ -29,8 +29,24 @@ waiting: a caller on a device knows best whether to retry, and a request that
 hangs for a whole model load would hold a worker thread. The gap is reported
 in :attr:`SwapResult.gap_ms`.
 
+Building beside serving works because onnxruntime releases the GIL while it
+loads, optimises and runs a model: requests keep running Python meanwhile, and
+a swap of the MLP sample costs concurrent clients about what a bare
+``InferenceSession`` creation does (``bench/hot_swap.py``). Destroying a session
+keeps the GIL (milliseconds for a large graph), so that step pauses every
+thread wherever it runs.
+
+Models with external data are loaded from their path, so onnxruntime maps the
+data files into memory rather than reading them: the weights stay clean page
+cache, shared by two sessions of the same file and reclaimable by the kernel.
+Weights that a kernel prepacks (MatMul, Gemm, Conv) are still copied into
+anonymous memory unless the session disables prepacking
+(``session.disable_prepacking``); see ``tests/test_model_host.py``.
+
 No thread is started per request and the lock is never held around
-``session.run``: it guards only the reference switch and the counters.
+``session.run``: it guards only the reference switch and the counters. When
+the last request on a retired model ends, that model is released on a
+short-lived thread of its own, not on the request's caller.
 Per-version metrics (counts, errors, NaN/Inf outputs, latency percentiles over
 a bounded window) feed the probation decision of the update cycle.
 """
@@ -542,10 +558,12 @@ class ModelHost:
             metrics.success(latency_ms, _all_finite(result))
             return Prediction(name, model.version, result, latency_ms)
         finally:
-            released = self._finish(model)
-            del model
-            if released:
-                self._return_memory()
+            if self._finish(model):
+                # This was the last request of a retired model: its release goes to
+                # another thread, so this caller does not wait for it (see _release_later).
+                box = [model]
+                del model
+                self._release_later(box)
 
     # ----------------------------------------------------------------- internals
 
@@ -614,6 +632,28 @@ class ModelHost:
         if self._trim is not None:
             self._trim()
 
+    def _release_later(self, box: list[LoadedModel]) -> None:
+        """Drop the model in ``box`` (the last reference to it) and trim, on a short-lived thread.
+
+        Why not on the request that ended last: destroying a session and
+        ``malloc_trim`` take milliseconds for a large model (12 ms and 13 ms for a
+        4,500-node graph here), and that caller is waiting for its answer. One
+        thread per released model (at most one per swap), never per request; it
+        ends when the memory is back. The session is destroyed with the GIL held
+        (onnxruntime's binding does not release it there), so other threads pause
+        for that part wherever it runs; ``malloc_trim`` runs without the GIL.
+        """
+
+        def release() -> None:
+            box.clear()
+            self._return_memory()
+
+        thread = threading.Thread(target=release, name="edgeota-model-release", daemon=True)
+        try:
+            thread.start()
+        except RuntimeError:  # no thread to be had: release here rather than keep the memory
+            release()
+
     def _end_probation(self, slot: _Slot) -> None:
         with self._lock:
             previous, slot.previous = slot.previous, None
@@ -644,7 +684,8 @@ class ModelHost:
         start = self._clock()
         if session is None:
             try:
-                session = create_session(model_path, self._settings)
+                session = create_session(model_path, self._settings,
+                                         external_data=bool(manifest.external_data))
             except SessionLoadError as e:
                 raise ActivationError(f"model {name!r} version {version}: {e}") from e
         loaded_at = self._clock()

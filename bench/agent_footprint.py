@@ -32,8 +32,11 @@ child run in the same invocation:
   MiB (its imports and chunk buffers) whatever the model size: the target is
   at most :data:`INSTALL_EXTRA_TARGET_MIB`.
 
-MiB = 2**20 bytes. Page cache is not part of RSS: writing or reading the
-model files does not count, only memory the process itself holds.
+MiB = 2**20 bytes. Writing or reading the model files with ``write``/``read``
+does not count (page cache is not the process's RSS); pages of a file the
+process *maps* do count while resident, which matters for models with
+external data (mapped, see ``create_session``), not for this bench's model,
+whose weights are inline.
 
 Usage::
 

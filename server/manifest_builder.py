@@ -8,9 +8,10 @@ the operator's machine (``release publish``) and in the demo.
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from edgeota.protocol.bundle import describe_payload
 from edgeota.protocol.errors import ManifestError
@@ -76,6 +77,55 @@ def read_model_signature(model: Path) -> ModelSignature:
     )
 
 
+def external_data_files(model: Path) -> dict[str, Path]:
+    """The external-data files ``model`` names, as bundle path -> local file.
+
+    ONNX keeps a large initializer's bytes in a file beside the model (its
+    ``location``, relative to the model's folder); a bundle must carry every
+    such file under the same name, or the device could not load the model.
+    Only plain relative names inside the model's folder are accepted: a
+    location that climbs out of it (``..``, an absolute path) is refused,
+    as the device would refuse to unpack it.
+    """
+    import onnx
+
+    try:
+        proto = onnx.load(str(model), load_external_data=False)
+    except Exception as e:
+        raise ModelLoadError(f"{model}: onnx cannot load it: {e}") from e
+    folder = model.parent.resolve()
+    found: dict[str, Path] = {}
+    for tensor in _initializers(proto.graph):
+        if tensor.data_location != onnx.TensorProto.EXTERNAL:
+            continue
+        location = next((entry.value for entry in tensor.external_data
+                         if entry.key == "location"), None)
+        if not location:
+            raise ModelLoadError(f"{model}: tensor {tensor.name!r} is external but names no file")
+        source = (folder / location).resolve()
+        if (location.startswith("/") or ".." in location.split("/")
+                or not source.is_relative_to(folder)):
+            raise ModelLoadError(f"{model}: external data {location!r} of tensor "
+                                 f"{tensor.name!r} is outside the model's folder")
+        if location == "model.onnx":
+            raise ModelLoadError(f"{model}: external data may not be called model.onnx")
+        if not source.is_file():
+            raise ModelLoadError(f"{model}: external data file {location!r} is missing")
+        found[location] = source
+    return found
+
+
+def _initializers(graph: Any) -> Iterator[Any]:
+    """Every initializer, including those of subgraphs (If/Loop/Scan bodies)."""
+    yield from graph.initializer
+    for node in graph.node:
+        for attribute in node.attribute:
+            if attribute.g.ByteSize():
+                yield from _initializers(attribute.g)
+            for subgraph in attribute.graphs:
+                yield from _initializers(subgraph)
+
+
 def _load_json(path: Path, what: str) -> dict:
     size = path.stat().st_size
     if size > MAX_MANIFEST_SIZE:
@@ -99,6 +149,7 @@ def build_manifest(
     description: str = "",
 ) -> Manifest:
     """Describe ``model`` for a release; vector and golden files are parsed and bounded here."""
+    external = external_data_files(model)  # before onnxruntime reads those files
     signature = read_model_signature(model)
     validation = ValidationVectors.from_dict(_load_json(vectors, "vectors")) if vectors else None
     golden_set = None
@@ -112,6 +163,8 @@ def build_manifest(
         name=name,
         version=version,
         model=describe_payload(model, "model.onnx"),
+        external_data=tuple(describe_payload(path, location)
+                            for location, path in sorted(external.items())),
         opset=signature.opset,
         inputs=signature.inputs,
         outputs=signature.outputs,

@@ -37,7 +37,7 @@ from edgeota.protocol.targets_custom import ImageTargetCustom, target_path_for
 from edgeota.server.client import ApiError, OperatorClient
 from edgeota.server.config import KeyRef, OperatorConfig
 from edgeota.server.keystore import load_public_key, load_signer
-from edgeota.server.manifest_builder import build_manifest
+from edgeota.server.manifest_builder import build_manifest, external_data_files
 from edgeota.server.repo.image import add_target_to_bin, bin_for, sign
 
 __all__ = ["PublishError", "PublishRequest", "publish_release", "sign_release"]
@@ -170,7 +170,8 @@ def publish_release(
         work = Path(scratch)
         say(f"sealing the bundle ({request.suite.value})")
         content_key = generate_content_key()
-        bundle = seal_bundle(manifest, {"model.onnx": request.model}, work / "bundle.eotb",
+        payload = {"model.onnx": request.model, **external_data_files(request.model)}
+        bundle = seal_bundle(manifest, payload, work / "bundle.eotb",
                              content_key, suite=request.suite, progress=byte_progress)
         custom = ImageTargetCustom(
             name=manifest.name,

@@ -9,7 +9,10 @@ gate around ``session.run`` that the test opens, never by sleeps.
 
 from __future__ import annotations
 
+import json
 import platform
+import subprocess
+import sys
 import threading
 import time
 import weakref
@@ -215,6 +218,11 @@ def test_commit_releases_the_previous_session_after_its_last_request(
     name, version, path, manifest = digits.args(V1)
     host.load(name, version, path, manifest, session=GatedSession(create_session(path), gate))
     v1 = weakref.ref(host.model("digits").session)
+    released_on: list[str] = []
+    weakref.finalize(
+        host.model("digits").session,
+        lambda: released_on.append(threading.current_thread().name),
+    )
 
     gate.armed = True
     pending = pool.submit(host.predict, "digits", {"input": x[:5]})
@@ -228,7 +236,10 @@ def test_commit_releases_the_previous_session_after_its_last_request(
     assert pending.result(WAIT_S).version == V1
     del pending
     assert host.in_flight("digits") == 0
-    assert v1() is None, "the committed session is still referenced"
+    # released off the request path, by a thread of its own: waited for, with a deadline
+    wait_until(lambda: bool(released_on), "the committed session to be released")
+    assert v1() is None
+    assert released_on == ["edgeota-model-release"], "released on the request's thread"
 
 
 def test_commit_of_an_idle_previous_releases_at_once(digits: Sample) -> None:
@@ -622,3 +633,125 @@ def test_predict_runs_concurrently_without_a_lock_around_run(
     assert host.is_ready("digits") and host.current_version("digits") == V1
     gate.opened.set()
     assert first.result(WAIT_S).version == second.result(WAIT_S).version == V1
+
+
+# --------------------------------------------------------------------------- external data
+
+EXTERNAL_MIB = 64
+EXTERNAL_WIDTH = 256
+
+#: Run in a fresh interpreter, so the figures are this load's alone (no other
+#: sessions, no pytest allocations). Prints what /proc says about the mapping.
+_MAPPED_LOAD_PROBE = """
+import json, sys
+from pathlib import Path
+import numpy as np
+from edgeota.agent.model_host import ModelHost
+from edgeota.agent.validation import SessionSettings
+from edgeota.server.manifest_builder import build_manifest
+
+model, weights, feed_name = Path(sys.argv[1]), sys.argv[2], sys.argv[3]
+
+def rss_anon():
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("RssAnon:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError("no RssAnon in /proc/self/status")
+
+manifest = build_manifest(model, name="big", version="1.0.0", hardware=["x"])
+host = ModelHost(SessionSettings())
+before = rss_anon()
+host.load("big", "1.0.0", model, manifest)
+feed = np.array([0, 7, 4095], np.int64) if feed_name == "idx" else np.ones((1, 256), np.float32)
+out = host.predict("big", {feed_name: feed}).outputs["y"]
+after = rss_anon()
+maps = [ln.split() for ln in Path("/proc/self/maps").read_text().splitlines()]
+mapped = sum(
+    int(r.split("-")[1], 16) - int(r.split("-")[0], 16)
+    for r, *_rest in maps if _rest[-1:] == [weights]
+)
+print(json.dumps({"anon_growth": after - before, "mapped": mapped, "out": out.tolist()}))
+"""
+
+
+def external_data_model(directory: Path, op: str) -> tuple[Path, np.ndarray]:
+    """A model whose one initializer (64 MiB of float32) lives in ``weights.bin`` beside it.
+
+    ``Gather`` reads rows of it as an embedding table would; ``MatMul`` multiplies by it, as
+    a dense layer does (a kernel that prepacks its weights).
+    """
+    rows = EXTERNAL_MIB * 2**20 // (4 * EXTERNAL_WIDTH)
+    rng = np.random.default_rng(5)
+    if op == "Gather":
+        table = rng.standard_normal((rows, EXTERNAL_WIDTH), dtype=np.float32)
+        x = helper.make_tensor_value_info("idx", TensorProto.INT64, [None])
+        node = helper.make_node("Gather", ["table", "idx"], ["y"])
+        y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, EXTERNAL_WIDTH])
+    else:
+        table = rng.standard_normal((EXTERNAL_WIDTH, rows), dtype=np.float32)
+        x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, EXTERNAL_WIDTH])
+        node = helper.make_node("MatMul", ["x", "table"], ["y"])
+        y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, rows])
+    graph = helper.make_graph(
+        [node], "big", [x], [y], initializer=[numpy_helper.from_array(table, "table")]
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    path = directory / "model.onnx"
+    onnx.save_model(
+        model, path, save_as_external_data=True, location="weights.bin", size_threshold=1024
+    )
+    assert (directory / "weights.bin").stat().st_size == EXTERNAL_MIB * 2**20
+    assert path.stat().st_size < 4096, "the initializer must be external, not inline"
+    return path, table
+
+
+def load_in_child(model: Path, feed_name: str) -> dict[str, Any]:
+    """Load ``model`` through a ModelHost in a fresh interpreter; what /proc said there."""
+    weights = str((model.parent / "weights.bin").resolve())
+    done = subprocess.run(
+        [sys.executable, "-c", _MAPPED_LOAD_PROBE, str(model), weights, feed_name],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout.splitlines()[-1])
+
+
+needs_proc = pytest.mark.skipif(
+    not Path("/proc/self/maps").exists(), reason="reads /proc/self/maps and /proc/self/status"
+)
+
+
+@needs_proc
+def test_large_external_data_is_memory_mapped_not_copied(tmp_path: Path) -> None:
+    """Loading from the path lets onnxruntime map ``weights.bin``: no anonymous copy of it.
+
+    The file's pages are then the page cache's: clean, so the kernel can drop them under
+    pressure, and shared by the two sessions of a side-by-side swap of the same file.
+    Anonymous memory (``RssAnon``) is what a copy would cost; it must stay far below
+    the file's size.
+    """
+    model, table = external_data_model(tmp_path, "Gather")
+    seen = load_in_child(model, "idx")
+    assert seen["mapped"] >= EXTERNAL_MIB * 2**20, "weights.bin is not mapped"
+    assert seen["anon_growth"] < EXTERNAL_MIB * 2**20 // 4, seen["anon_growth"]
+    np.testing.assert_array_equal(np.asarray(seen["out"], np.float32), table[[0, 7, 4095]])
+
+
+@needs_proc
+def test_prepacked_external_weights_stay_memory_mapped(tmp_path: Path) -> None:
+    """MatMul prepacks its weights into anonymous memory unless told not to (the host does
+    for models with external data): the mapping must survive."""
+    model, table = external_data_model(tmp_path, "MatMul")
+    seen = load_in_child(model, "x")
+    np.testing.assert_allclose(
+        np.asarray(seen["out"], np.float32),
+        np.ones((1, EXTERNAL_WIDTH), np.float32) @ table,
+        rtol=1e-4,
+        atol=1e-3,
+    )
+    assert seen["mapped"] >= EXTERNAL_MIB * 2**20, "weights.bin is not mapped"
+    assert seen["anon_growth"] < EXTERNAL_MIB * 2**20 // 4, seen["anon_growth"]

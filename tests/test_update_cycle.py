@@ -92,3 +92,61 @@ def test_tampered_bundle_is_refused_and_nothing_is_installed(server: RunningServ
     with pytest.raises(tuf_errors.LengthOrHashMismatchError):
         client.install(decision)
     assert not any((device / "state" / "models").rglob("*"))
+
+
+def _with_external_weights(tmp: Path) -> Path:
+    """digits v1 with its large initializers in a file beside it (as large models are)."""
+    import onnx
+
+    from edgeota.samples import sample_path
+
+    model = onnx.load(str(sample_path("digits_v1.onnx")))
+    for tensor in model.graph.initializer:  # only raw_data tensors can move out of the file
+        tensor.CopyFrom(onnx.numpy_helper.from_array(onnx.numpy_helper.to_array(tensor),
+                                                     tensor.name))
+    tmp.mkdir(parents=True, exist_ok=True)
+    onnx.save_model(model, str(tmp / "model.onnx"), save_as_external_data=True,
+                    all_tensors_to_one_file=True, location="digits.weights", size_threshold=1024)
+    return tmp / "model.onnx"
+
+
+def test_a_model_with_external_data_ships_its_weights_and_installs(
+        server: RunningServer, tmp_path: Path) -> None:
+    from edgeota.samples import sample_path
+
+    model = _with_external_weights(tmp_path / "external")
+    assert model.stat().st_size < 4096 < (tmp_path / "external" / "digits.weights").stat().st_size
+    device = server.enroll("pi-1", "rpi4")
+    published = server.cli("release", "publish", str(model), "--name", "digits", "--version",
+                           "1.0.0", "--hardware", "rpi4", "--vectors",
+                           str(sample_path("digits_v1.vectors.json")), "--json")
+    assert published.code == 0, published.err
+    assert server.cli("deploy", "digits@1.0.0", "--devices", "pi-1").code == 0
+    client = client_for(device)
+    (decision,) = client.check()
+    installed = client.install(decision)
+    assert installed.report.ok
+    assert [f.path for f in installed.bundle.manifest.external_data] == ["digits.weights"]
+    weights = installed.model_path.parent / "digits.weights"
+    assert weights.read_bytes() == (tmp_path / "external" / "digits.weights").read_bytes()
+    x, y = load_test_split()
+    assert accuracy(installed.model_path, x, y) == pytest.approx(
+        load_catalog()["digits_v1"].test_accuracy, abs=1e-4)
+
+
+def test_external_data_outside_the_models_folder_is_refused_at_publish(
+        server: RunningServer, tmp_path: Path) -> None:
+    import onnx
+
+    model = _with_external_weights(tmp_path / "m")  # onnx itself refuses to write ".."
+    proto = onnx.load(str(model), load_external_data=False)
+    for tensor in proto.graph.initializer:
+        for entry in tensor.external_data:
+            if entry.key == "location":
+                entry.value = "../escape.weights"
+    model.write_bytes(proto.SerializeToString())
+    (tmp_path / "m" / "digits.weights").rename(tmp_path / "escape.weights")
+    result = server.cli("release", "publish", str(model), "--name", "digits", "--version",
+                        "1.0.0", "--hardware", "rpi4")
+    assert result.code != 0
+    assert "outside the model's folder" in result.err
