@@ -499,6 +499,12 @@ class Journal:
     model and reason codes.
 
     The folder holding ``path`` is created on the first save if missing.
+
+    ``on_saved``, when given, is called with every record once it is on disk,
+    on the thread that saved it. It observes, it does not veto: whatever it
+    raises propagates from the save with the record already durable, which is
+    exactly a process dying right after entering a state (the simulator cuts
+    the power this way, at the state a scenario names).
     """
 
     def __init__(
@@ -507,6 +513,7 @@ class Journal:
         *,
         clock: Callable[[], datetime],
         max_saves_per_update: int = 64,
+        on_saved: Callable[[JournalRecord], None] | None = None,
     ) -> None:
         if max_saves_per_update < 1:
             raise ValueError(f"max_saves_per_update must be >= 1, got {max_saves_per_update}")
@@ -514,6 +521,7 @@ class Journal:
         self._clock = clock
         self._max_saves = max_saves_per_update
         self._current: JournalRecord | None = None
+        self._on_saved = on_saved
 
     @property
     def path(self) -> Path:
@@ -701,6 +709,8 @@ class Journal:
         self._path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write(self._path, data, mode=PRIVATE_FILE_MODE)
         self._current = record  # only once it is on disk
+        if self._on_saved is not None:
+            self._on_saved(record)
 
     def _salvage_previous(self) -> ModelRef | None:
         """The ``previous`` entry of a corrupt journal, if it alone still parses strictly."""

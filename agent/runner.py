@@ -33,13 +33,14 @@ from edgeota.agent.config import AgentConfig
 from edgeota.agent.journal import (
     Event,
     Journal,
+    JournalRecord,
     ModelRef,
     RecoveryAction,
     State,
     model_to_serve,
 )
 from edgeota.agent.model_host import HardwareEmulation, ModelHost, UnknownModelError
-from edgeota.agent.update_cycle import UpdateClient
+from edgeota.agent.update_cycle import InstallError, UpdateClient
 from edgeota.agent.uptane import UptaneRefusal
 from edgeota.agent.validation import SessionSettings, ValidationError
 from edgeota.protocol.bundle import describe_payload
@@ -119,6 +120,9 @@ class Agent:
         self._refused_file = config.state_dir / "refused-targets.json"
         # Set when the server notifies a director change: the next cycle runs at once.
         self.wake = threading.Event()
+        # Called with (model name, record) after every journal save; what it raises
+        # propagates from the save (the simulator's power cuts use this).
+        self.on_journal_saved: Callable[[str, JournalRecord], None] | None = None
         if self.updates.connection is not None:
             self.updates.connection.on_notify = self.wake.set
 
@@ -126,10 +130,16 @@ class Agent:
 
     def journal(self, name: str) -> Journal:
         if name not in self._journals:
-            journal = Journal(self.config.state_dir / f"journal-{name}.json", clock=self._clock)
+            journal = Journal(self.config.state_dir / f"journal-{name}.json", clock=self._clock,
+                              on_saved=lambda record: self._journal_saved(name, record))
             journal.load_or_reset()
             self._journals[name] = journal
         return self._journals[name]
+
+    def _journal_saved(self, name: str, record: JournalRecord) -> None:
+        hook = self.on_journal_saved
+        if hook is not None:
+            hook(name, record)
 
     def release_floor(self) -> int:
         try:
@@ -272,7 +282,8 @@ class Agent:
             self._refuse(decision.sha256, str(e.reason))
             return self._finish(journal, name)
         except EdgeotaError as e:
-            journal.transition(Event.FAILURE, reason=type(e).__name__)
+            reason = (e.reason if isinstance(e, InstallError) else None) or type(e).__name__
+            journal.transition(Event.FAILURE, reason=reason)
             return self._finish(journal, name)
         target = ModelRef.from_decision(decision, installed.bundle.folder)
         journal.transition(Event.DOWNLOAD_DONE, target=target)

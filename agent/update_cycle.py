@@ -17,17 +17,28 @@ attacker between device and server can delay an update cycle, never hold it.
 Whatever goes wrong while installing is raised as an :class:`InstallError`
 that is also the ngclient error it stands for: the agent reports it as a
 failed update and goes back to idle, instead of ending the cycle half-way.
+
+A full disk is an install failure too (:class:`DiskFullError`), never a crash:
+before downloading, the free space of the state folder is checked against
+what the install needs (the rest of the bundle, the unpacked model from the
+signed ``plaintext_size``, and a margin for the journal and metadata), and a
+``ENOSPC`` while writing anyway (another process filled the card) removes what
+this attempt wrote. The served model is not touched either way, and the agent
+tries again in a later cycle.
 """
 
 from __future__ import annotations
 
+import errno
 import logging
 import shutil
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
-from urllib.parse import urlsplit
+from typing import ClassVar
+from urllib.parse import quote, urlsplit
 
 from tuf.api import exceptions as tuf_exceptions
 from tuf.api.metadata import Metadata, TargetFile, Targets
@@ -52,10 +63,12 @@ from edgeota.protocol.identity import DeviceIdentity
 from edgeota.protocol.keywrap import unwrap_content_key
 
 __all__ = [
+    "FREE_SPACE_MARGIN",
     "BundleMismatchError",
     "BundleTooLargeError",
     "BundleTooSlowError",
     "BundleUnavailableError",
+    "DiskFullError",
     "InstallError",
     "InstallMetadataError",
     "InstalledModel",
@@ -71,8 +84,10 @@ class InstallError(EdgeotaError):
 
     Each subclass is also the ngclient error it stands for (callers that handle
     ngclient's errors keep working) and an ``EdgeotaError``, which the agent
-    reports as a failed update by its type name.
+    reports as a failed update by its :attr:`reason` (by default its type name).
     """
+
+    reason: ClassVar[str | None] = None  # the journal's reason code; None: the type name
 
 
 class BundleMismatchError(InstallError, tuf_exceptions.LengthOrHashMismatchError):
@@ -97,6 +112,30 @@ class BundleUnavailableError(InstallError, tuf_exceptions.DownloadError):
 
 class InstallMetadataError(InstallError, tuf_exceptions.RepositoryError):
     """The image repository's metadata was refused while installing."""
+
+
+class DiskFullError(InstallError):
+    """The state folder has no room for this install; what the attempt wrote was removed.
+
+    Raised before the download when the free space is short, or when a write
+    failed with ``ENOSPC``/``EDQUOT`` anyway. Not an ngclient error: the disk
+    is the device's, not the repository's. Reported as ``failed(disk_full)``
+    and retried in a later cycle (space may be freed meanwhile).
+    """
+
+    reason: ClassVar[str | None] = "disk_full"
+
+
+# Room kept free beyond the bundle and the unpacked model: the journal, progress
+# records, TUF metadata and the report sequence must still be writable after the
+# install, or a full card would stop the agent from saying what happened.
+FREE_SPACE_MARGIN = 1024 * 1024
+_DISK_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
+
+
+def _free_bytes(folder: Path) -> int:
+    """Bytes available to this process in ``folder``'s file system."""
+    return shutil.disk_usage(folder).free
 
 
 # First match wins: the specific ngclient errors before their bases.
@@ -206,10 +245,19 @@ class UpdateClient:
         transport: str = "http",
         network: SharedNetworkLoop | None = None,  # MQTT: share this loop, no thread of our own
         limits: TransferLimits | None = None,
+        disk_free: Callable[[Path], int] | None = None,
+        clock: Callable[[], datetime] | None = None,
     ) -> None:
         self._config = config
         # Read at the start of every transfer, so the simulator may tighten them.
         self.limits = limits or TransferLimits()
+        # Read at every install / check, so the simulator may swap them too: the free
+        # bytes of a folder's file system, and the clock metadata expiry is judged
+        # by (None: ngclient's, the system clock).
+        self.disk_free: Callable[[Path], int] = disk_free or _free_bytes
+        self.clock = clock
+        # Called with (offset, length) as a resumable download makes progress.
+        self.on_download_progress: Callable[[int, int], None] | None = None
         self._identity = identity or DeviceIdentity.load(config.identity_dir)
         if self._identity.device_id != config.device_id:
             raise ManifestError(
@@ -238,7 +286,7 @@ class UpdateClient:
         folder = self._tuf_dir / name
         folder.mkdir(parents=True, exist_ok=True)
         cached_root = folder / "root.json"
-        return Updater(
+        updater = Updater(
             metadata_dir=str(folder),
             metadata_base_url=metadata_url,
             target_dir=str(self._downloads),
@@ -248,6 +296,11 @@ class UpdateClient:
             # enrolment root): re-bootstrapping would reset what we learned.
             bootstrap=None if cached_root.exists() else bootstrap.read_bytes(),
         )
+        if self.clock is not None:
+            # ngclient judges expiry against the time its trusted set was made; a device
+            # whose clock is its own (a simulated, skewed one) judges by that clock.
+            updater._trusted_set.reference_time = self.clock()
+        return updater
 
     @staticmethod
     def _mqtt_fetchers(
@@ -323,10 +376,16 @@ class UpdateClient:
         limits = self.limits
         folder = self._downloads / "resumable"
         guard = _RateGuard(limits, decision.target_path, BundleTooSlowError)
+
+        def on_progress(offset: int, length: int) -> None:
+            guard.check(offset - start)
+            if self.on_download_progress is not None:
+                self.on_download_progress(offset, length)
+
         resumable = ResumableDownload(
             self._connection, folder, timeout=limits.frame_timeout,
             max_retries=limits.max_retries, stats=self.download_stats,
-            on_progress=lambda offset, _length: guard.check(offset - start))
+            on_progress=on_progress)
         start = resumable.saved_offset(decision.sha256, decision.length)  # bytes kept from before
         return resumable.download(
             f"{MQTT_REPOSITORY_URL}/image/targets/"
@@ -339,7 +398,9 @@ class UpdateClient:
         Raises:
             KeyUnwrapError: the content key is not wrapped for this device
                 (checked first: nothing is downloaded for a key it cannot open).
-            InstallError: the metadata or the bundle transfer was refused.
+            InstallError: the metadata or the bundle transfer was refused;
+                :class:`DiskFullError` when the state folder has no room (checked
+                before downloading; an ``ENOSPC`` later removes what was written).
             ManifestError, BundleError, ValidationError: see ``open_bundle`` and
                 ``validate_model``.
         """
@@ -352,23 +413,38 @@ class UpdateClient:
             info = image.get_targetinfo(decision.target_path)
             if info is None or info.hashes.get("sha256") != decision.sha256:
                 raise ManifestError(f"{decision.target_path} changed since it was checked")
+            self._require_space(image, info, decision)
             bundle_path = self._download(image, info, decision)
         except InstallError:
             raise
         except (tuf_exceptions.RepositoryError, tuf_exceptions.DownloadError) as e:
             raise _install_error(e) from e
+        except OSError as e:
+            if e.errno not in _DISK_FULL_ERRNOS:
+                raise
+            self._discard_download(decision)
+            raise DiskFullError(f"disk full while downloading {decision.target_path}: "
+                                f"{e}") from e
         version_folder = f"{decision.image.version}-{decision.sha256[:12]}"
         dest = self._models / decision.image.name / version_folder
         if dest.exists():
             shutil.rmtree(dest)  # a folder from an earlier attempt is never trusted
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        opened = open_bundle(
-            bundle_path,
-            content_key,
-            dest,
-            expected_sealed_sha256=decision.sha256,
-            expected_plaintext_sha256=decision.image.plaintext_sha256,
-        )
+        try:
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            opened = open_bundle(  # removes its half-unpacked folder on any failure
+                bundle_path,
+                content_key,
+                dest,
+                expected_sealed_sha256=decision.sha256,
+                expected_plaintext_sha256=decision.image.plaintext_sha256,
+            )
+        except OSError as e:
+            if e.errno not in _DISK_FULL_ERRNOS:
+                raise
+            shutil.rmtree(dest, ignore_errors=True)
+            self._discard_download(decision)
+            raise DiskFullError(f"disk full while unpacking {decision.target_path}: "
+                                f"{e}") from e
         try:
             manifest = opened.manifest
             if (manifest.name, manifest.version) != (decision.image.name, decision.image.version):
@@ -382,6 +458,41 @@ class UpdateClient:
             raise
         bundle_path.unlink(missing_ok=True)
         return InstalledModel(decision, opened, report)
+
+
+    def _require_space(self, image: Updater, info: TargetFile,
+                       decision: InstallDecision) -> None:
+        """Refuse, before a byte is written, an install the state folder cannot hold.
+
+        Needed: what is left of the bundle (a resumed download counts only its
+        missing bytes), the unpacked model (the signed ``plaintext_size``; the
+        bundle is deleted only after unpacking, so both live at once) and
+        :data:`FREE_SPACE_MARGIN`.
+        """
+        missing = decision.length
+        if image.find_cached_target(info):
+            missing = 0
+        elif self._connection is not None:
+            missing -= ResumableDownload(self._connection, self._downloads / "resumable") \
+                .saved_offset(decision.sha256, decision.length)
+        needed = missing + decision.image.plaintext_size + FREE_SPACE_MARGIN
+        self._config.state_dir.mkdir(parents=True, exist_ok=True)
+        free = self.disk_free(self._config.state_dir)
+        if free < needed:
+            logger.warning("not enough space to install %s", decision.target_path, extra={
+                "device_id": self._config.device_id, "free_bytes": free,
+                "needed_bytes": needed})
+            raise DiskFullError(
+                f"{decision.target_path} needs {needed} bytes in {self._config.state_dir}, "
+                f"{free} are free")
+
+    def _discard_download(self, decision: InstallDecision) -> None:
+        """Delete every file this target's download left: on a full disk they only hurt."""
+        resumable = self._downloads / "resumable"
+        for leftover in (resumable / decision.sha256, resumable / f"{decision.sha256}.partial",
+                         resumable / f"{decision.sha256}.progress",
+                         self._downloads / quote(decision.target_path, "")):
+            leftover.unlink(missing_ok=True)
 
 
 def _hash_prefixed(target_path: str, sha256: str) -> str:

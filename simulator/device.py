@@ -14,24 +14,52 @@ release slow or failing on this device's hardware.
 ``step`` never blocks without a bound and never raises for a bad update (the
 agent reports it); it is driven by :class:`edgeota.simulator.fleet.FleetRunner`,
 a few worker threads for a whole fleet rather than a thread per device.
+
+Faults act on the real agent through small hooks it offers
+(:mod:`edgeota.simulator.faults` arms them):
+
+* **power loss** (:meth:`~SimulatedDevice.arm_power_loss`): right after the
+  journal saved the chosen state -- or, for ``downloading``, half-way through
+  the bundle -- :class:`SimulatedPowerLoss` unwinds the update cycle past the
+  agent's ``except Exception`` handlers, and the device boots a new agent from
+  the same folder (:meth:`~SimulatedDevice.restart`), as after a power cut:
+  only what the agent made durable is left.
+* **disk full** (:attr:`~SimulatedDevice.free_bytes`): the free space the
+  agent's pre-download check sees.
+* **clock skew** (:meth:`~SimulatedDevice.skew_clock`): the device's one clock
+  (journal, time floor, and the time ngclient judges metadata expiry by) runs
+  ahead or behind.
 """
 
 from __future__ import annotations
 
 import logging
+import shutil
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import numpy as np
 
+from edgeota.agent.clock import EPOCH
 from edgeota.agent.config import AgentConfig
+from edgeota.agent.journal import JournalRecord, State
 from edgeota.agent.model_host import HardwareEmulation, ModelHostError, warmup_feeds
 from edgeota.agent.mqtt_fetcher import DownloadStats
 from edgeota.agent.runner import Agent, AgentSettings
 from edgeota.agent.update_cycle import UpdateClient
 
-__all__ = ["DeviceTiming", "SimulatedDevice"]
+__all__ = ["POWER_LOSS_STATES", "DeviceTiming", "SimulatedDevice", "SimulatedPowerLoss"]
+
+_MAX_REBOOTS = 3  # a power cut is one-shot, so a second one in a row is already odd
+
+# The journal states an update passes through, in order: where a power cut can land.
+POWER_LOSS_STATES: tuple[str, ...] = tuple(str(s) for s in (
+    State.CHECKING, State.DOWNLOADING, State.VERIFYING, State.VALIDATING, State.STAGED,
+    State.SWAPPING, State.PROBATION))
 
 logger = logging.getLogger(__name__)
 
@@ -45,6 +73,21 @@ class DeviceTiming:
     inferences_per_step: int = 2
 
 
+class SimulatedPowerLoss(BaseException):
+    """The power was cut at a chosen point of the agent's work.
+
+    A ``BaseException`` on purpose: the agent's ``except Exception`` handlers
+    (a failed install, a refused check) must not turn a power cut into a tidy
+    failure report. It unwinds the cycle the way a stopping process does, and
+    :meth:`SimulatedDevice.step` boots the agent again from its folder.
+    """
+
+    def __init__(self, device_id: str, state: str) -> None:
+        super().__init__(f"{device_id}: power lost in {state}")
+        self.device_id = device_id
+        self.state = state
+
+
 @dataclass
 class StepCounters:
     cycles: int = 0
@@ -52,8 +95,12 @@ class StepCounters:
     inference_errors: int = 0
     telemetry_sent: int = 0
     step_errors: int = 0
+    power_losses: int = 0
     states: dict[str, str] = field(default_factory=dict)  # last cycle outcome per model
     reasons: dict[str, str] = field(default_factory=dict)  # last failure reason per model
+    # Checks that ended before any model was looked at, by reason (clock_untrusted,
+    # ExpiredMetadataError, ...): the journal never sees these, so they are counted here.
+    check_failures: Counter[str] = field(default_factory=Counter)
 
 
 class SimulatedDevice:
@@ -76,19 +123,102 @@ class SimulatedDevice:
         self.hardware = hardware
         self.emulation = emulation or HardwareEmulation()
         self.timing = timing or DeviceTiming()
-        self.agent = Agent(config, settings, transport=transport, emulation=self.emulation,
-                           update_client=update_client)
+        self.config = config
+        self._settings = settings
+        self._transport = transport
+        self.clock_offset = timedelta(0)  # a fault: this device's clock runs ahead (+) or behind
+        self._skew_wanted: timedelta | None = None
+        self.free_bytes: int | None = None  # a fault: the free space the agent sees (None: real)
+        self._power_loss_at: str | None = None
         self.counters = StepCounters()
+        self.agent = self._new_agent(update_client)
         self._monotonic = monotonic
         self._next_poll = 0.0  # the first step checks at once
         self._next_telemetry = 0.0
         self._feeds: dict[tuple[str, str], dict[str, np.ndarray]] = {}
-        self._settings = settings
-        self._transport = transport
         # A restart needs a fresh connection the way the first one was made.
         self._make_client = make_client or (lambda: None)
-        self.crash_when: str | None = None  # a fault: die and restart in this state
         self.restarts = 0
+
+    def _new_agent(self, update_client: UpdateClient | None) -> Agent:
+        """An agent on this device's folder, with the simulator's hooks installed."""
+        agent = Agent(self.config, self._settings, transport=self._transport,
+                      emulation=self.emulation, update_client=update_client, clock=self.now)
+        agent.on_journal_saved = self._journal_saved
+        agent.updates.on_download_progress = self._download_progress
+        agent.updates.disk_free = self._disk_free
+        self._metadata_clock(agent)
+        return agent
+
+    def _metadata_clock(self, agent: Agent) -> None:
+        """ngclient judges expiry by this device's clock only while it is skewed.
+
+        Otherwise ngclient keeps its own (the process clock), which is what the
+        attack suite's freeze moves for every device at once.
+        """
+        agent.updates.clock = self.now if self.clock_offset else None
+
+    # -- faults ------------------------------------------------------------------------
+
+    def now(self) -> datetime:
+        """This device's clock: the host's, moved by :attr:`clock_offset`."""
+        return datetime.now(UTC) + self.clock_offset
+
+    def skew_clock(self, offset: timedelta | None) -> None:
+        """Move this device's clock by ``offset`` (``None``: set it right again, as NTP does).
+
+        The skew takes effect once the agent has a time floor (a verified cycle
+        raised it above the epoch): a device with no floor yet trusts any
+        clock, which would test nothing. Called from any thread.
+        """
+        if offset is None:
+            self._skew_wanted = None
+            self.clock_offset = timedelta(0)
+            self._metadata_clock(self.agent)
+        else:
+            self._skew_wanted = offset
+
+    def arm_power_loss(self, state: str) -> None:
+        """Cut the power once, the next time the agent's update reaches ``state``.
+
+        ``downloading`` cuts half-way through the bundle (after at least one
+        durable window when the bundle is larger than one), so the restarted
+        agent resumes rather than starts over; every other state cuts right
+        after the journal saved it, before its work begins.
+        """
+        if state not in POWER_LOSS_STATES:
+            raise ValueError(f"no such state {state!r} (one of {POWER_LOSS_STATES})")
+        self._power_loss_at = state
+
+    def _cut_power(self, state: str) -> None:
+        self._power_loss_at = None  # once: the restarted agent must be able to finish
+        raise SimulatedPowerLoss(self.device_id, state)
+
+    def _journal_saved(self, name: str, record: JournalRecord) -> None:
+        if record.state in (State.FAILED, State.ROLLED_BACK) and record.reason:
+            # Outcomes reached outside a cycle (the recovery after a reboot) have a
+            # reason too; the report reads it from here once the journal is idle again.
+            self.counters.reasons[name] = record.reason
+        state = str(record.state)
+        if state == self._power_loss_at and state != State.DOWNLOADING:
+            self._cut_power(state)
+
+    def _download_progress(self, offset: int, length: int) -> None:
+        if self._power_loss_at == State.DOWNLOADING and 2 * offset >= length:
+            self._cut_power(State.DOWNLOADING)
+
+    def _disk_free(self, folder: Path) -> int:
+        free = self.free_bytes
+        return shutil.disk_usage(folder).free if free is None else free
+
+    def _apply_skew(self) -> None:
+        wanted = self._skew_wanted
+        if wanted is not None and self.agent.floor.floor > EPOCH:
+            self.clock_offset = wanted
+            self._skew_wanted = None
+            self._metadata_clock(self.agent)
+            logger.info("clock skewed", extra={"device_id": self.device_id,
+                                               "offset_seconds": wanted.total_seconds()})
 
     def start(self) -> None:
         """Recover the journal and serve what was committed (as a booting device does)."""
@@ -120,28 +250,50 @@ class SimulatedDevice:
         return served
 
     def step(self) -> None:
-        """One slice of the device's life; exceptions are counted and logged, never raised."""
+        """One slice of the device's life; exceptions are counted and logged, never raised.
+
+        A :class:`SimulatedPowerLoss` from the slice boots the agent again.
+        """
         try:
-            self._step()
+            try:
+                self._step()
+            except SimulatedPowerLoss as cut:
+                self._reboot(cut)
         except Exception:
             self.counters.step_errors += 1
             logger.exception("simulated device step failed", extra={"device_id": self.device_id})
 
+    def _reboot(self, cut: SimulatedPowerLoss) -> None:
+        """Boot again after ``cut``; a cut armed for the reboot's own recovery boots again."""
+        for _ in range(_MAX_REBOOTS):
+            self.counters.power_losses += 1
+            logger.info("simulated power loss; restarting the agent",
+                        extra={"device_id": self.device_id, "state": cut.state})
+            try:
+                self.restart()
+            except SimulatedPowerLoss as again:
+                cut = again
+            else:
+                return
+        raise RuntimeError(f"{self.device_id}: still losing power after {_MAX_REBOOTS} "
+                           "reboots")
+
     def restart(self) -> None:
-        """Die and boot again from the same state folder: the journal decides what happens."""
+        """Die and boot again from the same state folder: the journal decides what happens.
+
+        Only the simulator's own tallies (download statistics) carry over; the
+        agent itself starts from its files, as after a reboot.
+        """
+        stats = self.agent.updates.download_stats
         self.agent.updates.close()
-        self.agent = Agent(self.agent.config, self._settings, transport=self._transport,
-                           emulation=self.emulation, update_client=self._make_client())
+        self.agent = self._new_agent(self._make_client())
+        self.agent.updates.download_stats = stats
         self.agent.start()
         self.restarts += 1
         self._next_poll = 0.0
 
     def _step(self) -> None:
-        if self.crash_when is not None and any(
-                self.crash_when in ("any", self.journal_state(name))
-                for name in self.agent.host.models()):
-            self.crash_when = None
-            self.restart()
+        self._apply_skew()
         now = self._monotonic()
         agent = self.agent
         if agent.wake.is_set() or now >= self._next_poll:
@@ -151,6 +303,9 @@ class SimulatedDevice:
             self.counters.cycles += 1
             self.counters.states.update(outcome.states)
             self.counters.reasons.update(outcome.reasons)
+            if "*" in outcome.reasons:
+                self.counters.check_failures[outcome.reasons["*"]] += 1
+            self._apply_skew()
         self._serve_traffic()
         for name, state in agent.check_probation().items():
             self.counters.states[name] = state

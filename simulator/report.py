@@ -552,6 +552,14 @@ class FleetRecorder:
 
     # -- reading ---------------------------------------------------------------------
 
+    def _check_failures(self) -> Counter[str]:
+        total: Counter[str] = Counter()
+        for device in self.devices:
+            counted = getattr(getattr(device, "counters", None), "check_failures", None)
+            if counted:
+                total.update(counted)
+        return total
+
     @property
     def failures(self) -> dict[str, int]:
         """Failures (failed or rolled back) by reason over the whole run."""
@@ -618,6 +626,10 @@ class FleetRecorder:
             "samples": self._samples,
             "states": dict(self._counts_locked()),
             "failures": dict(self._failures),
+            # Update checks refused before any install began (clock_untrusted, expired
+            # metadata, ...): the journal never leaves idle for them, so they are counted
+            # by the devices themselves.
+            "check_failures": dict(self._check_failures()),
             "waves": waves,
             "events": dict(self._event_kinds),
             "bounds": {

@@ -30,6 +30,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from edgeota.agent.config import AgentConfig
 from edgeota.agent.model_host import HardwareEmulation
@@ -37,7 +38,9 @@ from edgeota.agent.runner import AgentSettings
 from edgeota.agent.update_cycle import UpdateClient
 from edgeota.protocol.errors import EdgeotaError
 from edgeota.simulator.device import DeviceTiming, SimulatedDevice
+from edgeota.simulator.faults import FaultInjector
 from edgeota.simulator.fleet import FleetRunner
+from edgeota.simulator.link import LinkEmulator, LinkShape
 from edgeota.simulator.models import padded_model
 from edgeota.simulator.scenario import Scenario, Step
 from edgeota.simulator.server import ServerChoice, SimServer, SimServerError, open_server
@@ -71,6 +74,12 @@ class SimulationResult:
         return not self.problems
 
 
+def needs_server_in_process(scenario: Scenario) -> bool:
+    """Whether the scenario acts inside the server: attacks, corrupted chunks in transit."""
+    return (any(step.action == "attacks" for step in scenario.timeline)
+            or any(fault.kind == "corrupt_chunks" for fault in scenario.faults))
+
+
 class Simulation:
     """One scenario run in ``workdir``; use as a context manager, then :meth:`run`."""
 
@@ -86,11 +95,10 @@ class Simulation:
     ) -> None:
         self.scenario = scenario
         self.server_choice = server or ServerChoice()
-        if any(step.action == "attacks" for step in scenario.timeline) \
-                and self.server_choice.mode != "in-process":
+        if self.server_choice.mode != "in-process" and needs_server_in_process(scenario):
             raise SimulationError(
-                "the attack suite plays a malicious server with the server's own keys and "
-                "storage, so it needs the server in this process (--in-process)")
+                "the attack suite and corrupt_chunks faults act inside the server (its keys, "
+                "storage and fetch bridge), so they need it in this process (--in-process)")
         self.workdir = workdir
         self.workers = workers
         self.devices: list[SimulatedDevice] = []
@@ -107,7 +115,9 @@ class Simulation:
         # Tag and device ids of this run's devices: a deploy selects only them.
         self.fleet_tag = {"sim": "fleet" if self.server.device_id_prefix == "sim"
                           else self.server.device_id_prefix}
-        self._fault_thread: threading.Thread | None = None
+        # The shaping proxy of the scenario's link profiles, started with the first shaped device.
+        self.link_emulator: LinkEmulator | None = None
+        self.faults: FaultInjector | None = None  # set when the run starts
         self._stop_faults = threading.Event()
 
     # -- set-up and tear-down --------------------------------------------------------
@@ -174,7 +184,7 @@ class Simulation:
             if self.server.broker_override:
                 config = dataclasses.replace(config, mqtt_url=self.server.broker_override)
                 config.save()
-            device = self._device(config, cls.hardware, settings, timing)
+            device = self._device(config, cls.hardware, settings, timing, cls.link)
             self.devices.append(device)
         self._stack.append(self._close_devices)
         for device in self.devices:
@@ -188,7 +198,10 @@ class Simulation:
         self._say(f"{len(self.devices)} agents connected")
 
     def _device(self, config: AgentConfig, hardware: str, settings: AgentSettings,
-                timing: DeviceTiming) -> SimulatedDevice:
+                timing: DeviceTiming, link: str) -> SimulatedDevice:
+        address = self._link_address(link, config)
+        if address is not None:
+            config = dataclasses.replace(config, mqtt_url=f"mqtts://{address[0]}:{address[1]}")
         emulation = HardwareEmulation()
         for behaviour in self.scenario.behaviour:
             if behaviour.hardware in (None, hardware):
@@ -205,6 +218,24 @@ class Simulation:
         return SimulatedDevice(config, settings, hardware=hardware, emulation=emulation,
                                timing=timing, update_client=make_client(),
                                make_client=make_client)
+
+    def _link_address(self, link: str, config: AgentConfig) -> tuple[str, int] | None:
+        """Where a device on ``link`` connects: the link emulator, or ``None`` (the broker)."""
+        profile = self.scenario.links[link]
+        if not profile.shaped or not config.mqtt_url:
+            return None
+        if self.link_emulator is None:
+            broker = urlsplit(config.mqtt_url)
+            if not broker.hostname:
+                raise SimulationError(f"cannot shape links: no broker in {config.mqtt_url!r}")
+            shapes = {name: LinkShape(p.bandwidth_kbps, p.latency_ms)
+                      for name, p in self.scenario.links.items()}
+            # The proxy listens on the broker's host name, which the broker's certificate
+            # names: TLS passes through the proxy untouched.
+            self.link_emulator = LinkEmulator((broker.hostname, broker.port or 8883),
+                                              shapes, host=broker.hostname).start()
+            self._stack.append(self.link_emulator.stop)
+        return self.link_emulator.address(link)
 
     def _close_devices(self) -> None:
         for device in self.devices:
@@ -376,49 +407,14 @@ class Simulation:
     # -- faults ----------------------------------------------------------------------
 
     def _start_faults(self) -> None:
-        """Link drops (random per link profile, or at a state) and crashes, seeded."""
-        classes = self.scenario.hardware_of()
-        rates = {d.device_id: self.scenario.links[c.link].disconnects_per_minute
-                 for d, c in zip(self.devices, classes, strict=True)}
-        at_state: dict[str, str] = {}  # device -> state in which its link drops
-        for fault in self.scenario.faults:
-            chosen = self._rng.sample(self.devices, min(fault.devices, len(self.devices)))
-            for device in chosen:
-                if fault.kind == "crash":
-                    device.crash_when = fault.when
-                    self.recorder.event("fault", kind="crash", device=device.device_id,
-                                        when=fault.when)
-                else:
-                    at_state[device.device_id] = fault.when
-        if not any(rates.values()) and not at_state:
-            return
-        by_id = {d.device_id: d for d in self.devices}
-        models = sorted({s.release.split("@")[0] for s in self.scenario.timeline
-                         if s.release})
-        dropped: set[tuple[str, str]] = set()  # (device, state) already hit once
-
-        def drop(device_id: str, why: str) -> None:
-            if by_id[device_id].drop_connection():
-                self.recorder.event("disconnect", device=device_id, why=why)
-
-        def faults() -> None:
-            tick = 0.1
-            while not self._stop_faults.wait(tick):
-                for device_id, rate in rates.items():
-                    if rate and self._rng.random() < rate * tick / 60:
-                        drop(device_id, "link")
-                for device_id, when in at_state.items():
-                    device = by_id[device_id]
-                    for name in models:
-                        state = device.journal_state(name)
-                        if (when in ("any", state) and state != "idle"
-                                and (device_id, state) not in dropped):
-                            dropped.add((device_id, state))
-                            drop(device_id, f"fault at {state}")
-
-        self._fault_thread = threading.Thread(target=faults, daemon=True, name="sim-faults")
-        self._fault_thread.start()
-        self._stack.append(lambda: self._fault_thread.join(5) if self._fault_thread else None)
+        """The scenario's faults and link drops (:mod:`edgeota.simulator.faults`), seeded."""
+        injector = FaultInjector(self.scenario, self.devices, rng=self._rng,
+                                 recorder=self.recorder,
+                                 bridge=self.transport.bridge if self.server.in_process else None,
+                                 stop=self._stop_faults)
+        injector.start()
+        self.faults = injector
+        self._stack.append(injector.stop)
 
 
 def _shared_network_loop() -> Any:

@@ -14,6 +14,8 @@ Example (``simulator/scenarios/staged.toml`` ships with more comments)::
 
     [links.lan]
     disconnects_per_minute = 0.0   # per device: the connection drops, the agent resumes
+    bandwidth_kbps = 2000          # per device and direction (absent: unlimited)
+    latency_ms = 40                # one way, each direction (a round trip pays it twice)
 
     [agent]
     probation_seconds = 1.0
@@ -40,6 +42,42 @@ Example (``simulator/scenarios/staged.toml`` ships with more comments)::
     devices = 2                    # how many (chosen by a seeded draw)
     when = "downloading"           # the state it happens in (crash: probation or any)
 
+Links. A profile with ``bandwidth_kbps`` (16 .. 10,000,000 kilobits per
+second) or ``latency_ms`` (0 .. 10,000) puts its devices behind a shaping
+proxy (:mod:`edgeota.simulator.link`): every connection gets its own token
+bucket per direction and a one-way delay; TLS passes through. Without them
+the devices connect to the broker directly. Below about 16 kbps the agent's
+minimum transfer rate would cut every download, hence the floor.
+
+Faults (``[[faults]]``; each draws ``devices`` devices, 0 .. :data:`MAX_DEVICES`,
+from the scenario's seeded generator; :mod:`edgeota.simulator.faults` injects
+them). The keys a kind does not take are refused:
+
+* ``disconnect`` -- ``when`` = ``downloading``, ``probation`` or ``any``: the
+  link drops once in that state (besides a profile's ``disconnects_per_minute``).
+* ``crash`` -- a crash or power cut: the agent process dies and a new one boots
+  from the device's folder. ``when`` = a state of the update (``checking``,
+  ``downloading``, ``verifying``, ``validating``, ``staged``, ``swapping``,
+  ``probation``), or ``random`` (alias ``any``: a state drawn per device). It
+  happens right after the journal saved that state; ``downloading`` cuts
+  half-way through the bundle, so the download resumes after the reboot.
+  Once per device.
+* ``disk_full`` -- the agent sees no free space in its state folder for
+  ``duration`` seconds (0 .. 86,400; 0 or absent: the whole run): its
+  updates fail as ``disk_full`` before downloading, it keeps serving its
+  model, and it updates once the space is back. ``when`` = ``start`` (the
+  default: from the run's start) or ``serving`` (from the moment the device
+  serves a committed model, so the fault meets its next update).
+* ``corrupt_chunks`` -- ``ratio`` (0 < ratio <= 1) of the bundle chunk frames
+  sent to these devices get a byte flipped on the way (a man-in-the-middle on
+  the broker side); the agent refuses each damaged frame and fetches it again.
+* ``clock_skew`` -- the device clock is off by ``seconds`` (non-zero, within
+  +-20 years; negative: behind) for ``duration`` seconds (0 or absent: the whole
+  run), from its first verified update cycle on (a device without a time
+  floor trusts any clock); ``when`` as for ``disk_full``. Far behind its floor the agent reports
+  ``clock_untrusted``; ahead beyond the metadata expiry, the check fails as
+  expired metadata. Either way it keeps its model until the clock is right.
+
 Every value is checked when the file is read, with the file, the entry and
 the reason in the error; unknown keys are refused (a typo must not silently
 do nothing). Sizes are bounded: at most :data:`MAX_DEVICES` devices and
@@ -56,6 +94,8 @@ from typing import Any
 from edgeota.protocol.errors import EdgeotaError
 
 __all__ = [
+    "CRASH_STATES",
+    "FAULT_KINDS",
     "MAX_DEVICES",
     "MAX_STEPS",
     "AgentTiming",
@@ -76,8 +116,25 @@ MAX_WAIT_SECONDS = 3600.0
 SCENARIO_DIR = Path(__file__).parent / "scenarios"
 ACTIONS = frozenset({"publish", "deploy", "attacks", "wait"})
 WAITS = frozenset({"updated", "completed", "paused", "none"})
-FAULT_KINDS = frozenset({"crash", "disconnect"})
-FAULT_STATES = frozenset({"downloading", "probation", "any"})
+# The journal states an update passes through: where a crash (power cut) can land.
+CRASH_STATES = ("checking", "downloading", "verifying", "validating", "staged", "swapping",
+                "probation")
+DISCONNECT_STATES = frozenset({"downloading", "probation", "any"})
+TIMED_STARTS = frozenset({"start", "serving"})  # disk_full, clock_skew: when they begin
+# Per kind, the keys it takes besides ``kind`` and ``devices``.
+FAULT_KEYS: dict[str, frozenset[str]] = {
+    "crash": frozenset({"when"}),
+    "disconnect": frozenset({"when"}),
+    "disk_full": frozenset({"duration", "when"}),
+    "corrupt_chunks": frozenset({"ratio"}),
+    "clock_skew": frozenset({"seconds", "duration", "when"}),
+}
+FAULT_KINDS = frozenset(FAULT_KEYS)
+MAX_FAULT_SECONDS = 86_400.0  # a fault's duration
+MAX_CLOCK_SKEW = 20 * 366 * 86_400.0  # seconds either way
+MIN_BANDWIDTH_KBPS = 16.0
+MAX_BANDWIDTH_KBPS = 10_000_000.0
+MAX_LATENCY_MS = 10_000.0
 
 
 class ScenarioError(EdgeotaError):
@@ -87,6 +144,13 @@ class ScenarioError(EdgeotaError):
 @dataclass(frozen=True)
 class LinkProfile:
     disconnects_per_minute: float = 0.0  # per device, while connected
+    bandwidth_kbps: float | None = None  # per device and direction; None: unlimited
+    latency_ms: float = 0.0  # one way, each direction
+
+    @property
+    def shaped(self) -> bool:
+        """Whether its devices go through the link emulator (bandwidth or latency)."""
+        return self.bandwidth_kbps is not None or self.latency_ms > 0
 
 
 @dataclass(frozen=True)
@@ -140,7 +204,10 @@ class Behaviour:
 class Fault:
     kind: str
     devices: int = 1
-    when: str = "any"
+    when: str = "any"  # crash, disconnect: the state; disk_full, clock_skew: start or serving
+    seconds: float = 0.0  # clock_skew: the offset (negative: behind)
+    duration: float = 0.0  # disk_full, clock_skew: how long; 0: the whole run
+    ratio: float = 0.0  # corrupt_chunks: the share of bundle chunk frames damaged
 
 
 @dataclass(frozen=True)
@@ -219,9 +286,15 @@ def parse_scenario(data: dict[str, Any], source: str) -> Scenario:
     _check(isinstance(raw_links, dict), source, "[links]", "must be a table of tables")
     for name, table in raw_links.items():
         table = _dataclass_from(LinkProfile, table, source, f"[links.{name}]")
-        links[name] = LinkProfile(disconnects_per_minute=_number(
-            table.get("disconnects_per_minute", 0.0), source,
-            f"links.{name}.disconnects_per_minute", 0, 60))
+        bandwidth = table.get("bandwidth_kbps")
+        links[name] = LinkProfile(
+            disconnects_per_minute=_number(table.get("disconnects_per_minute", 0.0), source,
+                                           f"links.{name}.disconnects_per_minute", 0, 60),
+            bandwidth_kbps=None if bandwidth is None else _number(
+                bandwidth, source, f"links.{name}.bandwidth_kbps", MIN_BANDWIDTH_KBPS,
+                MAX_BANDWIDTH_KBPS),
+            latency_ms=_number(table.get("latency_ms", 0.0), source,
+                               f"links.{name}.latency_ms", 0, MAX_LATENCY_MS))
     fleet = []
     raw_fleet = data.get("fleet", [{"hardware": "rpi4"}, {"hardware": "rpi5"}])
     _check(isinstance(raw_fleet, list) and 1 <= len(raw_fleet) <= 16, source, "[[fleet]]",
@@ -272,27 +345,55 @@ def parse_scenario(data: dict[str, Any], source: str) -> Scenario:
             extra_latency_ms=_number(table.get("extra_latency_ms", 0.0), source,
                                      f"{where}.extra_latency_ms", 0, 60_000),
             fail=bool(table.get("fail", False))))
-    faults = []
-    for index, table in enumerate(data.get("faults", [])):
-        where = f"faults[{index}]"
-        table = _dataclass_from(Fault, table, source, where)
-        kind = table.get("kind")
-        _check(kind in FAULT_KINDS, source, f"{where}.kind", f"must be one of "
-               f"{sorted(FAULT_KINDS)}")
-        when = table.get("when", "any")
-        _check(when in FAULT_STATES, source, f"{where}.when",
-               f"must be one of {sorted(FAULT_STATES)}")
-        _check(not (kind == "crash" and when == "downloading"), source, f"{where}.when",
-               "crash happens between agent steps: use probation or any (a link "
-               "disconnect interrupts downloads)")
-        faults.append(Fault(kind=kind, devices=int(_number(
-            table.get("devices", 1), source, f"{where}.devices", 0, MAX_DEVICES)), when=when))
+    raw_faults = data.get("faults", [])
+    _check(isinstance(raw_faults, list) and len(raw_faults) <= MAX_STEPS, source,
+           "[[faults]]", f"must be a list of at most {MAX_STEPS} tables")
+    faults = [_fault(table, source, f"faults[{i}]") for i, table in enumerate(raw_faults)]
     name = data.get("name", Path(source).stem)
     _check(isinstance(name, str) and len(name) <= 200, source, "name", "must be a string")
     return Scenario(name=name, devices=devices, fleet=tuple(fleet), links=links, agent=agent,
                     timeline=tuple(timeline), behaviour=tuple(behaviour), faults=tuple(faults),
                     seed=int(_number(data.get("seed", 1), source, "seed", 0, 2**31)),
                     source=source)
+
+
+def _fault(table: Any, source: str, where: str) -> Fault:
+    table = _dataclass_from(Fault, table, source, where)
+    kind = table.get("kind")
+    _check(kind in FAULT_KINDS, source, f"{where}.kind", f"must be one of "
+           f"{sorted(FAULT_KINDS)}")
+    takes = FAULT_KEYS[kind]
+    extra = sorted(set(table) - takes - {"kind", "devices"})
+    _check(not extra, source, where, f"has key(s) {extra} that kind {kind} does not take "
+           f"(it takes: {sorted(takes | {'devices'})})")
+    devices = int(_number(table.get("devices", 1), source, f"{where}.devices", 0, MAX_DEVICES))
+    when = table.get("when", "any")
+    if kind == "crash":
+        allowed = {*CRASH_STATES, "random", "any"}
+        _check(when in allowed, source, f"{where}.when", f"must be one of {sorted(allowed)}")
+    elif kind == "disconnect":
+        _check(when in DISCONNECT_STATES, source, f"{where}.when",
+               f"must be one of {sorted(DISCONNECT_STATES)}")
+    elif kind in ("disk_full", "clock_skew"):
+        when = table.get("when", "start")
+        _check(when in TIMED_STARTS, source, f"{where}.when",
+               f"must be one of {sorted(TIMED_STARTS)}")
+    duration = _number(table.get("duration", 0.0), source, f"{where}.duration", 0,
+                       MAX_FAULT_SECONDS)
+    ratio = 0.0
+    if kind == "corrupt_chunks":
+        _check("ratio" in table, source, f"{where}.ratio", "is required (0 < ratio <= 1)")
+        ratio = _number(table["ratio"], source, f"{where}.ratio", 0, 1)
+        _check(ratio > 0, source, f"{where}.ratio", "must be above 0")
+    seconds = 0.0
+    if kind == "clock_skew":
+        _check("seconds" in table, source, f"{where}.seconds",
+               "is required: the clock's offset (negative: behind)")
+        seconds = _number(table["seconds"], source, f"{where}.seconds", -MAX_CLOCK_SKEW,
+                          MAX_CLOCK_SKEW)
+        _check(seconds != 0, source, f"{where}.seconds", "must not be 0 (no skew)")
+    return Fault(kind=kind, devices=devices, when=when, seconds=seconds, duration=duration,
+                 ratio=ratio)
 
 
 def _step(table: Any, source: str, where: str) -> Step:

@@ -45,7 +45,7 @@ def test_the_fleet_is_split_by_share_and_interleaved() -> None:
     ({**MINIMAL, "fleet": [{"hardware": "rpi4", "link": "wifi"}]}, "names no [links.wifi]"),
     ({**MINIMAL, "links": {"lan": {"disconnects_per_minute": -1}}}, "disconnects_per_minute"),
     ({**MINIMAL, "faults": [{"kind": "meteor"}]}, "faults[0].kind must be one of"),
-    ({**MINIMAL, "faults": [{"kind": "crash", "when": "downloading"}]}, "use probation or any"),
+    ({**MINIMAL, "faults": [{"kind": "crash", "when": "idle"}]}, "faults[0].when must be one of"),
     ({**MINIMAL, "behaviour": [{"release": "digits@2.0.0", "extra_latency_ms": -5}]},
      "extra_latency_ms must be a number"),
 ])

@@ -106,5 +106,5 @@ def test_joining_needs_a_url_a_home_and_a_server_that_answers(tmp_path: Path) ->
 
 
 def test_the_attack_suite_refuses_a_server_out_of_reach(tmp_path: Path) -> None:
-    with pytest.raises(SimulationError, match="needs the server in this process"):
+    with pytest.raises(SimulationError, match="need it in this process"):
         Simulation(load_scenario(Path("attacks")), tmp_path, server=ServerChoice(mode="process"))

@@ -34,7 +34,8 @@ def run(
     devices: Annotated[int | None, typer.Option(
         help="Devices to simulate (default: the scenario's).", min=1, max=5000)] = None,
     scenario: Annotated[str, typer.Option(
-        help="A scenario TOML file, or a built-in one: staged, flaky, gate, attacks, demo.")]
+        help="A scenario TOML file, or a built-in one: staged, flaky, gate, attacks, demo, "
+        "faults.")]
     = "staged",
     report: Annotated[Path | None, typer.Option(
         help="Write summary.json, per-device CSV timelines and PNG plots here.")] = None,
@@ -47,8 +48,9 @@ def run(
     in_process: Annotated[bool | None, typer.Option(
         "--in-process/--server-process",
         help="Run the server in this process (needed by the attack suite, which plays a "
-        "malicious server) or as `edgeota serve` in a child process, so the report has its "
-        "CPU per update. Default: in-process only for scenarios with attacks.",
+        "malicious server, and by corrupt_chunks faults) or as `edgeota serve` in a child "
+        "process, so the report has its CPU per update. Default: in-process only for "
+        "scenarios that need it.",
         show_default=False)] = None,
     server: Annotated[str | None, typer.Option(
         help="Join a running server at this URL instead of starting one (needs --home).")]
@@ -76,10 +78,11 @@ def run(
 
       edgeota sim run --scenario staged --server http://10.0.0.5:8443 --home ./ops-home
     """
+    from edgeota.simulator.run import needs_server_in_process
     from edgeota.simulator.server import ServerChoice
 
     plan = _scenario(scenario, devices)
-    has_attacks = any(step.action == "attacks" for step in plan.timeline)
+    inside = needs_server_in_process(plan)
     if server is not None:
         if in_process:
             raise typer.BadParameter("--in-process starts a server: it cannot join --server")
@@ -87,7 +90,7 @@ def run(
     else:
         if home is not None or broker is not None:
             raise typer.BadParameter("--home and --broker only apply with --server URL")
-        choice = ServerChoice(mode="in-process" if (has_attacks if in_process is None
+        choice = ServerChoice(mode="in-process" if (inside if in_process is None
                                                     else in_process) else "process")
     console = Console()
     with tempfile.TemporaryDirectory(prefix="edgeota-sim-") as scratch:
