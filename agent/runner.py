@@ -40,7 +40,13 @@ from edgeota.agent.journal import (
     model_to_serve,
 )
 from edgeota.agent.model_host import HardwareEmulation, ModelHost, UnknownModelError
-from edgeota.agent.update_cycle import InstallError, UpdateClient
+from edgeota.agent.update_cycle import (
+    BundleTooSlowError,
+    BundleUnavailableError,
+    DiskFullError,
+    InstallError,
+    UpdateClient,
+)
 from edgeota.agent.uptane import UptaneRefusal
 from edgeota.agent.validation import SessionSettings, ValidationError
 from edgeota.protocol.bundle import describe_payload
@@ -59,6 +65,10 @@ class ModelIntegrityError(EdgeotaError):
     """An installed model's files no longer match the digests its manifest pins."""
 
 MAX_CRASHES_PER_TARGET = 3
+# Install failures worth a sooner retry: the transfer, not the release, was the problem.
+_TRANSIENT_REASONS = frozenset({
+    BundleUnavailableError.__name__, BundleTooSlowError.__name__, str(DiskFullError.reason),
+})
 _BEFORE_SWAP = (State.CHECKING, State.DOWNLOADING, State.VERIFYING, State.VALIDATING,
                 State.STAGED)
 
@@ -80,12 +90,20 @@ class AgentSettings:
     report_timeout: float = 10.0  # seconds
 
 
+# After a cycle that failed for a reason that may pass (the repository unreachable, a
+# transfer cut or too slow, a full disk), the next check comes sooner than the poll:
+# RETRY_BASE_SECONDS, doubling with each such cycle in a row, at most RETRY_MAX_SECONDS.
+RETRY_BASE_SECONDS = 5.0
+RETRY_MAX_SECONDS = 300.0
+
+
 @dataclass(frozen=True)
 class CycleOutcome:
-    """What one cycle did, per model name."""
+    """What one cycle did, per model name; ``transient``: it failed for a passing reason."""
 
     states: dict[str, str]
     reasons: dict[str, str]
+    transient: bool = False
 
 
 class Agent:
@@ -123,6 +141,7 @@ class Agent:
         # Called with (model name, record) after every journal save; what it raises
         # propagates from the save (the simulator's power cuts use this).
         self.on_journal_saved: Callable[[str, JournalRecord], None] | None = None
+        self._transient_failures = 0  # cycles in a row that failed for a passing reason
         if self.updates.connection is not None:
             self.updates.connection.on_notify = self.wake.set
 
@@ -223,8 +242,26 @@ class Agent:
 
     # -- the update cycle ------------------------------------------------------
 
+    def retry_delay(self) -> float | None:
+        """Seconds until the next check should come after the last cycle, if sooner than a poll.
+
+        ``None`` after a cycle that did not fail for a passing reason: the poll
+        (or the server's notify) decides. Otherwise an exponential backoff, so
+        a fleet that lost its server does not hammer it when it comes back,
+        yet a device that lost one transfer is not left waiting a whole poll
+        interval (ten minutes in the field) to try again.
+        """
+        if self._transient_failures == 0:
+            return None
+        return min(RETRY_MAX_SECONDS, RETRY_BASE_SECONDS * 2 ** (self._transient_failures - 1))
+
     def run_cycle(self) -> CycleOutcome:
         """One verified check; install and swap what changed. Never raises for bad updates."""
+        outcome = self._cycle()
+        self._transient_failures = self._transient_failures + 1 if outcome.transient else 0
+        return outcome
+
+    def _cycle(self) -> CycleOutcome:
         states: dict[str, str] = {}
         reasons: dict[str, str] = {}
         try:
@@ -246,7 +283,8 @@ class Agent:
             return CycleOutcome({"*": "failed"}, {"*": reason})
         except tuf_exceptions.DownloadError as e:
             logger.warning("repository unreachable: %s", e)
-            return CycleOutcome({"*": "unreachable"}, {"*": type(e).__name__})
+            return CycleOutcome({"*": "unreachable"}, {"*": type(e).__name__}, transient=True)
+        transient = False
         for decision in decisions:
             name = decision.image.name
             try:
@@ -265,8 +303,9 @@ class Agent:
             states[name], reason = self._update(journal, decision)
             if reason:
                 reasons[name] = reason
+                transient = transient or reason in _TRANSIENT_REASONS
         self.floor.advance()
-        return CycleOutcome(states, reasons)
+        return CycleOutcome(states, reasons, transient)
 
     def _update(self, journal: Journal, decision) -> tuple[str, str | None]:
         name = decision.image.name
@@ -472,6 +511,9 @@ def run_forever(
         except Exception:
             logger.exception("update cycle failed")
         interval = poll_seconds * (1 - jitter + 2 * jitter * draw())
+        retry = agent.retry_delay()
+        if retry is not None:
+            interval = min(interval, retry * (1 - jitter + 2 * jitter * draw()))
         step = min(interval, max(agent.settings.probation_seconds / 4, 1.0))
         waited = 0.0
         since_telemetry = 0.0

@@ -300,6 +300,9 @@ class SimulatedDevice:
             agent.wake.clear()
             self._next_poll = now + self.timing.poll_seconds
             outcome = agent.run_cycle()
+            retry = agent.retry_delay()  # a transfer that failed is retried before the poll
+            if retry is not None:
+                self._next_poll = min(self._next_poll, self._monotonic() + retry)
             self.counters.cycles += 1
             self.counters.states.update(outcome.states)
             self.counters.reasons.update(outcome.reasons)

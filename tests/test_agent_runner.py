@@ -227,3 +227,26 @@ def test_expired_metadata_is_refused_and_changes_nothing(tmp_path: Path, db_url:
         assert outcome.reasons == {"*": "ExpiredMetadataError"}
         assert agent.host.current_version("digits") == "1.0.0"
         assert reported_state(server)["error"] == "ExpiredMetadataError"
+
+
+def test_a_cycle_that_fails_in_transit_is_retried_sooner_with_backoff(
+        server: RunningServer) -> None:
+    from edgeota.agent.runner import RETRY_BASE_SECONDS, RETRY_MAX_SECONDS
+
+    config = AgentConfig.load(server.enroll("pi-1") / "agent.toml")
+    agent = agent_serving_v1(server, config)
+    assert agent.retry_delay() is None  # a clean cycle: the poll decides
+    server.stop()  # the repository is gone: a passing failure
+    try:
+        delays = []
+        for _ in range(8):
+            outcome = agent.run_cycle()
+            assert outcome.transient and outcome.states == {"*": "unreachable"}
+            delays.append(agent.retry_delay())
+    finally:
+        server.start()
+    assert delays[:3] == [RETRY_BASE_SECONDS, 2 * RETRY_BASE_SECONDS, 4 * RETRY_BASE_SECONDS]
+    assert max(delays) == RETRY_MAX_SECONDS  # bounded
+    assert agent.host.current_version("digits") == "1.0.0"  # nothing changed meanwhile
+    assert not agent.run_cycle().transient
+    assert agent.retry_delay() is None  # back to the poll once the server answers
