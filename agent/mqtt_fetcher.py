@@ -18,15 +18,22 @@ ngclient's error contract: error frames become ``DownloadHTTPError`` with
 their code (403/404 mean "no such file" to ngclient), a server that stops
 sending becomes ``SlowRetrievalError`` after ``timeout`` seconds, bytes beyond
 what ngclient allows become ``DownloadLengthMismatchError``, and every frame
-that is damaged, out of order or inconsistent ends the fetch with
-:class:`FrameRejectedError`. All of them are ``DownloadError`` subclasses.
+that is damaged, inconsistent, a duplicate, off the chunk grid or outside the
+windows asked for ends the fetch with :class:`FrameRejectedError` (a frame
+merely ahead of its turn, inside what was asked, waits for its turn). All of
+them are ``DownloadError`` subclasses.
 Whenever a fetch ends early its request id is unregistered (later frames are
 dropped) and a cancel is sent, so the server stops too.
 
 :class:`ResumableDownload` fetches a target into ``{sha256}.partial`` with a
-progress record beside it, persisted after every chunk, so a disconnect or a
-restart of the whole agent resumes at the last complete chunk and never
-fetches a finished chunk again; the sha256 is checked at the end.
+progress record beside it, made durable once per window, so a disconnect or a
+restart of the whole agent resumes at the last saved window and never fetches
+more than one window of received bytes again; the sha256 is computed while the
+bytes arrive (one streaming pass) and checked at the end.
+
+Fetches are pipelined (see :mod:`edgeota.protocol.fetch`): after the first
+chunk, two windows are kept outstanding, so the round trip of a request no
+longer stalls the transfer between windows.
 """
 
 from __future__ import annotations
@@ -34,15 +41,16 @@ from __future__ import annotations
 import collections
 import contextlib
 import hashlib
-import json
 import logging
 import os
 import random
 import re
 import secrets
 import socket
+import struct
 import tempfile
 import threading
+import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -57,6 +65,7 @@ from edgeota.agent.mqtt_loop import SharedNetworkLoop
 from edgeota.protocol.fetch import (
     MAX_OFFSET,
     MAX_WINDOW,
+    PIPELINE_DEPTH,
     ChunkFrame,
     ErrorFrame,
     FetchRequest,
@@ -65,7 +74,6 @@ from edgeota.protocol.fetch import (
     decode_frame,
     encode_request,
 )
-from edgeota.protocol.files import atomic_write
 from edgeota.protocol.telemetry import presence_bytes
 from edgeota.protocol.topics import DeviceTopic, Topics
 
@@ -80,6 +88,7 @@ __all__ = [
     "MqttFetcher",
     "ResumableDownload",
     "repository_path",
+    "saved_offset",
 ]
 
 logger = logging.getLogger(__name__)
@@ -89,7 +98,10 @@ _PRESENCE_OFFLINE = presence_bytes(online=False)
 MQTT_REPOSITORY_URL = "mqtt://edgeota"  # AgentConfig.repository_url for the MQTT transport
 _URL_SCHEMES = ("mqtt", "mqtts")
 _SHA256_RE = re.compile(r"[0-9a-f]{64}")
-_PROGRESS_VERSION = 1
+_RECORD_MAGIC = b"EOTP"
+_RECORD_VERSION = 1
+_RECORD = struct.Struct(">4sBQQQI")  # magic, version, seq, previous, offset, crc32
+_SLOT = 64  # bytes per progress record slot (two, after the file's bytes)
 _HASH_BLOCK = 1024 * 1024  # bytes read at a time when verifying a finished download
 
 
@@ -435,7 +447,11 @@ class MqttFetcher(FetcherInterface):
                max_length: int = MAX_OFFSET) -> Iterator[ChunkFrame]:
         """Yield the frames of ``path`` from ``offset`` on, checked and in order.
 
-        Closing the generator early (the consumer stopped) cancels the request.
+        Pipelined: once the first chunk has told the chunk size and the file's
+        size, up to :data:`PIPELINE_DEPTH` windows are asked for ahead; frames
+        that arrive ahead of their turn (windows served by different replicas)
+        wait in a buffer bounded by what was asked for. Closing the generator
+        early (the consumer stopped) cancels the request.
 
         Raises:
             exceptions.DownloadHTTPError: the server answered an error frame.
@@ -449,38 +465,56 @@ class MqttFetcher(FetcherInterface):
             request = FetchRequest(rid, path, offset, self._window, max_length)
         except FrameError as e:
             raise exceptions.DownloadError(f"cannot request {path[:200]!r}: {e}") from e
-        inbox = self._connection.open_stream(rid, capacity=2 * self._window + 4)
+        window = self._window
+        inbox = self._connection.open_stream(rid, capacity=PIPELINE_DEPTH * window + 4)
         finished = False
         try:
             if not self._connection.wait_ready(self._timeout):
                 raise ConnectionLostError(f"not connected within {self._timeout}s")
             self._connection.send(request)
-            expected, in_window = offset, 0
+            expected = offset  # the next byte to yield
+            asked = -1  # end of the windows asked for, once the chunk size is known
+            chunk = 0
             first: ChunkFrame | None = None
+            ahead: dict[int, ChunkFrame] = {}  # frames that came before their turn
             while True:
-                item = inbox.get(self._timeout)
-                if item is None:
-                    raise exceptions.SlowRetrievalError(
-                        f"no data for {path} within {self._timeout}s")
-                if isinstance(item, _Failure):
-                    raise item.error
-                if isinstance(item, ErrorFrame):
-                    finished = True  # the server ended the request itself
-                    raise exceptions.DownloadHTTPError(
-                        f"{item.code} for {path}: {item.message}", item.code)
-                self._check(item, first, expected, max_length, path)
-                first = first or item
-                expected += len(item.payload)
-                if item.last:
+                frame = ahead.pop(expected, None)
+                if frame is None:
+                    item = inbox.get(self._timeout)
+                    if item is None:
+                        raise exceptions.SlowRetrievalError(
+                            f"no data for {path} within {self._timeout}s")
+                    if isinstance(item, _Failure):
+                        raise item.error
+                    if isinstance(item, ErrorFrame):
+                        finished = True  # the server ended the request itself
+                        raise exceptions.DownloadHTTPError(
+                            f"{item.code} for {path}: {item.message}", item.code)
+                    self._check(item, first, expected, max_length, path, chunk, asked)
+                    if first is None:
+                        first = item
+                        if not item.last:
+                            chunk = len(item.payload)
+                            asked = offset + window * chunk
+                    if item.offset != expected:
+                        if item.offset in ahead:
+                            raise FrameRejectedError(
+                                f"chunk of {path} at offset {item.offset} received twice")
+                        ahead[item.offset] = item
+                        continue
+                    frame = item
+                expected += len(frame.payload)
+                if frame.last:
                     finished = True
-                yield item
+                yield frame
                 if finished:
                     return
-                in_window += 1
-                if in_window == self._window:
-                    in_window = 0
-                    self._connection.send(FetchRequest(rid, path, expected, self._window,
-                                                       max_length))
+                # Keep the pipeline full: ask for the next window once the one
+                # before it has fully arrived, never beyond the end of the file.
+                span = window * chunk
+                while asked < frame.total and asked - expected <= (PIPELINE_DEPTH - 1) * span:
+                    self._connection.send(FetchRequest(rid, path, asked, window, max_length))
+                    asked += span
         finally:
             self._connection.close_stream(rid)
             if not finished:
@@ -488,15 +522,28 @@ class MqttFetcher(FetcherInterface):
 
     @staticmethod
     def _check(frame: ChunkFrame, first: ChunkFrame | None, expected: int, max_length: int,
-               path: str) -> None:
+               path: str, chunk: int, asked: int) -> None:
+        """Refuse a frame that is not a next piece of what was asked for.
+
+        Before the chunk size is known (``chunk`` 0) the frame must be the very
+        next one; after, it may be ahead of its turn, but it must sit on a chunk
+        boundary inside the windows asked for, and only the file's last chunk
+        may be shorter than the others.
+        """
         if frame.total > max_length:
             raise exceptions.DownloadLengthMismatchError(
                 f"{path} is {frame.total} bytes, more than the {max_length} allowed")
-        if frame.offset != expected:
-            raise FrameRejectedError(
-                f"chunk of {path} at offset {frame.offset}, expected {expected}")
         if first is not None and (frame.total, frame.file_id) != (first.total, first.file_id):
             raise FrameRejectedError(f"{path} changed during the download")
+        if frame.offset == expected and not chunk:
+            return
+        end = frame.offset + len(frame.payload)
+        if (not chunk or frame.offset < expected or end > asked
+                or (frame.offset - expected) % chunk
+                or (len(frame.payload) != chunk and not frame.last)):
+            raise FrameRejectedError(
+                f"chunk of {path} at offset {frame.offset} ({len(frame.payload)} bytes), "
+                f"expected {expected}")
 
     def _cancel(self, rid: str, path: str, max_length: int) -> None:
         """Best effort: tell the server to stop; it stops anyway after the current window."""
@@ -526,29 +573,81 @@ class MqttFetcher(FetcherInterface):
 class _Progress:
     sha256: str
     length: int
-    offset: int  # bytes of the partial file that are written and synced
+    offset: int  # bytes of the partial file written (durable once saved)
+
+
+@dataclass(frozen=True)
+class _Record:
+    """One durable progress record, kept in the tail of ``{sha256}.partial``.
+
+    Why in the partial file: one ``fdatasync`` then makes the data and the
+    record durable together, where a record file of its own costs three
+    syncs per save (data, temp file, folder). One sync gives no order between
+    the two, so the record carries the CRC-32 of the bytes it adds since the
+    save before (``previous``, whose sync had completed): if those bytes did
+    not all reach the disk, loading falls back to ``previous``. Two slots,
+    written in turn, each with its own CRC: a torn record leaves the other.
+    """
+
+    seq: int
+    previous: int
+    offset: int
+    crc: int  # zlib CRC-32 of the file's bytes [previous, offset)
 
     def to_bytes(self) -> bytes:
-        return json.dumps({"v": _PROGRESS_VERSION, "sha256": self.sha256,
-                           "length": self.length, "offset": self.offset}).encode()
+        body = _RECORD.pack(_RECORD_MAGIC, _RECORD_VERSION, self.seq, self.previous,
+                            self.offset, self.crc)
+        return (body + struct.pack(">I", zlib.crc32(body))).ljust(_SLOT, b"\x00")
 
     @classmethod
-    def load(cls, path: Path, sha256: str, length: int) -> _Progress:
-        """The saved progress, or a fresh start if there is none or it does not fit."""
-        try:
-            obj = json.loads(path.read_bytes()[:4096])
-            saved = cls(obj["sha256"], obj["length"], obj["offset"])
-            ok = (obj.get("v") == _PROGRESS_VERSION and saved.sha256 == sha256
-                  and saved.length == length and isinstance(saved.offset, int)
-                  and 0 <= saved.offset <= length)
-        except FileNotFoundError:
-            return cls(sha256, length, 0)
-        except (ValueError, KeyError, TypeError):
-            ok = False
-        if not ok:
-            logger.warning("ignoring unusable progress record %s", path)
-            return cls(sha256, length, 0)
-        return saved
+    def parse(cls, slot: bytes, length: int) -> _Record | None:
+        if len(slot) < _RECORD.size + 4:
+            return None
+        body = slot[:_RECORD.size]
+        (check,) = struct.unpack_from(">I", slot, _RECORD.size)
+        if zlib.crc32(body) != check:
+            return None
+        magic, version, seq, previous, offset, crc = _RECORD.unpack(body)
+        if magic != _RECORD_MAGIC or version != _RECORD_VERSION:
+            return None
+        if not 0 <= previous <= offset <= length:
+            return None
+        return cls(seq, previous, offset, crc)
+
+
+def saved_offset(partial: Path, length: int) -> int:
+    """Bytes of the ``{sha256}.partial`` of a ``length``-byte target that are saved and synced."""
+    try:
+        fd = os.open(partial, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+    except FileNotFoundError:
+        return 0
+    try:
+        return _load_record(fd, length).offset
+    finally:
+        os.close(fd)
+
+
+def _load_record(fd: int, length: int) -> _Record:
+    """The newest record whose bytes are all on disk; a fresh start if there is none.
+
+    A file too short to hold a record is a fresh start too: new, from an earlier
+    version, or complete (records dropped) but not yet renamed, which
+    :meth:`ResumableDownload.download` checks by its hash first.
+    """
+    if os.fstat(fd).st_size < length + _SLOT:
+        return _Record(0, 0, 0, 0)
+    slots = os.pread(fd, 2 * _SLOT, length)
+    records = [r for r in (_Record.parse(slots[:_SLOT], length),
+                           _Record.parse(slots[_SLOT:], length)) if r is not None]
+    if not records:
+        if any(slots):
+            logger.warning("ignoring unusable progress records")
+        return _Record(0, 0, 0, 0)
+    newest = max(records, key=lambda r: r.seq)
+    if _crc_of_fd(fd, newest.previous, newest.offset) == newest.crc:
+        return newest
+    # Its own bytes did not all reach the disk; the save before it had been synced.
+    return _Record(newest.seq, newest.previous, newest.previous, 0)
 
 
 @dataclass
@@ -564,8 +663,10 @@ class DownloadStats:
 class ResumableDownload:
     """Download targets into ``folder`` so that no finished chunk is ever fetched twice.
 
-    Layout: ``{sha256}.partial`` (bytes so far), ``{sha256}.progress`` (how many
-    of them are synced), and ``{sha256}`` once complete and verified.
+    Layout: ``{sha256}.partial`` (the file's bytes so far, then two progress
+    record slots, see :class:`_Record`) and ``{sha256}`` once complete and
+    verified. ``{sha256}.progress`` was the record of earlier versions; it is
+    removed (such a download starts over).
     """
 
     def __init__(
@@ -579,8 +680,10 @@ class ResumableDownload:
         reconnect_timeout: float = 120.0,  # seconds to wait for the broker per attempt
         on_progress: Callable[[int, int], None] | None = None,  # (offset, length)
         stats: DownloadStats | None = None,
+        save_timeout: float = 60.0,  # seconds one durable progress save may take
     ) -> None:
         self._connection = connection
+        self._save_timeout = save_timeout
         self.stats = stats if stats is not None else DownloadStats()
         self._window = window
         self._fetcher = MqttFetcher(connection, timeout=timeout, window=window)
@@ -593,11 +696,12 @@ class ResumableDownload:
         return self._folder / f"{sha256}.partial"
 
     def progress_path(self, sha256: str) -> Path:
+        """The separate progress record of earlier versions (never written now)."""
         return self._folder / f"{sha256}.progress"
 
     def saved_offset(self, sha256: str, length: int) -> int:
         """Bytes already downloaded and synced for this target."""
-        return _Progress.load(self.progress_path(sha256), sha256, length).offset
+        return saved_offset(self.partial_path(sha256), length)
 
     def download(self, url: str, *, length: int, sha256: str) -> Path:
         """Fetch the target at ``url`` (repository path or ``mqtt://`` URL); return its file.
@@ -619,79 +723,208 @@ class ResumableDownload:
             return final
         self._folder.mkdir(parents=True, exist_ok=True)
         partial = self.partial_path(sha256)
-        progress = _Progress.load(self.progress_path(sha256), sha256, length)
-        if progress.offset:
-            self.stats.resumes += 1  # picked up after an agent restart
+        self.progress_path(sha256).unlink(missing_ok=True)  # an earlier version's record
         fd = os.open(partial, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
         try:
-            # Bytes past the synced offset may be torn by a crash: never trust them.
-            os.ftruncate(fd, progress.offset)
-            self._fill(fd, path, progress)
+            if os.fstat(fd).st_size == length and _sha256_of_fd(fd, length).hexdigest() == sha256:
+                record = _Record(0, length, length, 0)  # complete; killed before the rename
+            else:
+                record = _load_record(fd, length)
+            if record.offset:
+                self.stats.resumes += 1  # picked up after an agent restart
+            # Bytes past the saved offset may be torn by a crash: never trusted,
+            # only overwritten. Nothing saved: nothing kept (records come with saves).
+            if not record.offset:
+                os.ftruncate(fd, 0)
+            # One streaming pass: the bytes kept from before are hashed once, the
+            # new ones as they arrive, so the file is not read again at the end.
+            hasher = _sha256_of_fd(fd, record.offset)
+            self._fill(fd, path, _Progress(sha256, length, record.offset), record, hasher)
+            if (actual := hasher.hexdigest()) == sha256:
+                os.ftruncate(fd, length)  # drop the records: the file is complete
+                os.fdatasync(fd)
         finally:
             os.close(fd)
-        if (actual := _sha256_of(partial)) != sha256:
+        if actual != sha256:
             partial.unlink(missing_ok=True)
-            self.progress_path(sha256).unlink(missing_ok=True)
             self.stats.full_restarts += 1
             raise exceptions.LengthOrHashMismatchError(
                 f"{path}: downloaded sha256 {actual}, expected {sha256}")
         partial.replace(final)
-        self.progress_path(sha256).unlink(missing_ok=True)
         self.stats.completed += 1
         return final
 
-    def _fill(self, fd: int, path: str, progress: _Progress) -> None:
+    def _fill(self, fd: int, path: str, progress: _Progress, record: _Record,
+              hasher: Any) -> None:
         """Fetch until the partial file holds ``progress.length`` bytes, retrying transfers.
 
-        Progress is made durable once per window (data ``fdatasync``'d, then the
-        record replaced), not per chunk: an SD card pays three syncs per save,
-        and a crash re-fetches at most one window, which the window bounds anyway.
+        Frames come in file order, so each is written and added to ``hasher``
+        as it arrives. Progress is made durable once per window, not per chunk
+        (one ``fdatasync`` per save, see :class:`_Record`), and on a thread of
+        its own (:class:`_ProgressSaver`), so the transfer goes on while the
+        data is synced; one save at a time. A crash therefore loses less than two
+        windows of received bytes (the one arriving and the one being saved),
+        and a disconnect, which keeps the process, none: the retry continues
+        from the last byte written.
         """
         expected_id = bytes.fromhex(progress.sha256)
         failures = 0
-        saved = progress.offset
         unsaved_frames = 0
+        saver = _ProgressSaver(fd, progress.length, record, timeout=self._save_timeout)
+        try:
+            while progress.offset < progress.length:
+                try:
+                    for frame in self._fetcher.stream(path, offset=progress.offset,
+                                                      max_length=progress.length):
+                        if frame.total != progress.length or (
+                                frame.content_id and frame.file_id != expected_id):
+                            raise exceptions.LengthOrHashMismatchError(
+                                f"{path}: the server offers another file ({frame.total} bytes)")
+                        os.pwrite(fd, frame.payload, frame.offset)
+                        hasher.update(frame.payload)
+                        self.stats.bytes_fetched += len(frame.payload)
+                        progress = _Progress(progress.sha256, progress.length,
+                                             frame.offset + len(frame.payload))
+                        unsaved_frames += 1
+                        if unsaved_frames >= self._window and not frame.last:
+                            unsaved_frames = 0
+                            saver.save(progress)
+                        failures = 0
+                        if self._on_progress is not None:
+                            self._on_progress(progress.offset, progress.length)
+                except (ConnectionLostError, FrameRejectedError,
+                        exceptions.SlowRetrievalError) as e:
+                    saver.save(progress)  # keep what arrived before the interruption
+                    failures += 1
+                    if failures > self._max_retries:
+                        raise
+                    logger.info("download of %s interrupted at %d (%s); resuming",
+                                path, progress.offset, e)
+                    self.stats.resumes += 1
+                    if not self._connection.wait_ready(self._reconnect_timeout):
+                        raise ConnectionLostError(
+                            f"broker unreachable for {self._reconnect_timeout}s") from e
+            # Complete: the caller checks the hash and syncs the file before renaming
+            # it, so no record is needed for the end, only the saves still running.
+            saver.flush()
+        finally:
+            saver.close()
 
-        def save() -> None:
-            nonlocal saved, unsaved_frames
-            unsaved_frames = 0
-            if progress.offset != saved:
-                os.fdatasync(fd)
-                atomic_write(self.progress_path(progress.sha256), progress.to_bytes(),
-                             mode=0o600)
-                saved = progress.offset
 
-        while progress.offset < progress.length:
+class _ProgressSaver:
+    """Makes download progress durable on its own thread: a :class:`_Record`, one ``fdatasync``.
+
+    One save runs at a time: asking for the next one waits for the previous,
+    which bounds how far the record may lag behind what was written (one save
+    interval, plus the save running), and guarantees that the save a record
+    names as ``previous`` had been synced.
+    """
+
+    def __init__(self, fd: int, length: int, record: _Record, *, timeout: float) -> None:
+        self._fd = fd
+        self._length = length
+        self._record = record  # the newest record on disk
+        saved = record.offset
+        self._timeout = timeout
+        self._cond = threading.Condition()
+        self._wanted: _Progress | None = None
+        self._busy = False
+        self._closed = False
+        self._error: OSError | None = None
+        self.saved = saved  # offset the record on disk holds
+        self._asked = saved  # offset of the latest save asked for
+        self._thread: threading.Thread | None = None
+
+    def save(self, progress: _Progress) -> None:
+        """Queue ``progress`` for saving; waits (bounded) while the previous save runs.
+
+        Raises:
+            OSError: the previous save failed, or did not finish within the timeout.
+        """
+        with self._cond:
+            if progress.offset == self._asked:
+                return
+            self._wait_idle()
+            self._wanted, self._asked = progress, progress.offset
+            self._cond.notify_all()
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="download-saver",
+                                                daemon=True)
+                self._thread.start()
+
+    def flush(self) -> None:
+        """Wait until every queued save is on disk.
+
+        Raises:
+            OSError: a save failed, or did not finish within the timeout.
+        """
+        with self._cond:
+            self._wait_idle()
+
+    def close(self) -> None:
+        """Stop the thread once the save in progress (if any) is done (bounded wait)."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+        if self._thread is not None:
+            self._thread.join(self._timeout)
+
+    def _wait_idle(self) -> None:
+        if not self._cond.wait_for(
+                lambda: self._error is not None or (self._wanted is None and not self._busy),
+                self._timeout):
+            raise OSError(f"saving download progress took more than {self._timeout}s")
+        if self._error is not None:
+            raise self._error
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                self._cond.wait_for(lambda: self._wanted is not None or self._closed)
+                progress, self._wanted = self._wanted, None
+                if progress is None:
+                    return
+                self._busy = True
             try:
-                for frame in self._fetcher.stream(path, offset=progress.offset,
-                                                  max_length=progress.length):
-                    if frame.total != progress.length or (
-                            frame.content_id and frame.file_id != expected_id):
-                        raise exceptions.LengthOrHashMismatchError(
-                            f"{path}: the server offers another file ({frame.total} bytes)")
-                    os.pwrite(fd, frame.payload, frame.offset)
-                    self.stats.bytes_fetched += len(frame.payload)
-                    progress = _Progress(progress.sha256, progress.length,
-                                         frame.offset + len(frame.payload))
-                    unsaved_frames += 1
-                    if unsaved_frames >= self._window or frame.last:
-                        save()
-                    failures = 0
-                    if self._on_progress is not None:
-                        self._on_progress(progress.offset, progress.length)
-            except (ConnectionLostError, FrameRejectedError,
-                    exceptions.SlowRetrievalError) as e:
-                save()  # keep what arrived before the interruption
-                failures += 1
-                if failures > self._max_retries:
-                    raise
-                logger.info("download of %s interrupted at %d (%s); resuming",
-                            path, progress.offset, e)
-                self.stats.resumes += 1
-                if not self._connection.wait_ready(self._reconnect_timeout):
-                    raise ConnectionLostError(
-                        f"broker unreachable for {self._reconnect_timeout}s") from e
-        save()
+                last = self._record
+                record = _Record(last.seq + 1, last.offset, progress.offset,
+                                 _crc_of_fd(self._fd, last.offset, progress.offset))
+                os.pwrite(self._fd, record.to_bytes(), self._length + _SLOT * (record.seq % 2))
+                os.fdatasync(self._fd)
+                self._record = record
+            except OSError as e:
+                with self._cond:
+                    self._error, self._busy = e, False
+                    self._cond.notify_all()
+                return
+            with self._cond:
+                self.saved, self._busy = progress.offset, False
+                self._cond.notify_all()
+
+
+def _crc_of_fd(fd: int, start: int, end: int) -> int:
+    """zlib CRC-32 of the bytes ``[start, end)`` of the open file ``fd``."""
+    crc = 0
+    while start < end:
+        block = os.pread(fd, min(_HASH_BLOCK, end - start), start)
+        if not block:
+            break  # shorter than claimed: the CRC will not match
+        crc = zlib.crc32(block, crc)
+        start += len(block)
+    return crc
+
+
+def _sha256_of_fd(fd: int, length: int) -> Any:
+    """A sha256 object fed with the first ``length`` bytes of the open file ``fd``."""
+    hasher = hashlib.sha256()
+    position = 0
+    while position < length:
+        block = os.pread(fd, min(_HASH_BLOCK, length - position), position)
+        if not block:
+            raise OSError("partial download shorter than its progress record")
+        hasher.update(block)
+        position += len(block)
+    return hasher
 
 
 def _sha256_of(path: Path) -> str:

@@ -319,6 +319,7 @@ class Agent:
         except ValidationError as e:
             journal.transition(Event.FAILURE, reason=str(e.reason))
             self._refuse(decision.sha256, str(e.reason))
+            self.updates.forget_download(decision)
             return self._finish(journal, name)
         except EdgeotaError as e:
             reason = (e.reason if isinstance(e, InstallError) else None) or type(e).__name__
@@ -339,6 +340,7 @@ class Agent:
         except UnknownModelError:
             self.host.load(name, decision.image.version, installed.model_path, manifest)
         journal.transition(Event.SWAPPED)
+        self.updates.forget_download(decision)
         self._probation_started[name] = self._clock()
         self._report(name, State.PROBATION, None, decision.image.version)
         return str(State.PROBATION), None

@@ -456,8 +456,14 @@ class UpdateClient:
         except BaseException:
             shutil.rmtree(dest, ignore_errors=True)
             raise
-        bundle_path.unlink(missing_ok=True)
+        # The sealed bundle stays until the caller has swapped the model in
+        # (forget_download): an agent that dies before then opens, so verifies,
+        # the same bundle again on its next try instead of downloading it again.
         return InstalledModel(decision, opened, report)
+
+    def forget_download(self, decision: InstallDecision) -> None:
+        """Delete the downloaded bundle of ``decision`` (installed, or refused for good)."""
+        self._discard_download(decision)
 
 
     def _require_space(self, image: Updater, info: TargetFile,
@@ -490,7 +496,7 @@ class UpdateClient:
         """Delete every file this target's download left: on a full disk they only hurt."""
         resumable = self._downloads / "resumable"
         for leftover in (resumable / decision.sha256, resumable / f"{decision.sha256}.partial",
-                         resumable / f"{decision.sha256}.progress",
+                         resumable / f"{decision.sha256}.progress",  # before progress moved
                          self._downloads / quote(decision.target_path, "")):
             leftover.unlink(missing_ok=True)
 

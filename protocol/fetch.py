@@ -14,17 +14,32 @@ Request (device -> server, QoS 1), compact JSON with exactly these keys::
   frame of the answer repeats it so one device can run several fetches.
 * ``offset``: first byte wanted; any offset up to the file size (resume).
 * ``window``: how many chunks the server sends for this request (1..64).
-  ``0`` cancels: the server stops sending frames for ``rid``.
+  ``0`` cancels: the server stops sending frames for ``rid``, and drops the
+  windows of ``rid`` it has queued.
 * ``max``: the largest file the device accepts; a bigger file is refused
   with 413 before any byte is sent (ngclient's ``max_length``).
 
 Flow control is one request per window, the simplest scheme that stays
 robust over an at-least-once transport: the server sends at most ``window``
 chunks per request and then nothing more until the device asks again, from
-the next offset it needs, with the same ``rid``. A lost request or a
-disconnect can therefore waste at most one window, a duplicate request (QoS 1
+the next offset it needs, with the same ``rid``. A duplicate request (QoS 1
 may deliver twice) is recognised by ``(rid, offset)``, and cancelling is
-simply not asking again (``window`` 0 stops a window already being sent).
+simply not asking again (``window`` 0 stops every window of ``rid`` being
+sent or queued).
+
+Pipelining: every chunk of one request id except the file's last has the same
+length (the server's chunk size), so once the first chunk has arrived the
+device knows that the window asked at offset ``o`` covers
+``[o, o + window * chunk)`` and may ask for the next window before the
+current one has arrived. A device keeps at most :data:`PIPELINE_DEPTH`
+windows of one ``rid`` outstanding (asked for and not yet received in full),
+and asks ahead only once the first chunk has told it the file's size, so a
+small file costs one request. The server serves the windows of one ``rid``
+one after another, in the order asked, so frames normally arrive in offset
+order; replicas behind a shared subscription may still interleave two
+windows, and the device puts them back in order (bounded by the windows it
+asked for). Replicas sharing a group must therefore use the same chunk size.
+A lost request or a disconnect wastes at most the windows outstanding.
 
 Frames (server -> device, QoS 1), all integers big-endian::
 
@@ -57,7 +72,10 @@ a reader resuming across windows notices a file that changed under it.
 
 Decoding is strict: a frame whose size, magic, version, kind, flags, lengths,
 offsets or checksum do not add up raises a :class:`FrameError` subclass, and
-nothing partially decoded is returned.
+nothing partially decoded is returned. A decoded chunk's payload is a
+read-only ``memoryview`` into the received message (no copy of 64 KiB per
+frame); :func:`pack_chunk` builds a data frame in a buffer the payload was
+read into, so the server does not copy it either.
 """
 
 from __future__ import annotations
@@ -87,6 +105,7 @@ __all__ = [
     "MAX_REQUEST_ID",
     "MAX_REQUEST_SIZE",
     "MAX_WINDOW",
+    "PIPELINE_DEPTH",
     "REQUEST_VERSION",
     "ChunkFrame",
     "ErrorCode",
@@ -100,10 +119,12 @@ __all__ = [
     "FrameVersionError",
     "MalformedRequestError",
     "MqttTls",
+    "chunk_header_size",
     "decode_frame",
     "decode_request",
     "encode_frame",
     "encode_request",
+    "pack_chunk",
     "peek_request_id",
 ]
 
@@ -121,6 +142,7 @@ MAX_PAYLOAD = 64 * 1024  # bytes per chunk
 MAX_REQUEST_ID = 64  # characters
 MAX_ERROR_MESSAGE = 512  # bytes of UTF-8
 MAX_WINDOW = 64  # chunks per request
+PIPELINE_DEPTH = 2  # windows of one request id a device keeps outstanding
 # Target paths are at most 1024 characters; add "image/targets/" and a sha256 prefix.
 MAX_PATH_LENGTH = 1280  # characters
 MAX_REQUEST_SIZE = 2048  # bytes of JSON
@@ -245,13 +267,17 @@ class FetchRequest:
 
 @dataclass(frozen=True)
 class ChunkFrame:
-    """Bytes ``[offset, offset + len(payload))`` of a file of ``total`` bytes."""
+    """Bytes ``[offset, offset + len(payload))`` of a file of ``total`` bytes.
+
+    ``payload`` is ``bytes`` or, for decoded frames, a read-only ``memoryview``
+    of the received message (it stays valid: the message is immutable).
+    """
 
     request_id: str
     file_id: bytes
     offset: int
     total: int
-    payload: bytes
+    payload: bytes | memoryview
     last: bool = False
     content_id: bool = False  # file_id is the sha256 of the file's content
 
@@ -360,6 +386,48 @@ def encode_frame(frame: Frame) -> bytes:
     ))
 
 
+def chunk_header_size(request_id: str) -> int:
+    """Bytes before the payload in a data frame for ``request_id`` (see :func:`pack_chunk`)."""
+    return _PREFIX.size + len(request_id) + _DATA.size
+
+
+def pack_chunk(buffer: bytearray, *, request_id: str, file_id: bytes, offset: int, total: int,
+               content_id: bool, crc: int | None = None) -> int:
+    """Write the header of a data frame whose payload already fills the end of ``buffer``.
+
+    The server reads each chunk straight into ``buffer`` after
+    :func:`chunk_header_size` bytes and then calls this, so the payload is
+    never copied to build the frame. The result is the same bytes as
+    :func:`encode_frame` of the equivalent :class:`ChunkFrame`, and the same
+    rules hold (checked here, cheaply, instead of by the dataclass). ``crc``
+    is the payload's CRC-32 when the caller already knows it (a server may
+    remember those of content-addressed files); the CRC written is returned.
+
+    Raises:
+        FrameFormatError, FrameTooLargeError: the frame would break the protocol's rules.
+    """
+    rid = _check_request_id(request_id).encode("ascii")
+    if len(file_id) != FILE_ID_SIZE:
+        raise FrameFormatError(f"file id must be {FILE_ID_SIZE} bytes", request_id=request_id)
+    start = _PREFIX.size + len(rid) + _DATA.size
+    length = len(buffer) - start
+    end = offset + length
+    if not 0 <= length <= MAX_PAYLOAD:
+        raise FrameTooLargeError(f"payload of {length} bytes exceeds {MAX_PAYLOAD}",
+                                 request_id=request_id)
+    if not 0 <= offset <= end <= total <= MAX_OFFSET or (length == 0 and end != total):
+        raise FrameFormatError(f"chunk [{offset}, {end}) of {total} bytes", request_id=request_id)
+    last = end == total
+    flags = (FLAG_LAST if last else 0) | (FLAG_CONTENT_ID if content_id else 0)
+    _PREFIX.pack_into(buffer, 0, MAGIC, FRAME_VERSION, KIND_DATA, flags, len(rid))
+    buffer[_PREFIX.size:_PREFIX.size + len(rid)] = rid
+    if crc is None:
+        with memoryview(buffer) as view:
+            crc = zlib.crc32(view[start:])
+    _DATA.pack_into(buffer, _PREFIX.size + len(rid), file_id, offset, total, length, crc)
+    return crc
+
+
 def _read_prefix(data: bytes) -> tuple[int, int, str, int]:
     """Check magic and version; return (kind, flags, request id, header end)."""
     if len(data) > MAX_FRAME_SIZE:
@@ -412,7 +480,7 @@ def decode_frame(data: bytes) -> Frame:
         if len(data) != pos + length:
             raise FrameFormatError(
                 f"payload length {length} but {len(data) - pos} bytes follow", request_id=rid)
-        payload = data[pos:]
+        payload = memoryview(data)[pos:].toreadonly()  # no copy of the payload
         if zlib.crc32(payload) != crc:
             raise FrameChecksumError("chunk payload does not match its CRC-32", request_id=rid)
         return ChunkFrame(rid, file_id, offset, total, payload, last=bool(flags & FLAG_LAST),

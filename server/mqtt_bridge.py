@@ -7,12 +7,32 @@ most one window of chunk frames on that device's ``rx`` topic (wire format:
 blocking it: paho's network loop has its own thread (``loop_start``), and a
 small pool of worker threads reads files chunk by chunk, so neither the
 network loop nor the HTTP app waits on the disk, and no file is ever held
-whole in memory.
+whole in memory. Each chunk is read straight into the buffer of its frame
+(:func:`~edgeota.protocol.fetch.pack_chunk`), and the store's answer to "which
+file is this target path" is cached (targets are content-addressed, so the
+answer only changes when the file goes away), as are the CRC-32s of target
+chunks (a bundle served to a fleet is checksummed once, not once per device).
+
+Windows of one request id are served one after another, in the order they
+were asked, never by two workers at once: a device keeps two windows
+outstanding (pipelining) and must get the frames of one fetch in order.
+Windows of different fetches interleave, window by window, so one large
+download cannot starve the others.
+
+Back-pressure instead of loss: a worker publishes a frame only while fewer
+than ``max_queued_frames`` frames wait in paho for the broker's PUBACK, and
+otherwise waits (at most ``send_timeout`` seconds) for acknowledgements.
+While workers wait, windows stay queued; when the work queue is full, new
+fetches are answered 503 and devices retry. Nothing already accepted is
+dropped: a slow broker or a thousand downloads slow every device down
+instead. Error frames, sent from paho's network thread (which must never
+block, since it processes the PUBACKs), use a small reserve on top.
 
 Every resource is bounded: concurrent fetches (request ids) per device and
 queued windows per fetch (429 beyond), the work queue (503 beyond), frames
 queued in paho, the memory of recent requests kept to recognise QoS 1
-duplicates and cancels, and the per-(device, path) byte counters. The topic
+duplicates and cancels, the path cache, and the per-(device, path) byte
+counters. The topic
 names the device (the broker's ACL lets device X publish only on
 ``devices/X/...``), so a device reads
 ``image/...`` and only its own ``director/X/...``: another device's director
@@ -29,10 +49,16 @@ dispatcher thread calls the callback, so database work (see
 traffic, and a full queue drops (and counts) instead of blocking. Brokers do
 not send retained messages to shared subscriptions, so with ``shared_group``
 the retained status and presence of devices are not replayed at start-up.
+Without it, every (re)subscription replays them (delivered with the MQTT
+retain flag set): if the handler has a ``retained`` method, those replays go
+there instead, so it can tell "the device's last word, kept by the broker"
+from "the device said this now" (:class:`~edgeota.server.mqtt_ingest.DeviceMessageSink`
+does not move ``last_seen`` for a replay).
 """
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import hashlib
 import json
@@ -55,6 +81,7 @@ from edgeota.protocol.errors import EdgeotaError
 from edgeota.protocol.fetch import (
     MAX_PAYLOAD,
     MAX_WINDOW,
+    PIPELINE_DEPTH,
     ChunkFrame,
     ErrorCode,
     ErrorFrame,
@@ -63,8 +90,10 @@ from edgeota.protocol.fetch import (
     FrameError,
     FrameTooLargeError,
     MqttTls,
+    chunk_header_size,
     decode_request,
     encode_frame,
+    pack_chunk,
 )
 from edgeota.protocol.topics import DeviceTopic, Topics
 from edgeota.server.repo.storage import DIRECTOR, IMAGE, RepoFileNotFoundError, RepoStore
@@ -83,7 +112,14 @@ logger = logging.getLogger(__name__)
 
 _SHA256_RE = re.compile(r"[0-9a-f]{64}")
 _FILE_ID_DOMAIN = b"edgeota/fetch/v1 file-id\x00"
-_MAX_JOBS_PER_FETCH = 2  # the window being sent and the next one asked for
+# Windows of one fetch the bridge accepts at once: the device's pipeline depth,
+# plus one because the device may ask for its next window as soon as the last
+# frame of the current one reaches it, before the worker has finished with it.
+_MAX_JOBS_PER_FETCH = PIPELINE_DEPTH + 1
+_ERROR_RESERVE = 64  # frames paho may queue beyond max_queued_frames: errors, notifications
+_PATH_CACHE = 1024  # target paths whose stored file is remembered
+_CRC_CACHE = 65536  # chunk CRCs of content-addressed files remembered (~200 bytes each)
+_CrcKey = tuple[bytes, tuple[int, int, int, int], int, int]
 
 # What devices report besides fetch requests, handed to ``on_device_message``.
 DEVICE_MESSAGE_TOPICS = (DeviceTopic.STATUS, DeviceTopic.TELEMETRY, DeviceTopic.ONLINE)
@@ -110,12 +146,14 @@ class BridgeCounters:
     rejected: int = 0  # messages that were not valid requests
     duplicates: int = 0  # repeated (request id, offset): QoS 1 redelivery
     cancels: int = 0
-    frames_dropped: int = 0  # refused by paho's bounded outgoing queue
+    frames_dropped: int = 0  # refused by paho's bounded outgoing queue (error frames only)
     served: Mapping[tuple[str, str], int] = field(default_factory=dict)  # (device, path) -> bytes
     device_messages: int = 0  # status/telemetry/online messages queued for the handler
     device_oversize: int = 0  # dropped: payload above max_device_payload
     device_dropped: int = 0  # dropped: the handler's queue was full
     device_errors: int = 0  # the handler raised (logged; the message is lost)
+    backpressure_waits: int = 0  # frames that waited for room in the outgoing queue
+    send_stalls: int = 0  # windows abandoned: no room for send_timeout seconds
 
     def served_bytes(self, device_id: str, path: str) -> int:
         """File bytes sent to ``device_id`` for ``path`` (re-sent windows included)."""
@@ -148,7 +186,7 @@ class _Counters:
         self._values: dict[str, int] = dict.fromkeys(
             ("requests", "chunks_sent", "bytes_sent", "frame_bytes_sent", "rejected",
              "duplicates", "cancels", "frames_dropped", "device_messages", "device_oversize",
-             "device_dropped", "device_errors"), 0)
+             "device_dropped", "device_errors", "backpressure_waits", "send_stalls"), 0)
         self._errors: dict[int, int] = {}
         self._served: OrderedDict[tuple[str, str], int] = OrderedDict()
 
@@ -184,11 +222,23 @@ class _Job:
     request: FetchRequest
 
 
+@dataclass
+class _FetchState:
+    """One request id's accepted windows: one queued or being served, the rest waiting."""
+
+    waiting: collections.deque[FetchRequest] = field(default_factory=collections.deque)
+
+    @property
+    def windows(self) -> int:
+        return 1 + len(self.waiting)
+
+
 @dataclass(frozen=True)
 class _DeviceMessage:
     device_id: str
     kind: DeviceTopic
     payload: bytes
+    retained: bool = False  # replayed by the broker from its retained store
 
 
 def file_identity(request_path: str, opened: BinaryIO) -> tuple[bytes, bool]:
@@ -219,7 +269,9 @@ class FetchBridge:
     window is a self-contained request, so any replica can serve any window);
     ``workers`` threads read the store; ``max_requests_per_device`` bounds the
     fetches one device may run at once, ``max_queue`` the windows waiting for a
-    worker and ``max_queued_frames`` the frames waiting in paho.
+    worker and ``max_queued_frames`` the frames waiting in paho for their
+    PUBACK; a worker finding that many waits at most ``send_timeout`` seconds
+    for room (then abandons the window: the device times out and asks again).
 
     ``on_device_message(device_id, kind, payload)``, if given, receives every
     ``status``, ``telemetry`` and ``online`` message, called on one dispatcher
@@ -244,6 +296,7 @@ class FetchBridge:
         max_requests_per_device: int = 4,
         max_queue: int = 256,
         max_queued_frames: int = 1024,
+        send_timeout: float = 30.0,  # seconds a worker waits for room in paho's queue
         keepalive: int = 30,
         reconnect_min_delay: float = 0.5,  # seconds; paho doubles it up to the max
         reconnect_max_delay: float = 30.0,  # seconds
@@ -259,6 +312,8 @@ class FetchBridge:
             raise ValueError(f"chunk_size must be 1..{MAX_PAYLOAD}")
         if workers < 1 or max_requests_per_device < 1 or max_queue < 1:
             raise ValueError("workers, max_requests_per_device and max_queue must be positive")
+        if max_queued_frames < 1 or send_timeout <= 0:
+            raise ValueError("max_queued_frames and send_timeout must be positive")
         if max_device_queue < 1 or max_device_payload < 0:
             raise ValueError("max_device_queue must be positive, max_device_payload not negative")
         self._store = store
@@ -280,12 +335,19 @@ class FetchBridge:
             maxsize=max_device_queue)
         self._dispatcher: threading.Thread | None = None
         self._queue: queue.Queue[_Job | None] = queue.Queue(maxsize=max_queue)
-        self._lock = threading.Lock()  # guards the four fields below
-        # device -> request id -> accepted windows not yet served. A fetch's next
-        # window may arrive before the worker has finished the previous one, so
-        # the per-device bound counts fetches (request ids), each allowed
-        # _MAX_JOBS_PER_FETCH queued windows.
-        self._active: dict[str, dict[str, int]] = {}
+        self._lock = threading.Lock()  # guards the five fields below
+        # device -> request id -> accepted windows not yet served. The per-device
+        # bound counts fetches (request ids), each allowed _MAX_JOBS_PER_FETCH
+        # windows; only the first is on the work queue (or being served), the
+        # others wait in order behind it, so no two workers serve one fetch.
+        self._active: dict[str, dict[str, _FetchState]] = {}
+        # target path -> (stored file, its (device, inode) when the store checked it)
+        self._paths: OrderedDict[str, tuple[Path, tuple[int, int]]] = OrderedDict()
+        # (content sha256, file version, offset, length) -> CRC-32 of those bytes: a
+        # bundle served to a fleet is checksummed once per chunk, not once per device.
+        # The file version (device, inode, mtime, size) keeps a file rewritten in
+        # place (a repaired store, an attack lab) from reusing the old CRCs.
+        self._crcs: OrderedDict[_CrcKey, int] = OrderedDict()
         self._seen = _BoundedSet(8192)  # (device, rid, offset) already accepted
         self._cancelled = _BoundedSet(4096)  # (device, rid)
         self._connections = 0
@@ -295,6 +357,12 @@ class FetchBridge:
         self._subscribe_mid: int | None = None
         self._threads: list[threading.Thread] = []
         self._started = False
+        # Frames published and not yet acknowledged by the broker (PUBACK).
+        self._room = threading.Condition()
+        self._unacked = 0
+        self._max_unacked = max_queued_frames
+        self._send_timeout = send_timeout
+        self._stopping = False
 
         self._client = mqtt.Client(
             mqtt.CallbackAPIVersion.VERSION2, client_id=client_id, clean_session=True,
@@ -308,7 +376,9 @@ class FetchBridge:
             )
         if username is not None:
             self._client.username_pw_set(username, password)
-        self._client.max_queued_messages_set(max_queued_frames)
+        # paho's own bound stays as a backstop above ours; only frames sent
+        # without waiting (from the network thread) can ever reach it.
+        self._client.max_queued_messages_set(max_queued_frames + _ERROR_RESERVE)
         self._client.reconnect_delay_set(reconnect_min_delay, reconnect_max_delay)  # type: ignore[arg-type]
         self._client.on_connect = self._on_connect
         self._client.on_socket_open = _no_delay
@@ -319,6 +389,7 @@ class FetchBridge:
         self._client.on_subscribe = self._on_subscribe
         self._client.on_disconnect = self._on_disconnect
         self._client.on_message = self._on_message
+        self._client.on_publish = self._on_publish
 
     # -- lifecycle ----------------------------------------------------------
 
@@ -354,6 +425,9 @@ class FetchBridge:
         Device messages already queued are still handed to ``on_device_message``
         (no new ones arrive once disconnected).
         """
+        with self._room:
+            self._stopping = True  # workers waiting for room give up their window
+            self._room.notify_all()
         self._client.disconnect()
         self._client.loop_stop()
         self._ready.clear()
@@ -400,10 +474,17 @@ class FetchBridge:
         """A snapshot of the counters."""
         return self._counters.snapshot()
 
+    def active_windows(self) -> int:
+        """Windows accepted and not yet finished (queued, waiting or being sent); 0 when idle."""
+        with self._lock:
+            return sum(state.windows for fetches in self._active.values()
+                       for state in fetches.values())
+
     def notify(self, device_id: str) -> None:
         """Tell a device its director metadata changed (QoS 1; it checks on its own schedule)."""
         payload = json.dumps({"v": 1, "event": "director-changed"}, separators=(",", ":"))
-        self._client.publish(self._topics.device(device_id, DeviceTopic.NOTIFY), payload, qos=1)
+        self._publish(self._topics.device(device_id, DeviceTopic.NOTIFY), payload.encode(),
+                      wait=False)
 
     # -- paho callbacks (network thread: never block here) -------------------
 
@@ -435,6 +516,13 @@ class FetchBridge:
             self._changed.notify_all()
         logger.info("bridge disconnected (%s); paho reconnects with backoff", reason_code)
 
+    def _on_publish(self, _client: mqtt.Client, _userdata: Any, _mid: int,
+                    _reason_code: Any, _properties: Any) -> None:
+        # Every publish of the bridge is QoS 1: this is its PUBACK.
+        with self._room:
+            self._unacked = max(0, self._unacked - 1)
+            self._room.notify()
+
     def _on_message(self, _client: mqtt.Client, _userdata: Any,
                     message: mqtt.MQTTMessage) -> None:
         try:
@@ -443,7 +531,8 @@ class FetchBridge:
             self._counters.bump("rejected")
             return
         if kind in DEVICE_MESSAGE_TOPICS and self._on_device_message is not None:
-            self._queue_device_message(device_id, kind, message.payload)
+            self._queue_device_message(device_id, kind, message.payload,
+                                       retained=bool(message.retain))
             return
         if kind is not DeviceTopic.FETCH:
             self._counters.bump("rejected")
@@ -460,7 +549,8 @@ class FetchBridge:
             return
         self._admit(device_id, request)
 
-    def _queue_device_message(self, device_id: str, kind: DeviceTopic, payload: bytes) -> None:
+    def _queue_device_message(self, device_id: str, kind: DeviceTopic, payload: bytes, *,
+                              retained: bool = False) -> None:
         """Hand a status/telemetry/online message to the dispatcher, or drop and count it."""
         if len(payload) > self._max_device_payload:
             self._counters.bump("device_oversize")
@@ -469,7 +559,8 @@ class FetchBridge:
                            len(payload), kind, device_id, self._max_device_payload)
             return
         try:
-            self._device_queue.put_nowait(_DeviceMessage(device_id, kind, bytes(payload)))
+            self._device_queue.put_nowait(_DeviceMessage(device_id, kind, bytes(payload),
+                                                         retained))
         except queue.Full:
             self._counters.bump("device_dropped")
             logger.debug("device message queue full: dropped %s from %s", kind, device_id)
@@ -482,6 +573,9 @@ class FetchBridge:
         if request.cancel:
             with self._lock:
                 self._cancelled.add((device_id, rid))
+                state = self._active.get(device_id, {}).get(rid)
+                if state is not None:
+                    state.waiting.clear()  # the one being served stops at its next frame
             self._counters.bump("cancels")
             return
         if request.window > self._max_window:
@@ -506,9 +600,15 @@ class FetchBridge:
         if key in self._seen:
             return "duplicate"
         fetches = self._active.setdefault(device_id, {})
-        jobs = fetches.get(request.request_id, 0)
-        if (jobs >= _MAX_JOBS_PER_FETCH
-                or (jobs == 0 and len(fetches) >= self._max_per_device)):
+        state = fetches.get(request.request_id)
+        if state is not None:
+            # Another window of this fetch is queued or being served: wait behind it.
+            if state.windows >= _MAX_JOBS_PER_FETCH:
+                return "device-busy"
+            state.waiting.append(request)
+            self._seen.add(key)
+            return "queued"
+        if len(fetches) >= self._max_per_device:
             if not fetches:
                 del self._active[device_id]
             return "device-busy"
@@ -519,13 +619,14 @@ class FetchBridge:
                 del self._active[device_id]
             return "server-busy"
         self._seen.add(key)
-        fetches[request.request_id] = jobs + 1
+        fetches[request.request_id] = _FetchState()
         return "queued"
 
     # -- workers ------------------------------------------------------------
 
     def _work(self) -> None:
-        while (job := self._queue.get()) is not None:
+        job: _Job | None = None
+        while job is not None or (job := self._queue.get()) is not None:
             try:
                 self._serve(job.device_id, job.request)
             except Exception:
@@ -535,29 +636,44 @@ class FetchBridge:
                     job.request.request_id, ErrorCode.UNAVAILABLE, "server error"))
             finally:
                 with self._lock:
-                    self._release(job)
+                    job = self._release(job)
+
+    def _release(self, job: _Job) -> _Job | None:
+        """One window of a fetch is done (lock held); returns the next one to serve at once, if any.
+
+        The next window goes to the back of the work queue, so windows of
+        other fetches get their turn; if no other window waits, or the queue is
+        full, this worker serves it right away (no hand-over to another thread;
+        and an accepted window must not be lost).
+        """
+        fetches = self._active.get(job.device_id, {})
+        rid = job.request.request_id
+        state = fetches.get(rid)
+        if state is not None and state.waiting:
+            following = _Job(job.device_id, state.waiting.popleft())
+            if self._queue.empty():
+                return following  # nobody else waits: no hand-over to another worker
+            try:
+                self._queue.put_nowait(following)
+            except queue.Full:
+                return following
+            return None
+        fetches.pop(rid, None)
+        if not fetches:
+            self._active.pop(job.device_id, None)
+        return None
 
     def _dispatch(self) -> None:
         handler = self._on_device_message
         assert handler is not None  # only started with a handler
+        replayed: DeviceMessageHandler = getattr(handler, "retained", handler)
         while (item := self._device_queue.get()) is not None:
             try:
-                handler(item.device_id, item.kind, item.payload)
+                (replayed if item.retained else handler)(item.device_id, item.kind, item.payload)
             except Exception:
                 # One bad message must not end the dispatcher; the handler owns its errors.
                 self._counters.bump("device_errors")
                 logger.exception("handling %s from %s failed", item.kind, item.device_id)
-
-    def _release(self, job: _Job) -> None:
-        """One window of a fetch is done (lock held)."""
-        fetches = self._active.get(job.device_id, {})
-        left = fetches.get(job.request.request_id, 1) - 1
-        if left > 0:
-            fetches[job.request.request_id] = left
-        else:
-            fetches.pop(job.request.request_id, None)
-        if not fetches:
-            self._active.pop(job.device_id, None)
 
     def _is_cancelled(self, device_id: str, rid: str) -> bool:
         with self._lock:
@@ -570,6 +686,45 @@ class FetchBridge:
             return len(parts) > 1 and parts[1] == device_id
         return True
 
+    def _open(self, request_path: str) -> BinaryIO:
+        """Open the stored file for ``request_path``, unbuffered (chunks are read into frames).
+
+        Target files are content-addressed, so where one lives is cached,
+        with the identity (device, inode) of the file the store vouched for.
+        A cached path is opened without following a symlink, and used only if
+        it is still that same file: a file gone (garbage-collected), replaced,
+        or a symlink or directory planted since, goes back through the store's
+        checks. Metadata paths (``timestamp.json`` moves on) are looked up
+        every time.
+
+        Raises:
+            RepoFileNotFoundError, FileNotFoundError: no such file.
+        """
+        cacheable = request_path.startswith(f"{IMAGE}/targets/")
+        if cacheable:
+            with self._lock:
+                cached = self._paths.get(request_path)
+            if cached is not None:
+                path, identity = cached
+                opened = _open_no_follow(path)
+                if opened is not None:
+                    st = os.fstat(opened.fileno())
+                    if (st.st_dev, st.st_ino) == identity:
+                        return opened
+                    opened.close()
+                with self._lock:
+                    self._paths.pop(request_path, None)
+        path = self._store.file_for_request(request_path)
+        opened = path.open("rb", buffering=0)
+        if cacheable:
+            st = os.fstat(opened.fileno())
+            with self._lock:
+                self._paths[request_path] = (path, (st.st_dev, st.st_ino))
+                self._paths.move_to_end(request_path)
+                while len(self._paths) > _PATH_CACHE:
+                    self._paths.popitem(last=False)
+        return opened
+
     def _serve(self, device_id: str, request: FetchRequest) -> None:
         """Send one window of ``request`` (an override point for fault-injecting subclasses)."""
         rid = request.request_id
@@ -577,13 +732,16 @@ class FetchBridge:
             self._send(device_id, ErrorFrame(rid, ErrorCode.FORBIDDEN, "not this device's file"))
             return
         try:
-            path = self._store.file_for_request(request.path)
-            opened = path.open("rb")
+            opened = self._open(request.path)
         except (RepoFileNotFoundError, FileNotFoundError):
             self._send(device_id, ErrorFrame(rid, ErrorCode.NOT_FOUND, "no such file"))
             return
         with opened:
-            size = os.fstat(opened.fileno()).st_size
+            st = os.fstat(opened.fileno())
+            size = st.st_size
+            # Which version of the file: a CRC remembered for its bytes is only
+            # reused while the file is the same one, unmodified.
+            version = (st.st_dev, st.st_ino, st.st_mtime_ns, size)
             if size > request.max_length:
                 self._send(device_id, ErrorFrame(
                     rid, ErrorCode.TOO_LARGE, f"file is {size} bytes > max {request.max_length}"))
@@ -593,47 +751,110 @@ class FetchBridge:
                     rid, ErrorCode.BAD_RANGE, f"offset {request.offset} > size {size}"))
                 return
             file_id, content_id = file_identity(request.path, opened)
+            topic = self._topics.device(device_id, DeviceTopic.RX)
+            header = chunk_header_size(rid)
             offset = request.offset
             opened.seek(offset)
             for _ in range(request.window):
                 if self._is_cancelled(device_id, rid):
                     return
                 want = min(self._chunk_size, size - offset)
-                payload = opened.read(want)
-                if len(payload) != want:
+                # The chunk is read straight into its frame: no copy to build it.
+                frame = bytearray(header + want)
+                with memoryview(frame) as view:
+                    got = opened.readinto(view[header:])
+                if got != want:
                     raise OSError(f"{request.path} shrank while being served")
-                end = offset + want
-                frame = ChunkFrame(rid, file_id, offset, size, payload, last=end == size,
-                                   content_id=content_id)
-                if not self._send(device_id, frame, path=request.path):
+                key = (file_id, version, offset, want)
+                known = self._crc(key) if content_id else None
+                crc = pack_chunk(frame, request_id=rid, file_id=file_id, offset=offset,
+                                 total=size, content_id=content_id, crc=known)
+                if content_id and known is None:
+                    self._remember_crc(key, crc)
+                if not self._send_chunk(device_id, topic, request.path, frame, want):
                     return
-                if frame.last:
+                offset += want
+                if offset == size:
                     return
-                offset = end
+
+    def _crc(self, key: _CrcKey) -> int | None:
+        with self._lock:
+            return self._crcs.get(key)
+
+    def _remember_crc(self, key: _CrcKey, crc: int) -> None:
+        with self._lock:
+            self._crcs[key] = crc  # oldest forgotten first
+            while len(self._crcs) > _CRC_CACHE:
+                self._crcs.popitem(last=False)
+
+    def _send_chunk(self, device_id: str, topic: str, path: str, frame: bytearray,
+                    payload: int) -> bool:
+        """Publish one encoded data frame, waiting for room; ``False`` ends the window.
+
+        An override point too: tests corrupt or drop frames here.
+        """
+        # Counted before publishing: once a device holds the frame, the counters show it.
+        self._counters.chunk(device_id, path, payload, len(frame))
+        if self._publish(topic, frame, wait=True):
+            return True
+        self._counters.chunk(device_id, path, -payload, -len(frame), -1)
+        return False
 
     def _send(self, device_id: str, frame: Frame, *, path: str = "") -> bool:
-        """Publish one frame on the device's ``rx``; ``False`` if paho's queue refused it.
+        """Publish one frame on the device's ``rx``; ``False`` if it could not be queued.
 
-        An override point too: tests corrupt, reorder or relabel frames here.
+        Error frames never wait (they may come from paho's network thread);
+        chunk frames wait for room like :meth:`_send_chunk`.
         """
         data = encode_frame(frame)
-        # Counted before publishing: once a device holds the frame, the counters show it.
-        self._count(device_id, frame, path, len(data), +1)
-        info = self._client.publish(self._topics.device(device_id, DeviceTopic.RX), data, qos=1)
-        if info.rc == mqtt.MQTT_ERR_QUEUE_SIZE:
-            self._count(device_id, frame, path, len(data), -1)
-            self._counters.bump("frames_dropped")
-            logger.warning("outgoing queue full: dropping the rest of a window for %s",
-                           device_id)
-            return False
-        # NO_CONN: paho keeps the QoS 1 message and sends it after reconnecting.
-        return True
-
-    def _count(self, device_id: str, frame: Frame, path: str, wire: int, sign: int) -> None:
+        topic = self._topics.device(device_id, DeviceTopic.RX)
         if isinstance(frame, ChunkFrame):
-            self._counters.chunk(device_id, path, sign * len(frame.payload), sign * wire, sign)
-        else:
-            self._counters.error(frame.code, sign * wire, sign)
+            return self._send_chunk(device_id, topic, path, bytearray(data), len(frame.payload))
+        self._counters.error(frame.code, len(data))
+        if self._publish(topic, data, wait=False):
+            return True
+        self._counters.error(frame.code, -len(data), -1)
+        return False
+
+    def _publish(self, topic: str, data: bytes | bytearray, *, wait: bool) -> bool:
+        """Publish at QoS 1 within the outgoing bound; ``False`` if it could not be queued.
+
+        With ``wait`` (workers), wait for the broker to acknowledge earlier
+        frames while ``max_queued_frames`` are unacknowledged: back-pressure,
+        not loss. Without it (the network thread, notifications) the frame
+        uses the reserve above that bound, and is dropped and counted if even
+        that is full.
+        """
+        with self._room:
+            if wait and self._unacked >= self._max_unacked:
+                self._counters.bump("backpressure_waits")
+                if not self._room.wait_for(
+                        lambda: self._unacked < self._max_unacked or self._stopping,
+                        self._send_timeout) or self._stopping:
+                    self._counters.bump("send_stalls")
+                    logger.warning("outgoing queue full for %.0fs: abandoning a window",
+                                   self._send_timeout)
+                    return False
+            self._unacked += 1
+        info = self._client.publish(topic, data, qos=1)
+        if info.rc in (mqtt.MQTT_ERR_SUCCESS, mqtt.MQTT_ERR_NO_CONN):
+            # NO_CONN: paho keeps the QoS 1 message and sends it after reconnecting.
+            return True
+        with self._room:
+            self._unacked -= 1
+            self._room.notify()
+        self._counters.bump("frames_dropped")
+        logger.warning("outgoing frame not queued (%s)", mqtt.error_string(info.rc))
+        return False
+
+
+def _open_no_follow(path: Path) -> BinaryIO | None:
+    """``path`` opened for reading, unbuffered, unless it is gone or is now a symlink."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+    except OSError:  # gone, or a symlink (ELOOP): look it up again
+        return None
+    return os.fdopen(fd, "rb", buffering=0)
 
 
 def _no_delay(_client: mqtt.Client, _userdata: Any, sock: Any) -> None:

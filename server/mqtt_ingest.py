@@ -22,7 +22,10 @@ ACL ties to the sender's certificate):
   replay attack after every restart.
 * ``online`` -- presence, ``{"v": 1, "online": true|false}`` (the agent's last
   will publishes ``{"v": 1, "online": false}``, retained): sets
-  ``Device.online`` and ``Device.last_seen``.
+  ``Device.online`` and ``Device.last_seen``. A presence the broker replays
+  from its retained store when the bridge subscribes again (handed to
+  :meth:`~DeviceMessageSink.retained`) sets ``Device.online`` only: the
+  device was not seen now, so ``last_seen`` keeps the time it really was.
 * ``telemetry`` -- model metrics (:class:`Telemetry`)::
 
       {"v": 1, "models": {"digits": {"version": "2.0.0", "inferences": 1200,
@@ -126,6 +129,7 @@ class _Message:
     device_id: str
     kind: DeviceTopic
     payload: bytes
+    retained: bool = False  # replayed by the broker, not sent by the device now
 
 
 @dataclass(frozen=True)
@@ -235,13 +239,19 @@ class DeviceMessageSink:
 
     # -- the producer side (any thread, never blocks) -------------------------
 
-    def submit(self, device_id: str, kind: DeviceTopic, payload: bytes) -> None:
-        """Queue one message from ``device_id`` (the topic's device) for the next batch."""
+    def submit(self, device_id: str, kind: DeviceTopic, payload: bytes, *,
+               retained: bool = False) -> None:
+        """Queue one message from ``device_id`` (the topic's device) for the next batch.
+
+        ``retained``: the broker replayed it from its retained store (a
+        subscription was just made), so it says nothing about when the device
+        was last seen.
+        """
         if kind not in _HANDLED or not self._running:
             self._bump("dropped")
             return
         try:
-            self._queue.put_nowait(_Message(device_id, kind, bytes(payload)))
+            self._queue.put_nowait(_Message(device_id, kind, bytes(payload), retained))
         except queue.Full:
             self._bump("dropped")
             logger.debug("device message queue full: dropped %s from %s", kind, device_id)
@@ -249,6 +259,10 @@ class DeviceMessageSink:
         self._bump("received")
 
     __call__ = submit
+
+    def retained(self, device_id: str, kind: DeviceTopic, payload: bytes) -> None:
+        """Queue a message the broker replayed from its retained store (the bridge's hook)."""
+        self.submit(device_id, kind, payload, retained=True)
 
     # -- the worker -----------------------------------------------------------
 
@@ -342,7 +356,8 @@ class DeviceMessageSink:
         if device is None:
             return _Outcome.REJECTED
         device.online = online
-        device.last_seen = self._clock()
+        if not message.retained:  # a replay is the device's last word, not a sighting
+            device.last_seen = self._clock()
         return _Outcome.ACCEPTED
 
     def _telemetry(self, session: Session, message: _Message) -> _Outcome:

@@ -250,3 +250,35 @@ def test_a_cycle_that_fails_in_transit_is_retried_sooner_with_backoff(
     assert agent.host.current_version("digits") == "1.0.0"  # nothing changed meanwhile
     assert not agent.run_cycle().transient
     assert agent.retry_delay() is None  # back to the poll once the server answers
+
+
+class _PowerCut(BaseException):
+    """The device loses power: nothing of the agent's own clean-up runs."""
+
+
+def test_an_agent_that_dies_before_the_swap_reopens_its_bundle_instead_of_refetching(
+        server: RunningServer, monkeypatch: pytest.MonkeyPatch) -> None:
+    config = AgentConfig.load(server.enroll("pi-1") / "agent.toml")
+    agent = agent_serving_v1(server, config)
+    deploy(server, "digits_v2", "2.0.0")
+
+    def power_cut(*_args: object, **_kwargs: object) -> None:
+        raise _PowerCut
+
+    monkeypatch.setattr(agent.host, "swap", power_cut)
+    with pytest.raises(_PowerCut):
+        agent.run_cycle()  # downloaded, verified, validated: dies at the swap
+    fetched = server.ctx.metrics.fetch_bytes.labels("http", "target")._value.get()
+    assert fetched > 0
+    rebooted = Agent(config, SETTINGS)
+    rebooted.start()  # the journal says swapping was never reached: serve 1.0.0, try again
+    assert rebooted.host.current_version("digits") == "1.0.0"
+    assert rebooted.run_cycle().states == {"digits": "probation"}
+    assert rebooted.host.current_version("digits") == "2.0.0"
+    # The bundle was opened (so verified) again from disk: not one byte fetched twice.
+    assert server.ctx.metrics.fetch_bytes.labels("http", "target")._value.get() == fetched
+    exercise(rebooted)
+    assert rebooted.check_probation() == {"digits": "committed"}
+    downloads = config.state_dir / "downloads"
+    assert not [p for p in downloads.rglob("*") if p.is_file() and "2.0.0" in p.name], \
+        "the installed bundle was not deleted"

@@ -8,6 +8,7 @@ submitted before it is committed). Transactions are counted with an SQLAlchemy
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import threading
@@ -15,6 +16,7 @@ from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import paho.mqtt.client as mqtt
 import pytest
 from server_support import wait_for
 from sqlalchemy import Engine, event, select
@@ -22,9 +24,10 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from edgeota.protocol.identity import DeviceIdentity
 from edgeota.protocol.reports import SignedReport, StatusReport
-from edgeota.protocol.topics import DeviceTopic
+from edgeota.protocol.topics import DeviceTopic, Topics
 from edgeota.server.db.models import AuditEntry, Device
 from edgeota.server.db.session import make_session_factory
+from edgeota.server.mqtt_bridge import FetchBridge
 from edgeota.server.mqtt_ingest import (
     MAX_TELEMETRY_MODELS,
     MAX_TELEMETRY_SIZE,
@@ -35,6 +38,7 @@ from edgeota.server.mqtt_ingest import (
     Telemetry,
     parse_presence,
 )
+from edgeota.server.repo.storage import RepoStore
 
 NOW = datetime(2026, 11, 25, 12, 0, tzinfo=UTC)
 STATUS, TELEMETRY, ONLINE = DeviceTopic.STATUS, DeviceTopic.TELEMETRY, DeviceTopic.ONLINE
@@ -196,6 +200,73 @@ def test_online_and_offline_set_presence_and_last_seen(make_sink, sessions, iden
     assert (counters.accepted, counters.ignored, counters.rejected) == (2, 1, 1)
     with sessions() as session:
         assert session.get(Device, "pi-zz") is None
+
+
+def test_a_replayed_retained_presence_sets_online_but_not_last_seen(
+        make_sink, sessions, identities) -> None:
+    sink = make_sink(clock=Clock())
+    sink.retained("pi-a", ONLINE, presence(True))  # the broker's copy, on subscribing
+    sink.flush()
+    replayed = device(sessions, "pi-a")
+    assert replayed.online is True and replayed.last_seen is None  # never actually seen
+    sink.submit("pi-a", ONLINE, presence(True))  # the device, now
+    sink.flush()
+    seen = device(sessions, "pi-a").last_seen
+    assert seen == NOW + timedelta(seconds=1)
+    sink.retained("pi-a", ONLINE, presence(False))  # e.g. its last will, replayed later
+    sink.flush()
+    after = device(sessions, "pi-a")
+    assert after.online is False and after.last_seen == seen
+    assert sink.counters().accepted == 3
+
+
+def test_the_bridge_resubscribing_replays_presence_without_moving_last_seen(
+        make_sink, sessions, identities, mosquitto, tmp_path) -> None:
+    """Through a real broker: the retain flag on delivery tells a replay from a live message."""
+    sink = make_sink(clock=Clock(), flush_interval=0.0)
+    store = RepoStore(tmp_path / "blobs")
+    topic = Topics().device("pi-a", DeviceTopic.ONLINE)
+    device_client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="pi-a",
+                                protocol=mqtt.MQTTv311)
+    device_client.connect(mosquitto.host, mosquitto.port)
+    device_client.loop_start()
+    bridges: list[FetchBridge] = []
+
+    def bridge() -> FetchBridge:
+        started = FetchBridge(store, host=mosquitto.host, port=mosquitto.port,
+                              client_id=f"server-{len(bridges)}", on_device_message=sink)
+        bridges.append(started)
+        started.start(timeout=10.0)
+        return started
+
+    def publish(payload: bytes) -> None:
+        device_client.publish(topic, payload, qos=1, retain=True).wait_for_publish(10.0)
+
+    def handled(count: int) -> None:
+        wait_for(lambda: sink.counters().received >= count, 10.0, f"{count} messages")
+        sink.flush()
+
+    try:
+        publish(presence(True))  # retained before any server listens
+        first = bridge()
+        handled(1)  # replayed on subscribing
+        assert device(sessions, "pi-a").online is True
+        assert device(sessions, "pi-a").last_seen is None
+        publish(presence(False))  # live: the bridge is subscribed
+        handled(2)
+        seen = device(sessions, "pi-a").last_seen
+        assert seen is not None and device(sessions, "pi-a").online is False
+        first.stop()
+        bridge()  # subscribes again: the broker replays the retained "offline"
+        handled(3)
+        assert device(sessions, "pi-a").last_seen == seen
+        assert sink.counters().accepted == 3
+    finally:
+        for started in bridges:
+            with contextlib.suppress(Exception):
+                started.stop()
+        device_client.disconnect()
+        device_client.loop_stop()
 
 
 # -- telemetry ------------------------------------------------------------------------------
