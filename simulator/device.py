@@ -13,7 +13,17 @@ release slow or failing on this device's hardware.
 
 ``step`` never blocks without a bound and never raises for a bad update (the
 agent reports it); it is driven by :class:`edgeota.simulator.fleet.FleetRunner`,
-a few worker threads for a whole fleet rather than a thread per device.
+a few worker threads for a whole fleet rather than a thread per device -- in
+the simulation's process, or in a device process
+(:mod:`edgeota.simulator.worker`).
+
+What the simulation reads of a device is one small picklable value,
+:meth:`~SimulatedDevice.snapshot` (a
+:class:`~edgeota.simulator.snapshot.StatusSnapshot`); what it does to one is
+a handful of methods (the faults below, :meth:`~SimulatedDevice.drop_connection`,
+:meth:`~SimulatedDevice.predict_rows`). A device in a device process is
+mirrored in the parent by :class:`edgeota.simulator.processes.RemoteDevice`,
+which offers the same ones.
 
 Faults act on the real agent through small hooks it offers
 (:mod:`edgeota.simulator.faults` arms them):
@@ -24,7 +34,7 @@ Faults act on the real agent through small hooks it offers
   agent's ``except Exception`` handlers, and the device boots a new agent from
   the same folder (:meth:`~SimulatedDevice.restart`), as after a power cut:
   only what the agent made durable is left.
-* **disk full** (:attr:`~SimulatedDevice.free_bytes`): the free space the
+* **disk full** (:meth:`~SimulatedDevice.set_free_bytes`): the free space the
   agent's pre-download check sees.
 * **clock skew** (:meth:`~SimulatedDevice.skew_clock`): the device's one clock
   (journal, time floor, and the time ngclient judges metadata expiry by) runs
@@ -41,6 +51,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -51,8 +62,16 @@ from edgeota.agent.model_host import HardwareEmulation, ModelHostError, warmup_f
 from edgeota.agent.mqtt_fetcher import DownloadStats
 from edgeota.agent.runner import Agent, AgentSettings
 from edgeota.agent.update_cycle import UpdateClient
+from edgeota.simulator.snapshot import StatusSnapshot, read_status
 
-__all__ = ["POWER_LOSS_STATES", "DeviceTiming", "SimulatedDevice", "SimulatedPowerLoss"]
+__all__ = [
+    "POWER_LOSS_STATES",
+    "DeviceSpec",
+    "DeviceTiming",
+    "FleetDevice",
+    "SimulatedDevice",
+    "SimulatedPowerLoss",
+]
 
 _MAX_REBOOTS = 3  # a power cut is one-shot, so a second one in a row is already odd
 
@@ -71,6 +90,54 @@ class DeviceTiming:
     poll_seconds: float = 60.0  # a notify over MQTT wakes it sooner
     telemetry_seconds: float = 1.0
     inferences_per_step: int = 2
+
+
+@dataclass(frozen=True)
+class DeviceSpec:
+    """What it takes to build one simulated device: plain, picklable data.
+
+    ``config`` is the device's enrolled folder (its ``mqtt_url`` already
+    pointing at its link's shaping proxy when the link is shaped);
+    ``emulation`` how its hardware treats the scenario's releases. The
+    simulation builds its devices from these in its own process or hands
+    them to a device process (:mod:`edgeota.simulator.worker`), which builds
+    the same :class:`SimulatedDevice` s there (:meth:`SimulatedDevice.from_spec`).
+    """
+
+    config: AgentConfig
+    hardware: str
+    emulation: HardwareEmulation = field(default_factory=HardwareEmulation)
+
+    @property
+    def device_id(self) -> str:
+        return self.config.device_id
+
+
+class FleetDevice(Protocol):
+    """What the run, its recorder and its faults use of a device, wherever it is stepped.
+
+    :class:`SimulatedDevice` (stepped in this process) and
+    :class:`edgeota.simulator.processes.RemoteDevice` (stepped in a device
+    process) both are one.
+    """
+
+    device_id: str
+    hardware: str
+
+    def snapshot(self) -> StatusSnapshot: ...
+
+    def serving(self) -> dict[str, str]: ...
+
+    def drop_connection(self) -> bool: ...
+
+    def arm_power_loss(self, state: str) -> None: ...
+
+    def set_free_bytes(self, free: int | None) -> None: ...
+
+    def skew_clock(self, offset: timedelta | None) -> None: ...
+
+    def predict_rows(self, name: str,
+                     rows: np.ndarray) -> tuple[str, dict[str, np.ndarray]] | None: ...
 
 
 class SimulatedPowerLoss(BaseException):
@@ -140,6 +207,23 @@ class SimulatedDevice:
         self._make_client = make_client or (lambda: None)
         self.restarts = 0
 
+    @classmethod
+    def from_spec(cls, spec: DeviceSpec, settings: AgentSettings, timing: DeviceTiming,
+                  network: Any = None) -> SimulatedDevice:
+        """The device ``spec`` describes; its MQTT connections on ``network`` when given.
+
+        ``network`` is a :class:`~edgeota.agent.mqtt_loop.SharedNetworkLoop`
+        (one per process for every device's connection); without one the agent
+        makes its own connection, with its own network thread.
+        """
+        def make_client() -> UpdateClient | None:
+            if network is None:
+                return None  # the agent makes its own, with a network thread
+            return UpdateClient(spec.config, transport="mqtt", network=network)
+
+        return cls(spec.config, settings, hardware=spec.hardware, emulation=spec.emulation,
+                   timing=timing, update_client=make_client(), make_client=make_client)
+
     def _new_agent(self, update_client: UpdateClient | None) -> Agent:
         """An agent on this device's folder, with the simulator's hooks installed."""
         agent = Agent(self.config, self._settings, transport=self._transport,
@@ -190,6 +274,12 @@ class SimulatedDevice:
             raise ValueError(f"no such state {state!r} (one of {POWER_LOSS_STATES})")
         self._power_loss_at = state
 
+    def set_free_bytes(self, free: int | None) -> None:
+        """The free space the agent's pre-download check sees (``None``: the real figure)."""
+        if free is not None and free < 0:
+            raise ValueError("free bytes cannot be negative")
+        self.free_bytes = free
+
     def _cut_power(self, state: str) -> None:
         self._power_loss_at = None  # once: the restarted agent must be able to finish
         raise SimulatedPowerLoss(self.device_id, state)
@@ -238,6 +328,30 @@ class SimulatedDevice:
 
     def journal_state(self, name: str) -> str:
         return str(self.agent.journal(name).current.state)
+
+    def snapshot(self) -> StatusSnapshot:
+        """What the recorder, faults and run read of this device, now (any thread)."""
+        return read_status(self)
+
+    def predict_rows(self, name: str, rows: np.ndarray) -> tuple[str, dict[str, np.ndarray]] | None:
+        """Run the served ``name`` on every row of ``rows`` (its first input); ``None``: not served.
+
+        One batch when the model takes a batch, else row by row. Returns the
+        version that answered and each output, one entry per row.
+        """
+        host = self.agent.host
+        if name not in host.models():
+            return None
+        model = host.model(name)
+        version, spec = model.version, model.inputs[0]
+        del model  # holding it would keep its session alive after a swap
+        if spec.shape and spec.shape[0] is None:
+            answer = host.predict(name, {spec.name: rows})
+            return answer.version, dict(answer.outputs)
+        answers = [host.predict(name, {spec.name: rows[i:i + 1]}).outputs
+                   for i in range(len(rows))]
+        return version, {key: np.concatenate([np.asarray(a[key]) for a in answers])
+                         for key in (answers[0] if answers else {})}
 
     def serving(self) -> dict[str, str]:
         """Model name -> version served now (a model between unload and load is left out)."""

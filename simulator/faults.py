@@ -12,7 +12,7 @@ scenario's seeded generator and acts on them (see the scenario reference in
   unwound right after its journal saved the chosen state (mid-bundle for
   ``downloading``) and a new agent boots from the device's folder.
 * ``disk_full`` -- the free space the agent's pre-download check sees is 0
-  (:attr:`SimulatedDevice.free_bytes`) for the fault's duration.
+  (:meth:`SimulatedDevice.set_free_bytes`) for the fault's duration.
 * ``corrupt_chunks`` -- a man-in-the-middle on the broker side
   (:class:`ChunkCorrupter`) flips a byte in that share of the bundle chunk
   frames sent to these devices; the frames' CRC no longer matches, the
@@ -20,8 +20,13 @@ scenario's seeded generator and acts on them (see the scenario reference in
 * ``clock_skew`` -- the device's clock is moved (:meth:`SimulatedDevice.skew_clock`)
   for the fault's duration.
 
-Timed parts (random link drops, drops at a state, the end of a timed fault)
-run on one thread that looks at the fleet every :data:`TICK_SECONDS`; every
+The devices are :class:`~edgeota.simulator.device.FleetDevice` s: stepped in
+this process, or in a device process (:mod:`edgeota.simulator.processes`),
+where each action is a command to that process and each look is the last
+status it sent -- one code path for both. Timed parts (random link drops,
+drops at a state, the end of a timed fault) run on one thread that looks at
+the fleet (:func:`~edgeota.simulator.snapshot.status_of`) every
+:data:`TICK_SECONDS`; every
 fault is undone by :meth:`FaultInjector.stop`. Each injection is a ``fault``
 event in the run's recorder, so the report shows when and where it happened.
 """
@@ -38,8 +43,9 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
-from edgeota.simulator.device import POWER_LOSS_STATES, SimulatedDevice
+from edgeota.simulator.device import POWER_LOSS_STATES, FleetDevice
 from edgeota.simulator.scenario import Scenario
+from edgeota.simulator.snapshot import status_of
 
 __all__ = ["TICK_SECONDS", "ChunkCorrupter", "FaultInjector", "TimedFault"]
 
@@ -106,7 +112,7 @@ class TimedFault:
     """
 
     kind: str  # disk_full or clock_skew
-    device: SimulatedDevice
+    device: FleetDevice
     duration: float
     when: str = "start"
     seconds: float = 0.0  # clock_skew: the offset
@@ -128,7 +134,7 @@ class FaultInjector:
     the scenario's, in its order (``devices[i]`` is of ``scenario.hardware_of()[i]``).
     """
 
-    def __init__(self, scenario: Scenario, devices: Sequence[SimulatedDevice], *,
+    def __init__(self, scenario: Scenario, devices: Sequence[FleetDevice], *,
                  rng: random.Random, recorder: Any = None, bridge: Any = None,
                  stop: threading.Event | None = None) -> None:
         self.scenario = scenario
@@ -200,7 +206,11 @@ class FaultInjector:
             if self._thread.is_alive():
                 logger.warning("fault thread still running after %ss", timeout)
         for timed in self._timed:
-            self._end(timed)
+            try:
+                self._end(timed)
+            except Exception:  # one device's process not answering must not keep the rest on
+                logger.exception("undoing a fault failed",
+                                 extra={"fault": timed.kind, "device_id": timed.device.device_id})
         if self.corrupter is not None:
             self.corrupter.remove()
 
@@ -220,9 +230,9 @@ class FaultInjector:
             if rate and self._rng.random() < rate * TICK_SECONDS / 60:
                 self._drop(device_id, "link")
         for device_id, when in self._drop_at.items():
-            device = self._by_id[device_id]
+            status = status_of(self._by_id[device_id])
             for name in models:
-                state = device.journal_state(name)
+                state = status.journal_state(name)
                 if (when in ("any", state) and state != "idle"
                         and (device_id, state) not in self._dropped):
                     self._dropped.add((device_id, state))
@@ -241,7 +251,7 @@ class FaultInjector:
     def _begin(self, timed: TimedFault) -> None:
         timed.started = time.monotonic()
         if timed.kind == "disk_full":
-            timed.device.free_bytes = 0
+            timed.device.set_free_bytes(0)
             self._event("disk_full", timed.device, duration=timed.duration)
         else:
             timed.device.skew_clock(timedelta(seconds=timed.seconds))
@@ -253,7 +263,7 @@ class FaultInjector:
             return
         timed.ended = True
         if timed.kind == "disk_full":
-            timed.device.free_bytes = None
+            timed.device.set_free_bytes(None)
         else:
             timed.device.skew_clock(None)
         if not self._stop.is_set():
@@ -264,14 +274,15 @@ class FaultInjector:
         return [t.device.device_id for t in self._timed
                 if t.kind == kind and t.started is not None and not t.ended]
 
-    def _event(self, kind: str, device: SimulatedDevice, **detail: Any) -> None:
+    def _event(self, kind: str, device: FleetDevice, **detail: Any) -> None:
         logger.info("fault injected", extra={"fault": kind, "device_id": device.device_id,
                                              **{f"fault_{k}": v for k, v in detail.items()}})
         if self._recorder is not None:
             self._recorder.event("fault", fault=kind, device=device.device_id, **detail)
 
 
-def _serves_committed(device: SimulatedDevice) -> bool:
+def _serves_committed(device: FleetDevice) -> bool:
     """Whether ``device`` serves a model and no update of it is under way."""
-    serving = device.serving()
-    return bool(serving) and all(device.journal_state(name) == "idle" for name in serving)
+    status = status_of(device)
+    return bool(status.serving) and all(status.journal_state(name) == "idle"
+                                        for name in status.serving)

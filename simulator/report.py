@@ -16,7 +16,10 @@ come out as a JSON-able dict (:meth:`~FleetRecorder.summary`) and, with
 per device, the fleet's counts and the events as CSV, and two PNG plots.
 :func:`live_view` renders the current counts for ``rich.live.Live``.
 
-The states are read from the real agent: its MQTT connection (offline), the
+The states are read from the real agent, through one
+:class:`~edgeota.simulator.snapshot.StatusSnapshot` per device and sample
+(taken here for a device stepped in this process, the last one its process
+sent for a device in a device process): its MQTT connection (offline), the
 model host (what is served) and each model's journal (what the update cycle is
 doing). The agent reports an outcome and returns its journal to ``idle`` in the
 same call, so ``failed`` and ``rolled_back`` are mostly read from the journal's
@@ -38,6 +41,7 @@ from pathlib import Path
 from typing import Any
 
 from edgeota.agent.journal import JournalRecord, State
+from edgeota.simulator.snapshot import StatusSnapshot, status_of
 
 __all__ = [
     "DEVICE_STATES",
@@ -135,7 +139,7 @@ def device_status(
     *,
     since: Mapping[str, HistoryEntry | None] | None = None,
 ) -> DeviceStatus:
-    """Classify ``device`` (a :class:`~edgeota.simulator.device.SimulatedDevice`).
+    """Classify ``device`` (a device, or a :class:`~edgeota.simulator.snapshot.StatusSnapshot`).
 
     * ``offline``: its MQTT connection is not ready (no request could be answered);
     * ``downloading``: a model's journal is checking .. swapping;
@@ -146,50 +150,26 @@ def device_status(
     * ``waiting``: none of these (idle, not yet on the target). With no targets
       there is nothing to be updated to: every online device is ``waiting``.
 
-    It reads, duck-typed: ``device.agent.updates.connection.ready`` (the
-    connection may be ``None`` for the HTTP transport: never offline then),
-    ``device.serving()``, ``device.agent.journal(name).current`` and, for a
-    failure's reason once the journal is back to idle, the optional
-    ``device.counters.reasons`` (model name -> reason of the last outcome).
+    It reads the device's :func:`~edgeota.simulator.snapshot.status_of`:
+    the connection's readiness, what it serves, the journals the agent opened
+    and, for a failure's reason once the journal is back to idle, the
+    device's last reason per model.
     """
-    serving = device.serving()
+    status = status_of(device)
+    serving = status.serving
     names = sorted(targets) if targets else sorted(serving)
     version = ";".join(f"{name}@{serving.get(name, '-')}" for name in names)
-    if not _connection_ready(device):
+    if not status.ready:
         return DeviceStatus(OFFLINE, version)
     if not targets:
         return DeviceStatus(WAITING, version)
     since = since or {}
     statuses = [
-        _model_status(device, name, targets[name], serving.get(name), since.get(name))
+        _model_status(status, name, targets[name], serving.get(name), since.get(name))
         for name in names
     ]
     worst = min(statuses, key=lambda s: _SEVERITY.index(s.state))
     return DeviceStatus(worst.state, version, worst.reason, worst.outcome)
-
-
-def _connection_ready(device: Any) -> bool:
-    connection = device.agent.updates.connection
-    if connection is None:  # the HTTP transport keeps no connection that could drop
-        return True
-    ready = connection.ready  # a property on DeviceConnection
-    return bool(ready() if callable(ready) else ready)
-
-
-def _journal_record(device: Any, name: str) -> JournalRecord | None:
-    """The model's journal record, or ``None`` when the agent never opened that journal.
-
-    ``Agent.journal`` creates and loads a journal it does not know yet; called
-    from this (sampling) thread while the device's worker thread does the same
-    for its first update of the model, the two would race, and the agent could
-    end up holding a second, stale journal object. So the agent's journals are
-    peeked at first: a model the agent never touched has nothing to report.
-    """
-    agent = device.agent
-    known = getattr(agent, "_journals", None)
-    if isinstance(known, Mapping) and name not in known:
-        return None
-    return agent.journal(name).current
 
 
 def _last_entry(record: JournalRecord | None) -> HistoryEntry | None:
@@ -215,9 +195,9 @@ def _outcome_after(record: JournalRecord, since: HistoryEntry | None) -> History
     return None
 
 
-def _model_status(device: Any, name: str, wanted: str, served: str | None,
+def _model_status(status: StatusSnapshot, name: str, wanted: str, served: str | None,
                   since: HistoryEntry | None) -> DeviceStatus:
-    record = _journal_record(device, name)
+    record = status.journal(name)
     state = record.state if record is not None else State.IDLE
     if state in _IN_PROGRESS:
         return DeviceStatus(DOWNLOADING)
@@ -234,30 +214,22 @@ def _model_status(device: Any, name: str, wanted: str, served: str | None,
         return DeviceStatus(WAITING)
     entry = _outcome_after(record, since)
     if entry is not None:
-        return DeviceStatus(_OUTCOMES[entry[0]], reason=_hook_reason(device, name),
+        return DeviceStatus(_OUTCOMES[entry[0]], reason=status.reasons.get(name),
                             outcome=entry)
     return DeviceStatus(WAITING)
 
 
-def _updated_for(device: Any, targets: Mapping[str, str]) -> bool:
-    """Whether ``device`` serves every target, committed (not swapping or on probation)."""
-    serving = device.serving()
+def _updated_for(status: StatusSnapshot, targets: Mapping[str, str]) -> bool:
+    """Whether the device serves every target, committed (not swapping or on probation)."""
+    serving = status.serving
     for name, version in targets.items():
         if serving.get(name) != version:
             return False
-        record = _journal_record(device, name)
+        record = status.journal(name)
         if (record is not None and record.state in (State.SWAPPING, State.PROBATION)
                 and record.target is not None and record.target.version == version):
             return False
     return bool(targets)
-
-
-def _hook_reason(device: Any, name: str) -> str | None:
-    reasons = getattr(getattr(device, "counters", None), "reasons", None)
-    if isinstance(reasons, Mapping):
-        reason = reasons.get(name)
-        return str(reason) if reason else None
-    return None
 
 
 # -- the recorder ---------------------------------------------------------------------
@@ -325,7 +297,6 @@ class FleetRecorder:
             raise ValueError("every bound must be at least 1")
         self.devices = list(devices)
         self._ids = [d.device_id for d in self.devices]
-        self._by_id = {d.device_id: d for d in self.devices}
         self._hardware = {d.device_id: str(getattr(d, "hardware", "unknown"))
                           for d in self.devices}
         self._clock = clock
@@ -382,8 +353,9 @@ class FleetRecorder:
             since: dict[str, dict[str, HistoryEntry | None]] = {}
             for device in self.devices:
                 try:
+                    status = status_of(device)
                     since[device.device_id] = {
-                        name: _last_entry(_journal_record(device, name)) for name in targets}
+                        name: _last_entry(status.journal(name)) for name in targets}
                 except Exception:  # noqa: BLE001 - a device mid-update must not stop the run
                     since[device.device_id] = {}
             snapshot = self._snapshot()
@@ -414,19 +386,19 @@ class FleetRecorder:
             statuses: dict[str, DeviceStatus] = {}
             late: list[tuple[_Wave, str]] = []
             errors = 0
+            looks: dict[str, StatusSnapshot] = {}
             for device in self.devices:
                 try:
+                    look = looks[device.device_id] = status_of(device)
                     statuses[device.device_id] = device_status(
-                        device, targets, since=since.get(device.device_id))
+                        look, targets, since=since.get(device.device_id))
                 except Exception:  # noqa: BLE001 - a device mid-swap must not stop the report
                     errors += 1
             for old, missing in behind:
                 for device_id in missing:
-                    try:
-                        if _updated_for(self._by_id[device_id], old.targets):
-                            late.append((old, device_id))
-                    except Exception:  # noqa: BLE001 - as above
-                        errors += 1
+                    look = looks.get(device_id)
+                    if look is not None and _updated_for(look, old.targets):
+                        late.append((old, device_id))
             t = self.now()
             with self._lock:
                 self._sample_errors += errors
@@ -519,27 +491,26 @@ class FleetRecorder:
         received: dict[str, int] = {}
         resume: Counter[str] = Counter()
         for device in self.devices:
-            stats_of = getattr(device, "download_stats", None)
-            if callable(stats_of):
-                stats = stats_of()
+            status = status_of(device)
+            stats = status.download
+            if stats is not None:
                 resume["resumes"] += stats.resumes
                 resume["full_restarts"] += stats.full_restarts
                 resume["downloads"] += stats.completed
                 resume["bytes_fetched"] += stats.bytes_fetched
-            connection = device.agent.updates.connection
-            if connection is None or not hasattr(connection, "counters"):
+            counters = status.connection
+            if counters is None:
                 continue
-            counters = connection.counters()
-            connections = getattr(counters, "connections", None)
+            connections = counters.get("connections")
             if connections is not None:
-                snap.connections[device.device_id] = int(connections)
-            got = getattr(counters, "bytes_received", None)
+                snap.connections[device.device_id] = connections
+            got = counters.get("bytes_received")
             if got is not None:
-                received[device.device_id] = int(got)
+                received[device.device_id] = got
             for name in _RESUME_FIELDS:
-                value = getattr(counters, name, None)
+                value = counters.get(name)
                 if value is not None:
-                    resume[name] += int(value)
+                    resume[name] += value
         if snap.bytes_source is None and received:
             snap.bytes_source = "device"
             snap.bytes_by_device = received
@@ -555,9 +526,7 @@ class FleetRecorder:
     def _check_failures(self) -> Counter[str]:
         total: Counter[str] = Counter()
         for device in self.devices:
-            counted = getattr(getattr(device, "counters", None), "check_failures", None)
-            if counted:
-                total.update(counted)
+            total.update(status_of(device).check_failures)
         return total
 
     @property

@@ -7,8 +7,22 @@ serve`` in a child process instead, so the report has the server's own CPU
 per update, or joins a running server (``--server``). It enrols the devices
 through the operator API as ``edgeota device enroll`` does, and runs one
 unmodified agent per device (:class:`~edgeota.simulator.device.SimulatedDevice`)
-on a few worker threads, their MQTT connections on one shared network loop
-when one is available. The timeline's steps publish releases through the
+on a few worker threads, their MQTT connections on one shared network loop.
+
+Where the agents run: by default (``device_processes=0``) in this process.
+With ``device_processes=P`` (``edgeota sim run --device-processes P``) they
+run in P child processes (:mod:`edgeota.simulator.processes`), each with its
+own network loop and worker threads, so a large fleet uses more than one
+core; this process keeps the server, the enrolment (the device folders on
+disk), the timeline, the faults and the recorder, and sees each device
+through a :class:`~edgeota.simulator.processes.RemoteDevice`: the same
+status snapshot (:mod:`edgeota.simulator.snapshot`) and the same actions as
+a device here, so the recorder, faults and demo have one code path. A device
+process that dies is a problem in the result (exit code, the tail of its
+log) and ends the timeline; it never hangs the run. The attack suite drives
+each agent's cycles itself, so it needs the devices here.
+
+The timeline's steps publish releases through the
 release manager's code path and deploy them through the operator API to the
 run's own devices (selected by their ``sim`` tag); the server's own rollout
 engine advances phases and gates. Every wait is bounded by its step's
@@ -35,21 +49,23 @@ from urllib.parse import urlsplit
 from edgeota.agent.config import AgentConfig
 from edgeota.agent.model_host import HardwareEmulation
 from edgeota.agent.runner import AgentSettings
-from edgeota.agent.update_cycle import UpdateClient
 from edgeota.protocol.errors import EdgeotaError
-from edgeota.simulator.device import DeviceTiming, SimulatedDevice
+from edgeota.simulator.device import DeviceSpec, DeviceTiming, FleetDevice, SimulatedDevice
 from edgeota.simulator.faults import FaultInjector
 from edgeota.simulator.fleet import FleetRunner
 from edgeota.simulator.link import LinkEmulator, LinkShape
 from edgeota.simulator.models import padded_model
+from edgeota.simulator.processes import DeviceProcessError, DeviceProcessPool
 from edgeota.simulator.scenario import Scenario, Step
 from edgeota.simulator.server import ServerChoice, SimServer, SimServerError, open_server
+from edgeota.simulator.snapshot import status_of
 
 __all__ = ["Simulation", "SimulationError", "SimulationResult"]
 
 logger = logging.getLogger(__name__)
 
 SAMPLE_INTERVAL = 0.25  # seconds between two looks at the fleet
+MAX_DEVICE_PROCESSES = 64
 
 
 class SimulationError(EdgeotaError):
@@ -74,6 +90,11 @@ class SimulationResult:
         return not self.problems
 
 
+def needs_devices_in_process(scenario: Scenario) -> bool:
+    """Whether the scenario drives the agents itself: the attack suite (it steps their cycles)."""
+    return any(step.action == "attacks" for step in scenario.timeline)
+
+
 def needs_server_in_process(scenario: Scenario) -> bool:
     """Whether the scenario acts inside the server: attacks, corrupted chunks in transit."""
     return (any(step.action == "attacks" for step in scenario.timeline)
@@ -81,7 +102,11 @@ def needs_server_in_process(scenario: Scenario) -> bool:
 
 
 class Simulation:
-    """One scenario run in ``workdir``; use as a context manager, then :meth:`run`."""
+    """One scenario run in ``workdir``; use as a context manager, then :meth:`run`.
+
+    ``workers`` threads step the agents (in each device process when
+    ``device_processes`` > 0; 0 runs them in this process).
+    """
 
     def __init__(
         self,
@@ -89,6 +114,7 @@ class Simulation:
         workdir: Path,
         *,
         workers: int = 4,
+        device_processes: int = 0,
         server: ServerChoice | None = None,
         on_progress: Callable[[Simulation], None] | None = None,
         say: Callable[[str], None] = lambda _text: None,
@@ -99,9 +125,19 @@ class Simulation:
             raise SimulationError(
                 "the attack suite and corrupt_chunks faults act inside the server (its keys, "
                 "storage and fetch bridge), so they need it in this process (--in-process)")
+        if not 0 <= device_processes <= MAX_DEVICE_PROCESSES:
+            raise SimulationError(f"device_processes must be in [0, {MAX_DEVICE_PROCESSES}], "
+                                  f"not {device_processes}")
+        if device_processes and needs_devices_in_process(scenario):
+            raise SimulationError(
+                "the attack suite steps each agent's update cycles itself, so it needs the "
+                "devices in this process (device_processes=0, no --device-processes)")
         self.workdir = workdir
         self.workers = workers
-        self.devices: list[SimulatedDevice] = []
+        self.device_processes = device_processes
+        self.devices: list[FleetDevice] = []
+        # The device processes when device_processes > 0 (started by the enrolment).
+        self.pool: DeviceProcessPool | None = None
         self.recorder: Any = None
         self._on_progress = on_progress
         self._say = say
@@ -156,10 +192,11 @@ class Simulation:
             raise SimulationError(str(e)) from e
         self.operator = self.server.operator
         self.client = self.server.client
-        self.network = _shared_network_loop()
-        if self.network is not None:
-            self.network.start()
-            self._stack.append(self.network.stop)
+        if not self.device_processes:
+            self.network = _shared_network_loop()
+            if self.network is not None:
+                self.network.start()
+                self._stack.append(self.network.stop)
         self._enrol()
 
     def _enrol(self) -> None:
@@ -176,6 +213,7 @@ class Simulation:
                               telemetry_seconds=scenario.agent.telemetry_seconds,
                               inferences_per_step=scenario.agent.inferences_per_step)
         self._say(f"enrolling {scenario.devices} devices")
+        specs = []
         for index, cls in enumerate(classes):
             device_id = f"{self.server.device_id_prefix}-{index + 1:04d}"
             config = enroll_device(self.operator, self.client, device_id, hardware=cls.hardware,
@@ -184,21 +222,43 @@ class Simulation:
             if self.server.broker_override:
                 config = dataclasses.replace(config, mqtt_url=self.server.broker_override)
                 config.save()
-            device = self._device(config, cls.hardware, settings, timing, cls.link)
-            self.devices.append(device)
+            specs.append(self._device_spec(config, cls.hardware, cls.link))
+        if self.device_processes:
+            self._start_processes(specs, settings, timing)
+        else:
+            self._start_here(specs, settings, timing)
+        self._say(f"{len(self.devices)} agents connected")
+
+    def _start_here(self, specs: list[DeviceSpec], settings: AgentSettings,
+                    timing: DeviceTiming) -> None:
+        devices = [SimulatedDevice.from_spec(spec, settings, timing, self.network)
+                   for spec in specs]
+        self.devices = list(devices)
         self._stack.append(self._close_devices)
-        for device in self.devices:
+        for device in devices:
             device.start()
         deadline = time.monotonic() + 60
-        for device in self.devices:
+        for device in devices:
             connection = device.agent.updates.connection
             if not connection.wait_ready(max(0.1, deadline - time.monotonic())):
                 raise SimulationError(f"{device.device_id} did not connect to the broker "
                                       "within 60 s")
-        self._say(f"{len(self.devices)} agents connected")
 
-    def _device(self, config: AgentConfig, hardware: str, settings: AgentSettings,
-                timing: DeviceTiming, link: str) -> SimulatedDevice:
+    def _start_processes(self, specs: list[DeviceSpec], settings: AgentSettings,
+                         timing: DeviceTiming) -> None:
+        pool = DeviceProcessPool(specs, processes=self.device_processes, settings=settings,
+                                 timing=timing, workers=self.workers,
+                                 log_dir=self.workdir / "device-processes")
+        self.pool = pool
+        self._stack.append(pool.stop)
+        self._say(f"starting {len(pool.processes)} device processes")
+        try:
+            pool.start()
+        except DeviceProcessError as e:
+            raise SimulationError(str(e)) from e
+        self.devices = list(pool.devices)
+
+    def _device_spec(self, config: AgentConfig, hardware: str, link: str) -> DeviceSpec:
         address = self._link_address(link, config)
         if address is not None:
             config = dataclasses.replace(config, mqtt_url=f"mqtts://{address[0]}:{address[1]}")
@@ -210,14 +270,7 @@ class Simulation:
                         behaviour.extra_latency_ms / 1000
                 if behaviour.fail:
                     emulation.failing.add(behaviour.release)
-        def make_client() -> UpdateClient | None:
-            if self.network is None:
-                return None  # the agent makes its own, with a network thread
-            return UpdateClient(config, transport="mqtt", network=self.network)
-
-        return SimulatedDevice(config, settings, hardware=hardware, emulation=emulation,
-                               timing=timing, update_client=make_client(),
-                               make_client=make_client)
+        return DeviceSpec(config, hardware, emulation)
 
     def _link_address(self, link: str, config: AgentConfig) -> tuple[str, int] | None:
         """Where a device on ``link`` connects: the link emulator, or ``None`` (the broker)."""
@@ -239,6 +292,8 @@ class Simulation:
 
     def _close_devices(self) -> None:
         for device in self.devices:
+            if not isinstance(device, SimulatedDevice):
+                continue  # a device process closes its own
             try:
                 device.close()
             except Exception:
@@ -255,8 +310,12 @@ class Simulation:
             server_cpu_seconds=None if self.server.in_process else self.server.cpu_seconds)
         result = SimulationResult(scenario=self.scenario.name, serving={},
                                   hardware={d.device_id: d.hardware for d in self.devices})
-        runner = FleetRunner(self.devices, workers=self.workers)
-        runner.start()
+        runner = None
+        if self.pool is None:
+            runner = FleetRunner([d for d in self.devices if isinstance(d, SimulatedDevice)],
+                                 workers=self.workers).start()
+        else:
+            result.problems.extend(self.pool.run())
         self._start_faults()
         try:
             for index, step in enumerate(self.scenario.timeline):
@@ -265,13 +324,25 @@ class Simulation:
                     result.problems.append(f"step {index + 1} ({step.action}"
                                            f"{' ' + step.release if step.release else ''}): "
                                            f"{problem}")
+                if self.pool is not None and self.pool.failed():
+                    skipped = len(self.scenario.timeline) - index - 1
+                    result.problems.extend(self.pool.problems())
+                    if skipped:
+                        result.problems.append(f"{skipped} later step(s) skipped: a device "
+                                               "process ended")
+                    break
         finally:
             self._stop_faults.set()
-            runner.stop()
+            if runner is not None:
+                runner.stop()
+            elif self.pool is not None:
+                result.problems.extend(self.pool.halt())
+        if self.pool is not None and self.pool.failed():
+            result.problems.extend(p for p in self.pool.problems() if p not in result.problems)
         self.recorder.sample()
         result.serving = {d.device_id: d.serving() for d in self.devices}
         result.deployments = self.client.get("/api/v1/deployments")
-        step_errors = sum(d.counters.step_errors for d in self.devices)
+        step_errors = sum(status_of(d).step_errors for d in self.devices)
         if step_errors:
             result.problems.append(f"{step_errors} device step(s) raised (see the log)")
         result.summary = self.recorder.summary()
@@ -286,12 +357,13 @@ class Simulation:
             self._on_progress(self)
 
     def _wait(self, condition: Callable[[], bool], timeout: float) -> bool:
+        """Until ``condition``, ``timeout`` or a device process ending (False for both)."""
         deadline = time.monotonic() + timeout
         while True:
             self._progress()
             if condition():
                 return True
-            if time.monotonic() > deadline:
+            if time.monotonic() > deadline or (self.pool is not None and self.pool.failed()):
                 return False
             time.sleep(SAMPLE_INTERVAL)  # pacing the display, not synchronising
 
@@ -375,7 +447,10 @@ class Simulation:
                 return status() == step.wait
         if not self._wait(condition, step.timeout_seconds):
             detail = self.client.get(f"/api/v1/deployments/{deployment_id}")
-            return (f"not {step.wait} within {step.timeout_seconds:g} s (deployment "
+            waited = (f"stopped waiting for {step.wait}: a device process ended"
+                      if self.pool is not None and self.pool.failed()
+                      else f"not {step.wait} within {step.timeout_seconds:g} s")
+            return (f"{waited} (deployment "
                     f"{detail['status']}: {detail['counts']}"
                     + (f"; {detail['status_reason']}" if detail["status_reason"] else "") + ")")
         detail = self.client.get(f"/api/v1/deployments/{deployment_id}")

@@ -43,8 +43,14 @@ def run(
         help="Keep the server home and device folders here (default: a temporary folder).")]
     = None,
     workers: Annotated[int, typer.Option(
-        help="Threads that step the agents (their MQTT runs on one network loop).",
+        help="Threads that step the agents, in each device process (their MQTT runs on one "
+        "network loop per process).",
         min=1, max=64)] = 4,
+    device_processes: Annotated[int, typer.Option(
+        help="Run the agents in this many child processes (each with its own network loop "
+        "and --workers threads), so a large fleet uses several cores; 0 runs them in this "
+        "process. The attack suite needs 0.",
+        min=0, max=64)] = 0,
     in_process: Annotated[bool | None, typer.Option(
         "--in-process/--server-process",
         help="Run the server in this process (needed by the attack suite, which plays a "
@@ -68,6 +74,10 @@ def run(
     table shows devices per state. Exits 1 if a step did not reach its goal or an attack
     was not refused.
 
+    With --device-processes P the agents run in P child processes (this one keeps the
+    server, timeline, faults and report), so a fleet of thousands uses several cores; a
+    child that dies is reported with its exit code and the end of its log.
+
     Joining a server adds devices with ids and a `sim` tag unique to the run and deploys
     only to them; the scenario's releases are published there (a version that exists is
     refused by the server).
@@ -75,6 +85,8 @@ def run(
     Examples:
 
       edgeota sim run --devices 100 --scenario flaky --report sim-report
+
+      edgeota sim run --devices 1000 --device-processes 4 --report sim-report
 
       edgeota sim run --scenario staged --server http://10.0.0.5:8443 --home ./ops-home
     """
@@ -96,14 +108,16 @@ def run(
     with tempfile.TemporaryDirectory(prefix="edgeota-sim-") as scratch:
         base = (workdir or Path(scratch)).resolve()
         base.mkdir(parents=True, exist_ok=True)
-        result = simulate(plan, base, report, workers, console, server=choice)
+        result = simulate(plan, base, report, workers, console, server=choice,
+                          device_processes=device_processes)
     print_result(console, result)
     if not result.ok:
         raise SimulationFailedError("; ".join(result.problems))
 
 
 def simulate(plan: Any, base: Path, report: Path | None, workers: int, console: Console,
-             on_start: Any = None, on_finish: Any = None, server: Any = None) -> Any:
+             on_start: Any = None, on_finish: Any = None, server: Any = None,
+             device_processes: int = 0) -> Any:
     """Run ``plan`` with a live view on ``console``; returns the SimulationResult."""
     from edgeota.simulator.report import live_view
     from edgeota.simulator.run import Simulation
@@ -119,7 +133,8 @@ def simulate(plan: Any, base: Path, report: Path | None, workers: int, console: 
         if live is not None:
             live.update(live_view(sim.recorder))
 
-    with Simulation(plan, base, workers=workers, server=server, on_progress=refresh,
+    with Simulation(plan, base, workers=workers, device_processes=device_processes,
+                    server=server, on_progress=refresh,
                     say=lambda text: console.print(f"  {text}")) as sim:
         if on_start is not None:
             on_start(sim)
