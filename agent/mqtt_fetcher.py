@@ -211,7 +211,9 @@ class DeviceConnection:
         self._rx = self._topics.device(device_id, DeviceTopic.RX)
         self._notify = self._topics.device(device_id, DeviceTopic.NOTIFY)
         # Called (on paho's thread: keep it short) when the server says the
-        # device's director metadata changed; the agent uses it to check now.
+        # device's director metadata changed, and on every reconnection (a
+        # notify sent while the link was down is lost: QoS 1 to a clean
+        # session); the agent uses it to check now instead of at its next poll.
         self.on_notify: Callable[[], None] | None = None
         self._fetch_topic = self._topics.device(device_id, DeviceTopic.FETCH)
         self._host, self._port, self._keepalive = host, port, keepalive
@@ -378,9 +380,13 @@ class DeviceConnection:
             return
         with self._lock:
             self._counts["connections"] += 1
+            reconnected = self._counts["connections"] > 1
         with self._ready:
             self._is_ready = True
             self._ready.notify_all()
+        callback = self.on_notify
+        if reconnected and callback is not None:
+            callback()
 
     def _on_disconnect(self, _client: mqtt.Client, _userdata: Any, _flags: Any,
                        reason_code: Any, _properties: Any) -> None:

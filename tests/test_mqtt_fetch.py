@@ -576,6 +576,20 @@ def test_notify_reaches_the_device(repo: Repo, mosquitto: MosquittoBroker,
         client.loop_stop()
 
 
+def test_a_reconnection_wakes_the_agent_as_a_notify_would(
+        mosquitto: MosquittoBroker, connect: ConnectionFactory) -> None:
+    """A notify sent while the link was down is lost: coming back counts as one."""
+    connection = connect("pi-a")
+    woken = threading.Semaphore(0)
+    connection.on_notify = woken.release
+    assert not woken.acquire(timeout=0.2)  # the first connection is no news
+    before = connection.counters().connections
+    assert connection.drop()
+    assert woken.acquire(timeout=TIMEOUT)
+    assert connection.counters().connections == before + 1
+    assert not woken.acquire(timeout=0.2)  # once per reconnection
+
+
 def test_error_frames_from_the_server_keep_their_code(
         mosquitto: MosquittoBroker, connect: ConnectionFactory) -> None:
     fake = ScriptedServer(mosquitto, lambda r: [encode_frame(ErrorFrame(r.request_id, 503,
