@@ -12,7 +12,7 @@ from __future__ import annotations
 import hashlib
 import secrets
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -157,21 +157,27 @@ def test_a_phase_is_assigned_in_parallel_and_every_device_verifies(fleet: Fleet)
         check_device(fleet, device_id)
 
 
+def signing_fails_for(device_id: str, message: str) -> Callable[[Metadata, Signer], None]:
+    """``director.sign`` refusing the targets of one device (a KMS outage for its calls)."""
+    original = director_module.sign
+
+    def failing_sign(md: Metadata, signer: Signer) -> None:
+        if isinstance(md.signed, Targets) and any(
+                DirectorTargetCustom.from_custom(t.custom, "test").device_id == device_id
+                for t in md.signed.targets.values()):
+            raise SigningError(message)
+        original(md, signer)
+
+    return failing_sign
+
+
 def test_one_device_failing_leaves_the_others_assigned_and_is_retried(
         fleet: Fleet, monkeypatch: pytest.MonkeyPatch) -> None:
     broken = "dev-07"
     before = fleet.ctx.store.latest_versions(f"director/{broken}")
     original = director_module.sign
-
-    def failing_sign(md: Metadata, signer: Signer) -> None:
-        """The online key refuses the targets of one device (as a KMS outage for one call)."""
-        if isinstance(md.signed, Targets) and any(
-                DirectorTargetCustom.from_custom(t.custom, "test").device_id == broken
-                for t in md.signed.targets.values()):
-            raise SigningError("injected: the KMS refused")
-        original(md, signer)
-
-    monkeypatch.setattr(director_module, "sign", failing_sign)
+    monkeypatch.setattr(director_module, "sign",
+                        signing_fails_for(broken, "injected: the KMS refused"))
     response = deploy(fleet)
 
     others = sorted(set(fleet.keys) - {broken})
@@ -210,16 +216,8 @@ def test_one_device_failing_leaves_the_others_assigned_and_is_retried(
 def test_a_device_that_keeps_failing_is_given_up_after_a_bounded_number_of_attempts(
         fleet: Fleet, monkeypatch: pytest.MonkeyPatch) -> None:
     broken = "dev-03"
-    original = director_module.sign
-
-    def failing_sign(md: Metadata, signer: Signer) -> None:
-        if isinstance(md.signed, Targets) and any(
-                DirectorTargetCustom.from_custom(t.custom, "test").device_id == broken
-                for t in md.signed.targets.values()):
-            raise SigningError("injected: this device's key is gone")
-        original(md, signer)
-
-    monkeypatch.setattr(director_module, "sign", failing_sign)
+    monkeypatch.setattr(director_module, "sign",
+                        signing_fails_for(broken, "injected: this device's key is gone"))
     deploy(fleet)
     for _attempt in range(deployments.MAX_DIRECTOR_ATTEMPTS - 1):
         rollouts.advance(fleet.ctx)

@@ -19,6 +19,7 @@ from typing import Any
 
 import pytest
 from server_support import RunningServer
+from sim_support import small_scenario
 
 from edgeota.agent.config import AgentConfig
 from edgeota.agent.journal import Event, Journal, JournalRecord, ModelRef, State
@@ -28,28 +29,15 @@ from edgeota.protocol import archive
 from edgeota.protocol.manifest import Manifest
 from edgeota.simulator.device import POWER_LOSS_STATES, SimulatedPowerLoss
 from edgeota.simulator.run import Simulation
-from edgeota.simulator.scenario import CRASH_STATES, ScenarioError, parse_scenario
+from edgeota.simulator.scenario import CRASH_STATES, ScenarioError
 
 SETTINGS = AgentSettings(probation_seconds=0, probation_min_inferences=5)
-AGENT = {"probation_seconds": 0.3, "probation_min_inferences": 3, "poll_seconds": 0.5}
-EASY_GATES = {"latency_factor": 0, "error_rate_factor": 0, "max_failure_ratio": 1.0,
-              "timeout_seconds": 120}
 WINDOW_BYTES = 8 * 64 * 1024  # the resumable download's window: what a cut may re-fetch
 
 
 def scenario(devices: int, faults: list[dict[str, Any]], *, pad_mb: float = 0.0,
              v2: bool = False, **extra: Any) -> Any:
-    timeline: list[dict[str, Any]] = [
-        {"action": "publish", "sample": "digits_v1", "release": "digits@1.0.0",
-         "pad_mb": pad_mb},
-        {"action": "deploy", "release": "digits@1.0.0", **EASY_GATES}]
-    if v2:
-        timeline += [
-            {"action": "publish", "sample": "digits_v2", "release": "digits@2.0.0"},
-            {"action": "deploy", "release": "digits@2.0.0", **EASY_GATES}]
-    return parse_scenario({"devices": devices, "fleet": [{"hardware": "rpi4"}],
-                           "agent": AGENT, "faults": faults, "timeline": timeline,
-                           **extra}, "faults-test.toml")
+    return small_scenario(devices, faults, v2=v2, pad_mb=pad_mb, name="faults-test.toml", **extra)
 
 
 def bundle_length(sim: Simulation, version: str) -> int:

@@ -18,35 +18,23 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from sim_support import small_scenario
 
 from edgeota.agent.config import AgentConfig
 from edgeota.agent.runner import AgentSettings
 from edgeota.simulator.device import DeviceSpec, DeviceTiming
 from edgeota.simulator.processes import DeviceProcessError, DeviceProcessPool, RemoteDevice
 from edgeota.simulator.run import Simulation, SimulationError
-from edgeota.simulator.scenario import load_scenario, parse_scenario
+from edgeota.simulator.scenario import load_scenario
 
 pytestmark = pytest.mark.timeout(300)
 
-AGENT = {"probation_seconds": 0.3, "probation_min_inferences": 3, "poll_seconds": 0.5}
-EASY_GATES = {"latency_factor": 0, "error_rate_factor": 0, "max_failure_ratio": 1.0,
-              "timeout_seconds": 120}
 
 
 def scenario(devices: int, faults: list[dict[str, Any]], *, v2: bool = True,
              pad_mb: float = 0.0) -> Any:
-    timeline: list[dict[str, Any]] = [
-        {"action": "publish", "sample": "digits_v1", "release": "digits@1.0.0",
-         "pad_mb": pad_mb},
-        {"action": "deploy", "release": "digits@1.0.0", **EASY_GATES}]
-    if v2:
-        timeline += [
-            {"action": "publish", "sample": "digits_v2", "release": "digits@2.0.0"},
-            {"action": "deploy", "release": "digits@2.0.0", **EASY_GATES}]
-    return parse_scenario({"devices": devices, "fleet": [{"hardware": "rpi4", "share": 1},
-                                                         {"hardware": "rpi5", "share": 1}],
-                           "agent": AGENT, "faults": faults, "timeline": timeline},
-                          "processes-test.toml")
+    return small_scenario(devices, faults, v2=v2, pad_mb=pad_mb, hardware=("rpi4", "rpi5"),
+                          name="processes-test.toml")
 
 
 def fault_devices(events: list[tuple[float, str, dict]], kind: str) -> set[str]:
