@@ -232,6 +232,38 @@ def test_wrong_hardware_is_refused(victim: Victim) -> None:
     assert_untouched(before, agent)
 
 
+def test_a_director_target_for_another_device_is_refused(victim: Victim) -> None:
+    """In the victim's own director metadata, signed with the director key, a target whose
+    custom names another device: an Uptane director target binds one device.
+
+    Also: tests/test_uptane.py (decide, pure)."""
+    import dataclasses
+
+    from edgeota.protocol.targets_custom import DirectorTargetCustom
+
+    agent, lab = victim.agent, victim.lab
+    before = OnDisk.of(agent)
+    with lab.honest_director():
+        release = lab.release("next")
+        target = lab.director_target(agent.config.device_id, release.target_path,
+                                     release.length, release.sha256, release.release_counter,
+                                     lab.content_key(release))
+        custom = DirectorTargetCustom.from_custom(target.custom, target.path)
+        target.unrecognized_fields["custom"] = dataclasses.replace(
+            custom, device_id="pi-someone-else").to_custom()
+        # A compromised server signs with the online key what its director code refuses.
+        device_id = agent.config.device_id
+        current = lab.ctx.director.current_targets(device_id).signed.targets
+        forged = {p: t for p, t in current.items() if not p.startswith("models/digits/")}
+        forged[target.path] = target
+        lab.ctx.director._assign(device_id, lambda _current: forged, None, check=False)
+        refused_in_check(agent, "wrong_device")
+        with pytest.raises(UptaneRefusal) as caught:
+            agent.updates.check(agent.release_floor())
+        assert caught.value.reason is RefusalReason.WRONG_DEVICE
+    assert_untouched(before, agent)
+
+
 def test_a_key_wrapped_for_another_device_is_refused_before_downloading(victim: Victim) -> None:
     """Also: tests/test_update_cycle.py::test_a_key_wrapped_for_another_device_does_not_open
     (a thief copying the victim's wrap, UpdateClient level)."""
