@@ -141,7 +141,8 @@ def device_status(
 ) -> DeviceStatus:
     """Classify ``device`` (a device, or a :class:`~edgeota.simulator.snapshot.StatusSnapshot`).
 
-    * ``offline``: its MQTT connection is not ready (no request could be answered);
+    * ``offline``: its MQTT connection is not ready (no request could be answered)
+      and it is not yet ``updated``;
     * ``downloading``: a model's journal is checking .. swapping;
     * ``probation``: a model's journal is in probation;
     * ``updated``: it serves the target version of every model in ``targets``;
@@ -159,16 +160,18 @@ def device_status(
     serving = status.serving
     names = sorted(targets) if targets else sorted(serving)
     version = ";".join(f"{name}@{serving.get(name, '-')}" for name in names)
-    if not status.ready:
-        return DeviceStatus(OFFLINE, version)
     if not targets:
-        return DeviceStatus(WAITING, version)
+        return DeviceStatus(WAITING if status.ready else OFFLINE, version)
     since = since or {}
     statuses = [
         _model_status(status, name, targets[name], serving.get(name), since.get(name))
         for name in names
     ]
     worst = min(statuses, key=lambda s: _SEVERITY.index(s.state))
+    if not status.ready and worst.state != UPDATED:
+        # A device that already serves its targets is updated whatever its link does
+        # now; any other is offline (nothing more can happen to it until it is back).
+        return DeviceStatus(OFFLINE, version)
     return DeviceStatus(worst.state, version, worst.reason, worst.outcome)
 
 

@@ -134,6 +134,14 @@ def test_offline_when_the_connection_is_not_ready() -> None:
     assert classify(device, TARGET) == "offline"
 
 
+def test_a_device_serving_its_target_is_updated_even_while_its_link_is_down() -> None:
+    device = FakeDevice("d")
+    device.commit("2.0.0")
+    device.agent.updates.connection.ready = False
+    assert classify(device, TARGET) == "updated"
+    assert classify(device, {}) == "offline"  # nothing to be updated to
+
+
 def test_no_connection_is_never_offline() -> None:
     device = FakeDevice("d")
     device.agent.updates.connection = None
