@@ -818,6 +818,15 @@ class AttackLab:
             release.release_counter, self.content_key(release), wrap_for=wrap_for))
 
     @contextlib.contextmanager
+    def assigned_everywhere(self, release: ReleaseFacts) -> Iterator[None]:
+        """Every device assigned ``release`` with the director key (the malicious server's
+        move); their own director targets back on exit."""
+        with self.honest_director():
+            for device in self.devices:
+                self.assign(device.device_id, release)
+            yield
+
+    @contextlib.contextmanager
     def honest_director(self) -> Iterator[None]:
         """On exit, give every device back the director targets it had on entry."""
         saved = {d.device_id: dict(self.ctx.director.current_targets(d.device_id).signed.targets)
@@ -958,9 +967,7 @@ class Rollback(Attack):
 
     @contextlib.contextmanager
     def staged(self, lab: AttackLab) -> Iterator[None]:
-        with lab.honest_director():
-            for device in lab.devices:
-                lab.assign(device.device_id, lab.release("old"))
+        with lab.assigned_everywhere(lab.release("old")):
             yield
 
 
@@ -1001,19 +1008,16 @@ class MixAndMatch(Attack):
     @contextlib.contextmanager
     def staged(self, lab: AttackLab) -> Iterator[None]:
         store = lab.ctx.store
-        with lab.honest_director():
+        with lab.assigned_everywhere(lab.release("next")), lab.mitm() as mitm:
             for device in lab.devices:
-                lab.assign(device.device_id, lab.release("next"))
-            with lab.mitm() as mitm:
-                for device in lab.devices:
-                    repo = f"director/{device.device_id}"
-                    new = store.latest_version(repo, "targets")
-                    if new is None or new < 2:
-                        raise LabError(f"{repo} has no earlier targets to mix in")
-                    mitm.substitute(f"{repo}/metadata/{new}.targets.json",
-                                    store.read_metadata(repo, "targets", new - 1),
-                                    device_id=device.device_id)
-                yield
+                repo = f"director/{device.device_id}"
+                new = store.latest_version(repo, "targets")
+                if new is None or new < 2:
+                    raise LabError(f"{repo} has no earlier targets to mix in")
+                mitm.substitute(f"{repo}/metadata/{new}.targets.json",
+                                store.read_metadata(repo, "targets", new - 1),
+                                device_id=device.device_id)
+            yield
 
 
 class EndlessData(Attack):
@@ -1026,12 +1030,9 @@ class EndlessData(Attack):
     @contextlib.contextmanager
     def staged(self, lab: AttackLab) -> Iterator[None]:
         target = lab.release("next")
-        with lab.honest_director():
-            for device in lab.devices:
-                lab.assign(device.device_id, target)
-            with lab.mitm() as mitm:
-                mitm.inflate(target.request_path)
-                yield
+        with lab.assigned_everywhere(target), lab.mitm() as mitm:
+            mitm.inflate(target.request_path)
+            yield
 
 
 class SlowRetrieval(Attack):
@@ -1059,12 +1060,9 @@ class SlowRetrieval(Attack):
         limits = min((d.agent.updates.limits for d in lab.devices), key=lambda x: x.min_rate)
         interval = limits.frame_timeout / 4  # a frame well within every timeout
         piece = max(1, int(limits.min_rate * interval / 8))
-        with lab.honest_director():
-            for device in lab.devices:
-                lab.assign(device.device_id, target)
-            with lab.mitm() as mitm:
-                mitm.trickle(target.request_path, data, piece=piece, interval=interval)
-                yield
+        with lab.assigned_everywhere(target), lab.mitm() as mitm:
+            mitm.trickle(target.request_path, data, piece=piece, interval=interval)
+            yield
 
 
 class WrongHardware(Attack):
@@ -1076,9 +1074,7 @@ class WrongHardware(Attack):
 
     @contextlib.contextmanager
     def staged(self, lab: AttackLab) -> Iterator[None]:
-        with lab.honest_director():
-            for device in lab.devices:
-                lab.assign(device.device_id, lab.release("foreign"))
+        with lab.assigned_everywhere(lab.release("foreign")):
             yield
 
 
