@@ -147,6 +147,15 @@ class Agent:
 
     # -- persistence helpers -------------------------------------------------
 
+    def journal_records(self) -> dict[str, JournalRecord]:
+        """The current record of every journal opened so far, by model name.
+
+        Safe to call from another thread (a monitor, the simulator's recorder):
+        it opens nothing, so it never races :meth:`journal` into a second
+        ``Journal`` object for one file.
+        """
+        return {name: journal.current for name, journal in list(self._journals.items())}
+
     def journal(self, name: str) -> Journal:
         if name not in self._journals:
             journal = Journal(self.config.state_dir / f"journal-{name}.json", clock=self._clock,

@@ -21,7 +21,6 @@ from __future__ import annotations
 import dataclasses
 import os
 import time
-from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -95,9 +94,9 @@ def read_status(device: Any) -> StatusSnapshot:
 
     It reads ``device.agent.updates.connection`` (``ready``, ``counters()``;
     ``None`` for the HTTP transport: never offline then), ``device.serving()``,
-    the agent's opened journals (``agent._journals``: opening one from here
-    while the device's worker opens it too would leave the agent with a
-    stale second journal, so unopened ones are not opened), and, when the
+    the agent's opened journals (``agent.journal_records()``: opening one
+    from here while the device's worker opens it too would leave the agent
+    with a stale second journal, so unopened ones are not read), and, when the
     device has them, ``device.counters`` (reasons, check failures, step
     tallies), ``device.restarts`` and ``device.download_stats()``.
     """
@@ -111,11 +110,7 @@ def read_status(device: Any) -> StatusSnapshot:
         counters_of = getattr(connection, "counters", None)
         if callable(counters_of):
             counts = _fields(counters_of())
-    known = getattr(agent, "_journals", None)
-    journals: dict[str, JournalRecord] = {}
-    if isinstance(known, Mapping):
-        for name, journal in dict(known).items():  # a copy: the worker may open one now
-            journals[str(name)] = journal.current
+    journals = {str(name): record for name, record in agent.journal_records().items()}
     counters = getattr(device, "counters", None)
     reasons = getattr(counters, "reasons", None)
     check_failures = getattr(counters, "check_failures", None)

@@ -60,6 +60,9 @@ class FakeAgent:
     def journal(self, name: str) -> FakeJournal:
         return self._journals[name]  # a KeyError here: the classifier created a journal
 
+    def journal_records(self) -> dict[str, JournalRecord]:
+        return {name: journal.current for name, journal in self._journals.items()}
+
 
 class FakeDevice:
     """Moves through the journal states the real agent saves, with the same history."""
