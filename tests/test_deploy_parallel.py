@@ -253,3 +253,34 @@ def test_stale_targets_handed_to_assign_are_read_again(fleet: Fleet) -> None:
         job = deployments._DirectorJob.of(device, release, CONTENT_KEY, stale)
     deployments._write_director(fleet.ctx, job)
     assert director.current_targets("dev-00").signed.version == fresh.signed.version + 1
+
+
+def test_a_rollback_runs_on_the_pool_and_skips_a_device_whose_metadata_failed(
+        fleet: Fleet, monkeypatch: pytest.MonkeyPatch) -> None:
+    with fleet.ctx.sessions() as session, session.begin():
+        first = session.scalars(select(Release)).one()
+        session.add(Release(
+            name="digits", version="1.1.0", release_counter=1,
+            target_path="models/digits/1.1.0.eotb", length=4096,
+            sha256=hashlib.sha256(b"bundle 1.1").hexdigest(),
+            plaintext_sha256=hashlib.sha256(b"plain 1.1").hexdigest(), plaintext_size=4000,
+            manifest={"hardware": ["rpi4"]}, wrapped_content_key=first.wrapped_content_key,
+            bin_role="bins-0", bin_version=1, status=ReleaseStatus.PUBLISHED,
+            created_by="test", published_at=datetime.now(UTC)))
+    fleet.told.arrivals = 2  # the barrier has proved parallelism elsewhere
+    deploy(fleet)
+    with fleet.ctx.sessions() as session, session.begin():
+        second = deployments.deploy(fleet.ctx, session, "test", DeployRequest(
+            name="digits", version="1.1.0", tags={"fleet": "lab"}))
+    broken = "dev-05"
+    monkeypatch.setattr(director_module, "sign", signing_fails_for(broken, "injected: KMS"))
+    with fleet.ctx.sessions() as session, session.begin():
+        answer = rollouts.rollback(fleet.ctx, session, "test", second.deployment_id)
+    assert broken not in answer.devices and len(answer.devices) == len(fleet.keys) - 1
+    assert "could not be written" in answer.skipped[broken]
+    assert "injected: KMS" in answer.skipped[broken]
+    for device_id in answer.devices[:3]:
+        targets = fleet.ctx.director.current_targets(device_id).signed.targets
+        assert list(targets) == ["models/digits/1.0.0.eotb"]
+    assert list(fleet.ctx.director.current_targets(broken).signed.targets) == [
+        "models/digits/1.1.0.eotb"]  # unchanged: it still has what it had

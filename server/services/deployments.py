@@ -294,6 +294,25 @@ def assign_release(ctx: ServerContext, device: Device, release: Release,
     _write_director(ctx, _DirectorJob.of(device, release, content_key))
 
 
+def assign_releases(ctx: ServerContext, pairs: Sequence[tuple[Device, Release]],
+                    workers: int | None = None) -> dict[str, Exception]:
+    """:func:`assign_release` for many devices at once, each to its own release, on the pool.
+
+    For what is not a phase start (a rollback returns each device to the
+    release it had before, which may differ per device). Content keys are
+    unwrapped once per release. Returns the failures by device id; every other
+    device has its new director metadata and was notified. The caller holds
+    the ``director`` lock.
+    """
+    keys: dict[int, bytes] = {}
+    jobs = []
+    for device, release in pairs:
+        if release.id not in keys:
+            keys[release.id] = release_content_key(ctx, release)
+        jobs.append(_DirectorJob.of(device, release, keys[release.id]))
+    return _run_director_jobs(ctx, jobs, workers)
+
+
 def _run_director_jobs(ctx: ServerContext, jobs: Sequence[_DirectorJob],
                        workers: int | None = None) -> dict[str, Exception]:
     """Run ``jobs`` on at most ``workers`` threads; return the failures by device id.

@@ -60,7 +60,7 @@ from edgeota.server.db.models import (
 from edgeota.server.db.session import lock
 from edgeota.server.services.deployments import (
     add_assignment,
-    assign_release,
+    assign_releases,
     eligibility_problem,
     record_event,
     restart_stalled,
@@ -293,10 +293,17 @@ def evaluate_gates(session: Session, deployment: Deployment) -> list[GateFinding
 def _rollback_assignments(ctx: ServerContext, session: Session, deployment: Deployment,
                           assignments: Iterable[Assignment], now: datetime,
                           reason: str) -> tuple[list[str], dict[str, str]]:
-    """Assign each device its previous release; returns (rolled back, skipped with why)."""
+    """Assign each device its previous release; returns (rolled back, skipped with why).
+
+    The director work of all of them runs on the deploy pool (a hardware class
+    of hundreds rolls back in seconds, not one device after another); a device
+    whose metadata could not be written is skipped with the error and keeps
+    its assignment, so a later rollback can try it again.
+    """
     done: list[str] = []
     skipped: dict[str, str] = {}
     release = deployment.release
+    chosen: list[tuple[Assignment, Release]] = []
     for assignment in assignments:
         previous = assignment.previous_release
         if previous is None:
@@ -308,7 +315,14 @@ def _rollback_assignments(ctx: ServerContext, session: Session, deployment: Depl
                 f"it committed {release.version} (release counter {release.release_counter}); "
                 f"its floor forbids {previous.version} (counter {previous.release_counter})")
             continue
-        assign_release(ctx, assignment.device, previous)
+        chosen.append((assignment, previous))
+    failures = assign_releases(ctx, [(a.device, previous) for a, previous in chosen])
+    for assignment, previous in chosen:
+        error = failures.get(assignment.device_id)
+        if error is not None:
+            skipped[assignment.device_id] = (
+                f"its director metadata could not be written: {type(error).__name__}: {error}")
+            continue
         assignment.state = AssignmentState.ROLLED_BACK
         assignment.detail = f"{reason}; back to {previous.version}"
         assignment.finished_at = now
