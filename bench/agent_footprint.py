@@ -57,6 +57,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from bench_support import proc_status
+
 IDLE_OVERHEAD_TARGET_MIB = 100.0  # "tens of MiB"
 INSTALL_EXTRA_TARGET_MIB = 32.0  # must not grow with the model
 SETTLE_S = 1.5  # after the last start-up work, before the idle window opens
@@ -68,31 +70,18 @@ _CHILD_TIMEOUT_S = 300.0
 # --------------------------------------------------------------------------- in the children
 
 
-def _status() -> dict[str, int]:
-    """VmRSS, VmHWM (bytes) and Threads of this process, from /proc/self/status."""
-    found: dict[str, int] = {}
-    with open("/proc/self/status") as status:
-        for line in status:
-            key, _, value = line.partition(":")
-            if key in ("VmRSS", "VmHWM"):
-                found[key] = int(value.split()[0]) * _KIB
-            elif key == "Threads":
-                found[key] = int(value)
-    return found
-
-
 def _idle_window(seconds: float) -> dict[str, float]:
     """Sleep ``seconds`` (other threads keep running) and report CPU and RSS over it."""
     import gc
 
     gc.collect()
     time.sleep(SETTLE_S)
-    before = _status()
+    before = proc_status()
     cpu0, wall0 = time.process_time(), time.perf_counter()
     time.sleep(seconds)
     cpu = time.process_time() - cpu0
     wall = time.perf_counter() - wall0
-    after = _status()
+    after = proc_status()
     return {
         "rss_start": before["VmRSS"],
         "rss": after["VmRSS"],
@@ -106,7 +95,7 @@ def _idle_window(seconds: float) -> dict[str, float]:
 
 def _child_python(_args: list[str]) -> dict[str, object]:
     """Python alone: the floor under both idle figures."""
-    return {"rss": _status()["VmRSS"]}
+    return {"rss": proc_status()["VmRSS"]}
 
 
 def _child_idle_reference(args: list[str]) -> dict[str, object]:
@@ -176,18 +165,18 @@ def _child_install(args: list[str]) -> dict[str, object]:
     from edgeota.agent.validation import SessionSettings, create_session
     from edgeota.protocol.bundle import open_bundle
 
-    imported = _status()["VmRSS"]
+    imported = proc_status()["VmRSS"]
     start = time.perf_counter()
     opened = open_bundle(sealed, bytes.fromhex(key_hex), dest,
                          expected_sealed_sha256=sealed_sha256,
                          expected_plaintext_sha256=plaintext_sha256)
     open_s = time.perf_counter() - start
-    after_open = _status()
+    after_open = proc_status()
     start = time.perf_counter()
     session = create_session(opened.model_path, SessionSettings())
     session.run(None, {"input": np.ones((1, INNER_DIM), dtype=np.float32)})
     session_s = time.perf_counter() - start
-    done = _status()
+    done = proc_status()
     return {
         "rss_imported": imported,
         "hwm_after_open": after_open["VmHWM"],
@@ -206,12 +195,12 @@ def _child_session_reference(args: list[str]) -> dict[str, object]:
 
     from edgeota.agent.validation import SessionSettings, create_session
 
-    imported = _status()["VmRSS"]
+    imported = proc_status()["VmRSS"]
     start = time.perf_counter()
     session = create_session(model, SessionSettings())
     session.run(None, {"input": np.ones((1, INNER_DIM), dtype=np.float32)})
     session_s = time.perf_counter() - start
-    done = _status()
+    done = proc_status()
     return {"rss_imported": imported, "hwm": done["VmHWM"], "rss": done["VmRSS"],
             "session_s": session_s}
 

@@ -135,6 +135,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from bench_support import accepts, free_port, proc_status
+
 TARGET_RATIO = 2.5  # rollout time / raw push time, at most
 MODEL = "digits"
 WARMUP_VERSION = "1.0.0"  # digits_v1, unpadded
@@ -173,19 +175,6 @@ def _proc_cpu(pid: int) -> float:
         data = f.read()
     fields = data[data.rindex(")") + 2:].split()
     return (int(fields[11]) + int(fields[12])) / _TICKS
-
-
-def _proc_status(pid: int | str = "self") -> dict[str, int]:
-    """VmRSS, VmHWM (bytes) and Threads of a process."""
-    found: dict[str, int] = {}
-    with open(f"/proc/{pid}/status") as status:
-        for line in status:
-            key, _, value = line.partition(":")
-            if key in ("VmRSS", "VmHWM"):
-                found[key] = int(value.split()[0]) * _KIB
-            elif key == "Threads":
-                found[key] = int(value)
-    return found
 
 
 def _thread_cpu(role_of: Callable[[str], str] | None = None) -> dict[str, float]:
@@ -507,7 +496,7 @@ def _device_child(args: argparse.Namespace) -> int:
         1 for d in devices
         if d.agent.updates.connection.wait_ready(max(0.0, deadline - time.monotonic())))
     _emit("ready", devices=len(devices), connected=connected,
-          seconds=round(time.monotonic() - started, 2), **_proc_status())
+          seconds=round(time.monotonic() - started, 2), **proc_status())
     runner = FleetRunner(devices, workers=args.workers, tick_seconds=args.tick).start()
     watcher: _Watcher | None = None
     cpu0, threads0, wall0 = time.process_time(), _thread_cpu(), time.monotonic()
@@ -530,7 +519,7 @@ def _device_child(args: argparse.Namespace) -> int:
                 threads = {role: round((cpu - threads0.get(role, 0.0)) / wall, 2)
                            for role, cpu in _thread_cpu().items()}
                 _emit("stats", cpu_s=round(time.process_time() - cpu0, 3), thread_cores=threads,
-                      timings=TIMINGS.summary(), status=_proc_status(),
+                      timings=TIMINGS.summary(), status=proc_status(),
                       loop=dataclasses.asdict(loop.counters()),
                       step_errors=sum(d.counters.step_errors for d in devices),
                       inferences=sum(d.counters.inferences for d in devices),
@@ -883,20 +872,6 @@ def _expect_all(children: list[_Child], *names: str, timeout: float) -> list[dic
 # -- the bench: broker, server, $SYS -------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((HOST, 0))
-        return int(sock.getsockname()[1])
-
-
-def _accepts(port: int) -> bool:
-    try:
-        with socket.create_connection((HOST, port), timeout=0.2):
-            return True
-    except OSError:
-        return False
-
-
 def _edgeota(*argv: str) -> dict[str, Any]:
     """Run the ``edgeota`` CLI of this venv with ``--json``; its answer."""
     cli = Path(sys.executable).parent / "edgeota"
@@ -948,7 +923,7 @@ def _infrastructure(workdir: Path, say: Callable[[str], None],
     from edgeota.server.broker_config import render_acl
     from edgeota.server.fleet_ca import FleetCA, certificate_pem, private_key_pem
 
-    setup = _Setup(workdir, workdir / "home", workdir / "broker", _free_port(), _free_port())
+    setup = _Setup(workdir, workdir / "home", workdir / "broker", free_port(), free_port())
     try:
         say("edgeota init, broker-config")
         _edgeota("init", "--home", str(setup.home), "--http", f"{HOST}:{setup.http_port}",
@@ -977,11 +952,11 @@ def _infrastructure(workdir: Path, say: Callable[[str], None],
                                  str(bench_config)], workdir / "mosquitto.log")
         setup.processes["broker"] = broker
         deadline = time.monotonic() + START_TIMEOUT
-        while broker.poll() is None and not _accepts(setup.mqtt_port):
+        while broker.poll() is None and not accepts(setup.mqtt_port):
             if time.monotonic() > deadline:
                 break
             time.sleep(0.05)
-        if broker.poll() is not None or not _accepts(setup.mqtt_port):
+        if broker.poll() is not None or not accepts(setup.mqtt_port):
             raise RuntimeError("mosquitto did not start:\n"
                                + (workdir / "mosquitto.log").read_text()[-2000:])
         serve = ["serve", "--home", str(setup.home), "--broker", f"mqtts://{HOST}:{setup.mqtt_port}"]
@@ -1409,8 +1384,8 @@ def run(args: argparse.Namespace, say: Callable[[str], None]) -> dict[str, Any]:
         stats = _expect_all(children, "stats", timeout=START_TIMEOUT)
         detail, server_all = _server_view(setup, answer["deployment_id"], args.devices, t0,
                                           START_TIMEOUT)
-        server_status = _proc_status(setup.processes["server"].pid)
-        broker_status = _proc_status(setup.processes["broker"].pid)
+        server_status = proc_status(setup.processes["server"].pid)
+        broker_status = proc_status(setup.processes["broker"].pid)
 
         time_to_all = max(serving.values())
         result.update({
@@ -1461,6 +1436,17 @@ def _merge_steps(stats: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
             entry["cpu_s"] += step["cpu_s"]
             entry["max_wall_s"] = max(entry["max_wall_s"], step["max_wall_s"])
     return merged
+
+
+def _print_profile(role: str, prof: dict[str, Any], *, tottime_rows: int,
+                   cumtime_rows: int) -> None:
+    print(f"  cProfile (CPU), {role} ({prof['profiled_s']} s): top by tottime "
+          "[function, calls, tottime, cumtime]")
+    for row in prof["top_tottime"][:tottime_rows]:
+        print(f"    {row}")
+    print("  top by cumtime")
+    for row in prof["top_cumtime"][:cumtime_rows]:
+        print(f"    {row}")
 
 
 def _print(r: dict[str, Any]) -> None:
@@ -1533,13 +1519,7 @@ def _print(r: dict[str, Any]) -> None:
     for s in stats:
         for role, prof in (s.get("profile") or {}).items():
             print()
-            print(f"  cProfile (CPU), {role} ({prof['profiled_s']} s): top by tottime "
-                  "[function, calls, tottime, cumtime]")
-            for row in prof["top_tottime"][:15]:
-                print(f"    {row}")
-            print("  top by cumtime")
-            for row in prof["top_cumtime"][:20]:
-                print(f"    {row}")
+            _print_profile(role, prof, tottime_rows=15, cumtime_rows=20)
         break  # one process is representative
     server = r.get("server_profile")
     if server:
@@ -1547,13 +1527,7 @@ def _print(r: dict[str, Any]) -> None:
         print(f"server, profiled ({server['seconds']} s, {server['cpu_s']} CPU s): CPU s by "
               f"thread {server['thread_cpu_s']}")
         for role, prof in server["profile"].items():
-            print(f"  cProfile (CPU), {role} ({prof['profiled_s']} s): top by tottime "
-                  "[function, calls, tottime, cumtime]")
-            for row in prof["top_tottime"][:12]:
-                print(f"    {row}")
-            print("  top by cumtime")
-            for row in prof["top_cumtime"][:12]:
-                print(f"    {row}")
+            _print_profile(role, prof, tottime_rows=12, cumtime_rows=12)
     print()
     print(f"rollout / raw push = {r['ratio']}  target <= {TARGET_RATIO}  {r['verdict']}")
     print(f"(CPU of the bench's processes, rollout / raw push = {r['cpu_ratio']}: on a busy "

@@ -96,6 +96,7 @@ from pathlib import Path
 from typing import Any
 
 import paho.mqtt.client as mqtt
+from bench_support import accepts, free_port
 
 from edgeota.agent.mqtt_fetcher import DeviceConnection, MqttFetcher, ResumableDownload
 from edgeota.protocol.fetch import MAX_FRAME_SIZE, MAX_PAYLOAD, MqttTls
@@ -144,20 +145,6 @@ class Endpoint:
     target: float | None = None  # ratio to reach, None: reported only
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((HOST, 0))
-        return int(sock.getsockname()[1])
-
-
-def _accepts(port: int) -> bool:
-    try:
-        with socket.create_connection((HOST, port), timeout=0.2):
-            return True
-    except OSError:
-        return False
-
-
 def _identities(ca: FleetCA, folder: Path, endpoint: Endpoint) -> None:
     """Client TLS for the server identity and both device identities, issued by ``ca``."""
     server = folder / "server-identity"
@@ -202,7 +189,7 @@ def _mosquitto(folder: Path, tls: bool) -> Iterator[Endpoint]:
         _identities(ca, folder, endpoint)
     log = folder / "mosquitto.log"
     for _ in range(3):  # another process may take the free port before mosquitto binds it
-        port = _free_port()
+        port = free_port()
         if ca is not None:
             run_as = "root" if os.geteuid() == 0 else None  # else it drops to "mosquitto"
             files = write_mosquitto_files(ca, folder / f"broker-{port}", host=HOST, port=port,
@@ -214,9 +201,9 @@ def _mosquitto(folder: Path, tls: bool) -> Iterator[Endpoint]:
             process = subprocess.Popen([MOSQUITTO, "-c", str(config)], stdout=out,
                                        stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
         deadline = time.monotonic() + START_TIMEOUT
-        while process.poll() is None and not _accepts(port) and time.monotonic() < deadline:
+        while process.poll() is None and not accepts(port) and time.monotonic() < deadline:
             time.sleep(0.01)
-        if process.poll() is None and _accepts(port):
+        if process.poll() is None and accepts(port):
             break
         _stop_process(process)
     else:

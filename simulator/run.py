@@ -306,8 +306,8 @@ class Simulation:
 
         self.recorder = FleetRecorder(
             self.devices,
-            bridge_counters=self.server.bridge_counters if self.server.in_process else None,
-            server_cpu_seconds=None if self.server.in_process else self.server.cpu_seconds)
+            bridge_counters=self.server.bridge.counters if self.server.bridge else None,
+            server_cpu_seconds=self.server.cpu_seconds)
         result = SimulationResult(scenario=self.scenario.name, serving={},
                                   hardware={d.device_id: d.hardware for d in self.devices})
         runner = None
@@ -485,7 +485,7 @@ class Simulation:
         """The scenario's faults and link drops (:mod:`edgeota.simulator.faults`), seeded."""
         injector = FaultInjector(self.scenario, self.devices, rng=self._rng,
                                  recorder=self.recorder,
-                                 bridge=self.transport.bridge if self.server.in_process else None,
+                                 bridge=self.server.bridge,
                                  stop=self._stop_faults)
         injector.start()
         self.faults = injector

@@ -111,8 +111,9 @@ class SimServer:
         raise SimServerError("the server runs in another process: its MQTT transport is out "
                              "of reach (run with --in-process)")
 
-    def bridge_counters(self) -> Any:
-        """The fetch bridge's counters, or None when they are not in this process."""
+    @property
+    def bridge(self) -> Any:
+        """The server's running fetch bridge, or None when it is not in this process."""
         return None
 
     def cpu_seconds(self) -> float | None:
@@ -174,8 +175,9 @@ class InProcessServer(SimServer):
             except Exception:
                 logger.exception("stopping the in-process server failed")
 
-    def bridge_counters(self) -> Any:
-        return self._transport.bridge.counters()
+    @property
+    def bridge(self) -> Any:
+        return self._transport.bridge
 
     def cpu_seconds(self) -> float | None:
         return None  # shares this process with the devices
