@@ -13,6 +13,7 @@ import errno
 import hashlib
 import os
 import types
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -278,21 +279,26 @@ def test_enospc_while_unpacking_becomes_disk_full_and_leaves_nothing(
     assert agent.run_cycle().states == {"digits": "probation"}
 
 
+def served_while(kind: str, seen: dict[str, set[str]]) -> Callable[[Simulation], None]:
+    """A progress hook noting, per device, the digits versions served while ``kind`` is on."""
+    def watch(sim: Simulation) -> None:
+        if sim.faults is None:
+            return
+        for device in sim.devices:
+            if device.device_id in sim.faults.active(kind):
+                seen.setdefault(device.device_id, set()).add(
+                    device.serving().get("digits", "-"))
+
+    return watch
+
+
 def test_a_fleet_with_a_full_disk_reports_it_keeps_its_model_then_updates(
         tmp_path: Path) -> None:
     plan = scenario(2, [{"kind": "disk_full", "devices": 1, "when": "serving",
                          "duration": 10}], v2=True)
     seen: dict[str, set[str]] = {}  # what the full device served while its disk was full
-
-    def watch(sim: Simulation) -> None:
-        if sim.faults is None:
-            return
-        for device in sim.devices:
-            if device.device_id in sim.faults.active("disk_full"):
-                seen.setdefault(device.device_id, set()).add(
-                    device.serving().get("digits", "-"))
-
-    with Simulation(plan, tmp_path / "sim", workers=2, on_progress=watch) as sim:
+    with Simulation(plan, tmp_path / "sim", workers=2,
+                    on_progress=served_while("disk_full", seen)) as sim:
         result = sim.run()
         failures = sim.recorder.failures
         reasons = {d.device_id: d.agent.journal("digits").current for d in sim.devices}
@@ -343,17 +349,9 @@ def test_a_skewed_clock_stops_updates_until_it_is_right(
         tmp_path: Path, seconds: int, reason: str) -> None:
     plan = scenario(2, [{"kind": "clock_skew", "devices": 1, "seconds": seconds,
                          "when": "serving", "duration": 10}], v2=True)
-    seen: dict[str, set[str]] = {}
-
-    def watch(sim: Simulation) -> None:
-        if sim.faults is None:
-            return
-        for device in sim.devices:
-            if device.device_id in sim.faults.active("clock_skew"):
-                seen.setdefault(device.device_id, set()).add(
-                    device.serving().get("digits", "-"))
-
-    with Simulation(plan, tmp_path / "sim", workers=2, on_progress=watch) as sim:
+    seen: dict[str, set[str]] = {}  # what the skewed device served while skewed
+    with Simulation(plan, tmp_path / "sim", workers=2,
+                    on_progress=served_while("clock_skew", seen)) as sim:
         result = sim.run()
         refused = {d.device_id: dict(d.counters.check_failures) for d in sim.devices}
         floors = {d.device_id: d.agent.floor.floor for d in sim.devices}
