@@ -26,10 +26,13 @@ Whenever a fetch ends early its request id is unregistered (later frames are
 dropped) and a cancel is sent, so the server stops too.
 
 :class:`ResumableDownload` fetches a target into ``{sha256}.partial`` with a
-progress record beside it, made durable once per window, so a disconnect or a
-restart of the whole agent resumes at the last saved window and never fetches
-more than one window of received bytes again; the sha256 is computed while the
-bytes arrive (one streaming pass) and checked at the end.
+progress record in the file's tail, made durable once per window on a saver
+thread beside the transfer. A disconnect (the process lives on) resumes from
+the last byte written and fetches no received byte again; a restart of the
+whole agent resumes at the last saved record, so it fetches again less than
+two windows of received bytes (the window arriving and the one being saved),
+plus what the server had in flight. The sha256 is computed while the bytes
+arrive (one streaming pass) and checked at the end.
 
 Fetches are pipelined (see :mod:`edgeota.protocol.fetch`): after the first
 chunk, two windows are kept outstanding, so the round trip of a request no
