@@ -424,7 +424,7 @@ class UpdateClient:
             info = image.get_targetinfo(decision.target_path)
             if info is None or info.hashes.get("sha256") != decision.sha256:
                 raise ManifestError(f"{decision.target_path} changed since it was checked")
-            self._require_space(image, info, decision)
+            self._require_space(decision)
             bundle_path = self._download(image, info, decision)
         except InstallError:
             raise
@@ -477,8 +477,7 @@ class UpdateClient:
         self._discard_download(decision)
 
 
-    def _require_space(self, image: Updater, info: TargetFile,
-                       decision: InstallDecision) -> None:
+    def _require_space(self, decision: InstallDecision) -> None:
         """Refuse, before a byte is written, an install the state folder cannot hold.
 
         Needed: what is left of the bundle (a resumed download counts only its
@@ -487,7 +486,8 @@ class UpdateClient:
         :data:`FREE_SPACE_MARGIN`.
         """
         missing = decision.length
-        if image.find_cached_target(info):
+        # Only whether a complete download is there: _download verifies its hash (once).
+        if (self._downloads / quote(decision.target_path, "")).is_file():
             missing = 0
         elif self._connection is not None:
             missing -= ResumableDownload(self._connection, self._downloads / "resumable") \
