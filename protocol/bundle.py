@@ -251,9 +251,11 @@ def open_bundle(
     ``expected_sealed_sha256`` (the TUF target hash) and
     ``expected_plaintext_sha256`` (from the target's signed ``custom``) are
     checked in the same single pass over the file; a bundle that opens but
-    does not match either is refused. ``dest`` must not exist: it appears,
-    complete, only on success. Hashing runs on a worker thread beside the
-    decryption.
+    does not match either is refused. Without ``expected_sealed_sha256`` the
+    sealed bytes are not hashed at all (for a caller that has just checked
+    them); every chunk still authenticates under ``content_key``. ``dest``
+    must not exist: it appears, complete, only on success. Hashing runs on a
+    worker thread beside the decryption.
     """
     if dest.exists():
         raise FileExistsError(f"destination {dest} already exists")
@@ -263,7 +265,8 @@ def open_bundle(
     verifier = _Verifier()
     try:
         with src.open("rb") as raw_in, DigestWorker() as hasher:
-            opener = StreamOpener(raw_in, content_key, new_digest=hasher.digest)
+            opener = StreamOpener(raw_in, content_key, new_digest=hasher.digest,
+                                  hash_sealed=expected_sealed_sha256 is not None)
             plain = io.BufferedReader(opener, buffer_size=_READ_BLOCK)
             for member in iter_members(
                 plain,

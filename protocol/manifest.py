@@ -203,11 +203,14 @@ class Tensor:
             len(values) == count, f"{where}.data has {len(values)} values, shape needs {count}"
         )
         kind = DATATYPES[spec.datatype]
-        for value in values:
-            ok = isinstance(value, kind) and (kind is bool or not isinstance(value, bool))
-            if kind is float:
-                ok = isinstance(value, int | float) and not isinstance(value, bool)
-            _require(ok, f"{where}.data holds {value!r}, not {spec.datatype}")
+        # JSON yields exact types, so one C-level pass over the value types settles
+        # almost every tensor; the per-value check runs only when some type is not
+        # one of them (subclasses, or a wrong value to name). Golden sets hold tens
+        # of thousands of values, parsed on every device update.
+        if not set(map(type, values)) <= _EXACT_TYPES[kind]:
+            for value in values:
+                _require(_value_is(value, kind),
+                         f"{where}.data holds {value!r}, not {spec.datatype}")
         return cls(spec.name, spec.datatype, shape, tuple(values))
 
     def to_dict(self) -> dict[str, Any]:
@@ -217,6 +220,24 @@ class Tensor:
             "shape": list(self.shape),
             "data": list(self.data),
         }
+
+
+# The exact Python types JSON gives for each kind of tensor value (bool is an int
+# subclass, so it never counts as a number here).
+_EXACT_TYPES: dict[type, frozenset[type]] = {
+    bool: frozenset({bool}),
+    int: frozenset({int}),
+    float: frozenset({int, float}),
+    str: frozenset({str}),
+}
+
+
+def _value_is(value: Any, kind: type) -> bool:
+    if isinstance(value, bool):
+        return kind is bool
+    if kind is float:
+        return isinstance(value, int | float)
+    return isinstance(value, kind)
 
 
 def _tensors(value: Any, where: str) -> tuple[Tensor, ...]:

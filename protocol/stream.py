@@ -301,7 +301,12 @@ class StreamOpener(io.RawIOBase):
     """
 
     def __init__(
-        self, src: BinaryIO, content_key: bytes, *, new_digest: Callable[[], Digest] = SyncDigest
+        self,
+        src: BinaryIO,
+        content_key: bytes,
+        *,
+        new_digest: Callable[[], Digest] = SyncDigest,
+        hash_sealed: bool = True,
     ) -> None:
         super().__init__()
         if len(content_key) != 32:
@@ -309,9 +314,11 @@ class StreamOpener(io.RawIOBase):
         self._src = src
         self.header = read_header(src)
         # The sealed bytes are hashed as they are read, so a caller holding the
-        # TUF target hash needs no second pass over the file.
-        self._sealed_hash = new_digest()
-        self._sealed_hash.update(self.header.raw)
+        # TUF target hash needs no second pass over the file; a caller that has
+        # just checked that hash itself (the agent's download) skips the pass.
+        self._sealed_hash: Digest | None = new_digest() if hash_sealed else None
+        if self._sealed_hash is not None:
+            self._sealed_hash.update(self.header.raw)
         mac_key = _derive(content_key, self.header.nonce_prefix, b"header-mac")
         expected = hmac.new(mac_key, self.header.mac_input, hashlib.sha256).digest()
         if not hmac.compare_digest(expected, self.header.mac):
@@ -342,7 +349,13 @@ class StreamOpener(io.RawIOBase):
 
     @property
     def sealed_sha256(self) -> str:
-        """Digest of the sealed bytes consumed so far (the whole file once EOF was reached)."""
+        """Digest of the sealed bytes consumed so far (the whole file once EOF was reached).
+
+        Raises:
+            RuntimeError: the opener was made with ``hash_sealed=False``.
+        """
+        if self._sealed_hash is None:
+            raise RuntimeError("this opener does not hash the sealed bytes (hash_sealed=False)")
         return self._sealed_hash.hexdigest()
 
     @property
@@ -369,7 +382,8 @@ class StreamOpener(io.RawIOBase):
         self._counter += 1
         self._next = following
         self._done = last
-        self._sealed_hash.update(sealed)
+        if self._sealed_hash is not None:
+            self._sealed_hash.update(sealed)
         self._plain_hash.update(plain)
         self.plaintext_size += len(plain)
         self._pending = memoryview(plain)

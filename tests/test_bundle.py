@@ -216,6 +216,29 @@ def test_payload_map_must_match_the_manifest(tmp_path: Path) -> None:
                     generate_content_key())
 
 
+def test_without_a_sealed_digest_the_sealed_bytes_are_not_hashed_but_still_authenticate(
+        seal_random: SealRandom, tmp_path: Path) -> None:
+    from edgeota.protocol.stream import StreamOpener
+
+    sealed = seal_random(3 * CHUNK)
+    opened = open_into(sealed.info.path, sealed.content_key, tmp_path / "ok",
+                       expected_plaintext_sha256=sealed.info.plaintext_sha256)
+    assert opened.model_path.read_bytes() == sealed.payload
+    with sealed.info.path.open("rb") as src:
+        opener = StreamOpener(src, sealed.content_key, hash_sealed=False)
+        opener.read_all_remaining()
+        assert opener.finished
+        with pytest.raises(RuntimeError, match="hash_sealed=False"):
+            _ = opener.sealed_sha256
+    data = bytearray(sealed.info.path.read_bytes())
+    data[HEADER_SIZE + CHUNK // 2] ^= 0x01
+    sealed.info.path.write_bytes(bytes(data))
+    with pytest.raises(ChunkAuthenticationError):
+        open_into(sealed.info.path, sealed.content_key, tmp_path / "tampered",
+                  expected_plaintext_sha256=sealed.info.plaintext_sha256)
+    assert not (tmp_path / "tampered").exists()
+
+
 def test_sealed_digest_is_checked_in_the_same_pass(seal_random: SealRandom, tmp_path: Path) -> None:
     from edgeota.protocol.errors import SealedDigestError
 

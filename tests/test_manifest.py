@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from edgeota.protocol.errors import ManifestError
-from edgeota.protocol.manifest import MAX_MANIFEST_SIZE, Manifest, TensorSpec
+from edgeota.protocol.manifest import MAX_MANIFEST_SIZE, Manifest, Tensor, TensorSpec
 from edgeota.samples import load_catalog, sample_path
 from edgeota.server.manifest_builder import build_manifest, read_model_signature
 
@@ -73,6 +73,8 @@ def _mutated(manifest: Manifest, path: list[Any], value: Any) -> bytes:
         (["validation", "atol"], float("nan"), "finite number"),
         (["validation", "inputs", 0, "data"], [1.0], "values, shape needs"),
         (["validation", "inputs", 0, "data", 0], "x", "not FP32"),
+        (["validation", "inputs", 0, "data", 5], True, "holds True, not FP32"),
+        (["golden", "inputs", 0, "data", 63], None, "holds None, not FP32"),
         (["golden", "labels"], [1, 2], "labels for 100 input rows"),
         (["golden", "min_accuracy"], 1.5, "at most 1.0"),
         (["latency_budget_ms"], -3, ">= 0"),
@@ -110,3 +112,40 @@ def test_a_non_model_is_refused(tmp_path: Path) -> None:
     fake.write_bytes(b"not an onnx graph")
     with pytest.raises(ManifestError, match="cannot load"):
         build_manifest(fake, name="x", version="1.0.0", hardware=["hw"])
+
+
+@pytest.mark.parametrize(
+    ("datatype", "data", "accepted"),
+    [
+        ("FP32", [1, 2.5, -0.0], True),
+        ("FP32", [1.0, False], False),
+        ("INT64", [1, 2], True),
+        ("INT64", [1, 2.0], False),
+        ("INT64", [True, 1], False),
+        ("BOOL", [True, False], True),
+        ("BOOL", [True, 1], False),
+        ("BYTES", ["a", "b"], True),
+        ("BYTES", ["a", b"b"], False),
+    ],
+)
+def test_tensor_values_must_be_of_the_datatype(datatype: str, data: list[Any],
+                                               accepted: bool) -> None:
+    raw = {"name": "t", "datatype": datatype, "shape": [len(data)], "data": data}
+    if accepted:
+        assert Tensor.from_dict(raw, "t").data == tuple(data)
+    else:
+        with pytest.raises(ManifestError, match=f"not {datatype}"):
+            Tensor.from_dict(raw, "t")
+
+
+def test_tensor_values_of_a_subclass_take_the_per_value_check() -> None:
+    class Weight(float):
+        pass
+
+    class Flag(int):
+        pass
+
+    raw = {"name": "t", "datatype": "FP32", "shape": [2], "data": [Weight(0.5), 1.0]}
+    assert Tensor.from_dict(raw, "t").data == (0.5, 1.0)
+    with pytest.raises(ManifestError, match="not BOOL"):
+        Tensor.from_dict({"name": "t", "datatype": "BOOL", "shape": [1], "data": [Flag(1)]}, "t")
