@@ -66,6 +66,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 
+from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from edgeota.protocol.errors import EdgeotaError, ProtocolError
@@ -304,7 +305,14 @@ class DeviceMessageSink:
         # several replicas lock device rows in the same order (fewer deadlocks).
         ordered = sorted(batch, key=lambda m: m.device_id)
         try:
-            with self._sessions() as session, session.begin():
+            # One query locks and loads every device of the batch; without
+            # autoflush, the batch's changes go out in one flush at the commit
+            # instead of before each query (the audit log flushes its own
+            # entries, and record_report's query reads no row of this batch that
+            # only exists in memory). Per report this was three round trips and
+            # a flush: the largest share of the server's CPU in a fleet rollout.
+            with self._sessions() as session, session.begin(), session.no_autoflush:
+                _lock_devices(session, {m.device_id for m in ordered})
                 outcomes = [self._apply(session, message) for message in ordered]
         except Exception:
             # Logged, never swallowed silently: the messages are retried one by
@@ -336,10 +344,11 @@ class DeviceMessageSink:
         return self._telemetry(session, message)
 
     def _status(self, session: Session, message: _Message) -> _Outcome:
-        device = session.get(Device, message.device_id, with_for_update=True)
+        device = session.get(Device, message.device_id)  # locked by _write
         if device is not None and _is_redelivery(device, message.payload):
             return _Outcome.DUPLICATE
-        outcome = ingest_report(session, message.device_id, message.payload, clock=self._clock)
+        outcome = ingest_report(session, message.device_id, message.payload, clock=self._clock,
+                                device_locked=True)
         if not outcome.accepted:
             if outcome.reason is ReportRejection.MALFORMED:
                 return _Outcome.MALFORMED
@@ -376,6 +385,17 @@ class DeviceMessageSink:
         device.reported_state = state  # reassigned, never mutated: the JSON column sees it
         device.last_seen = now
         return _Outcome.ACCEPTED
+
+
+def _lock_devices(session: Session, device_ids: set[str]) -> None:
+    """Load the rows of ``device_ids`` into ``session``, locked ``FOR UPDATE`` in id order.
+
+    Id order, as every batch takes them: replicas writing overlapping batches
+    wait for each other instead of deadlocking. At most one batch of ids.
+    """
+    if device_ids:
+        session.scalars(select(Device).where(Device.id.in_(sorted(device_ids)))
+                        .order_by(Device.id).with_for_update()).all()
 
 
 def _versions_with(previous: object, telemetry: Telemetry,

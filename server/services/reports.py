@@ -100,9 +100,20 @@ def _reject(session: Session, sender: str, reason: ReportRejection, detail: str)
 
 
 def ingest_report(
-    session: Session, sender: str, raw: bytes, *, clock: Callable[[], datetime]
+    session: Session,
+    sender: str,
+    raw: bytes,
+    *,
+    clock: Callable[[], datetime],
+    device_locked: bool = False,
 ) -> ReportOutcome:
-    """Verify and store one report that arrived from ``sender`` (the topic's device id)."""
+    """Verify and store one report that arrived from ``sender`` (the topic's device id).
+
+    The sender's row is read ``FOR UPDATE`` (two replicas storing reports of
+    one device serialise on it), unless the caller says it already holds that
+    lock with the row in this session (``device_locked``): the MQTT sink locks
+    a whole batch's devices in one query instead of one per report.
+    """
     try:
         signed = SignedReport.from_bytes(raw)
         report = signed.report
@@ -111,7 +122,7 @@ def ingest_report(
     if report.device_id != sender:
         return _reject(session, sender, ReportRejection.WRONG_DEVICE,
                        f"report names {report.device_id!r} but came from {sender!r}")
-    device = session.get(Device, sender, with_for_update=True)
+    device = session.get(Device, sender, with_for_update=not device_locked)
     if device is None:
         return _reject(session, sender, ReportRejection.UNKNOWN_DEVICE, "not enrolled")
     try:
