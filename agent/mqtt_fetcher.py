@@ -25,18 +25,23 @@ them are ``DownloadError`` subclasses.
 Whenever a fetch ends early its request id is unregistered (later frames are
 dropped) and a cancel is sent, so the server stops too.
 
-:class:`ResumableDownload` fetches a target into ``{sha256}.partial`` with a
-progress record in the file's tail, made durable once per window on a saver
-thread beside the transfer. A disconnect (the process lives on) resumes from
-the last byte written and fetches no received byte again; a restart of the
-whole agent resumes at the last saved record, so it fetches again less than
-two windows of received bytes (the window arriving and the one being saved),
-plus what the server had in flight. The sha256 is computed while the bytes
-arrive (one streaming pass) and checked at the end.
+:class:`ResumableDownload` fetches a target into ``{sha256}.partial`` with
+progress records in the file's tail: one rewritten after every chunk (a
+``pwrite``, no sync) and two made durable in turn, once per request, on a
+saver thread beside the transfer. A record names an offset and the sha256 of
+the file's bytes up to it, so loading believes a record only if the bytes on
+disk hash to it. A disconnect (the process lives on) resumes from the last
+byte written, a restart of the whole agent from the last chunk written (the
+page cache survives a killed process), and a power cut from the last durable
+record; none of them fetches a received byte again: each interruption costs
+at most what the server had in flight, one window. The sha256 is computed
+while the bytes arrive (one streaming pass) and checked at the end.
 
-Fetches are pipelined (see :mod:`edgeota.protocol.fetch`): after the first
-chunk, two windows are kept outstanding, so the round trip of a request no
-longer stalls the transfer between windows.
+The *window* is the number of chunks a fetch keeps in flight. It is asked for
+as :data:`~edgeota.protocol.fetch.PIPELINE_DEPTH` requests of a share of it
+each (see :mod:`edgeota.protocol.fetch`): after the first chunk, the next
+request goes out as soon as it fits in the window, so the round trip of a
+request does not stall the transfer.
 """
 
 from __future__ import annotations
@@ -102,10 +107,15 @@ MQTT_REPOSITORY_URL = "mqtt://edgeota"  # AgentConfig.repository_url for the MQT
 _URL_SCHEMES = ("mqtt", "mqtts")
 _SHA256_RE = re.compile(r"[0-9a-f]{64}")
 _RECORD_MAGIC = b"EOTP"
-_RECORD_VERSION = 1
-_RECORD = struct.Struct(">4sBQQQI")  # magic, version, seq, previous, offset, crc32
-_SLOT = 64  # bytes per progress record slot (two, after the file's bytes)
-_HASH_BLOCK = 1024 * 1024  # bytes read at a time when verifying a finished download
+_RECORD_VERSION = 2
+_RECORD = struct.Struct(">4sBQ32s")  # magic, version, offset, sha256 of the bytes before it
+_CHECK = struct.Struct(">I")  # CRC-32 of the record: a torn slot is ignored
+_SLOT = 64  # bytes per progress record slot, after the file's bytes
+_DURABLE_SLOTS = (0, 1)  # written in turn by the saver, each followed by an fdatasync
+_LATEST_SLOT = 2  # rewritten after every chunk, never synced
+_SLOTS = 3
+_HASH_BLOCK = 1024 * 1024  # bytes read at a time when hashing a file
+DEFAULT_WINDOW = 32  # chunks in flight: PIPELINE_DEPTH (4) requests of 8
 
 
 class MqttFetchError(exceptions.DownloadError):
@@ -181,7 +191,7 @@ class _Inbox:
 
     def get(self, timeout: float) -> _Item | None:
         with self._cond:
-            if not self._cond.wait_for(lambda: bool(self._items), timeout):
+            if not self._items and not self._cond.wait_for(lambda: bool(self._items), timeout):
                 return None
             return self._items.popleft()
 
@@ -440,25 +450,34 @@ class MqttFetcher(FetcherInterface):
         connection: DeviceConnection,
         *,
         timeout: float = 30.0,  # seconds without a frame before SlowRetrievalError
-        window: int = 8,  # chunks per request
+        window: int = DEFAULT_WINDOW,  # chunks in flight, asked for in PIPELINE_DEPTH requests
         max_length: int = MAX_OFFSET,  # bound for plain fetch(); download_* pass their own
     ) -> None:
-        if not 1 <= window <= MAX_WINDOW:
-            raise ValueError(f"window must be 1..{MAX_WINDOW}")
+        if not 1 <= window <= PIPELINE_DEPTH * MAX_WINDOW:
+            raise ValueError(f"window must be 1..{PIPELINE_DEPTH * MAX_WINDOW}")
         if timeout <= 0:
             raise ValueError("timeout must be positive")
         self._connection = connection
         self._timeout = timeout
         self._window = window
+        # Chunks per request: the window's share (rounded up), so that a request
+        # goes out while the one before it is still arriving.
+        self._request_window = -(-window // PIPELINE_DEPTH)
         self._max_length = max_length
+
+    @property
+    def request_window(self) -> int:
+        """Chunks asked for per request (what a server's ``max_window`` must allow)."""
+        return self._request_window
 
     def stream(self, path: str, *, offset: int = 0,
                max_length: int = MAX_OFFSET) -> Iterator[ChunkFrame]:
         """Yield the frames of ``path`` from ``offset`` on, checked and in order.
 
         Pipelined: once the first chunk has told the chunk size and the file's
-        size, up to :data:`PIPELINE_DEPTH` windows are asked for ahead; frames
-        that arrive ahead of their turn (windows served by different replicas)
+        size, the next request goes out whenever it fits in the window, so at
+        most ``window`` chunks are ever asked for and not yet yielded; frames
+        that arrive ahead of their turn (requests served by different replicas)
         wait in a buffer bounded by what was asked for. Closing the generator
         early (the consumer stopped) cancels the request.
 
@@ -470,12 +489,12 @@ class MqttFetcher(FetcherInterface):
             ConnectionLostError: the broker connection dropped.
         """
         rid = secrets.token_hex(8)
+        step = self._request_window
         try:
-            request = FetchRequest(rid, path, offset, self._window, max_length)
+            request = FetchRequest(rid, path, offset, step, max_length)
         except FrameError as e:
             raise exceptions.DownloadError(f"cannot request {path[:200]!r}: {e}") from e
-        window = self._window
-        inbox = self._connection.open_stream(rid, capacity=PIPELINE_DEPTH * window + 4)
+        inbox = self._connection.open_stream(rid, capacity=self._window + 4)
         finished = False
         try:
             if not self._connection.wait_ready(self._timeout):
@@ -504,7 +523,7 @@ class MqttFetcher(FetcherInterface):
                         first = item
                         if not item.last:
                             chunk = len(item.payload)
-                            asked = offset + window * chunk
+                            asked = offset + step * chunk
                     if item.offset != expected:
                         if item.offset in ahead:
                             raise FrameRejectedError(
@@ -515,15 +534,23 @@ class MqttFetcher(FetcherInterface):
                 expected += len(frame.payload)
                 if frame.last:
                     finished = True
-                yield frame
-                if finished:
+                    yield frame
                     return
-                # Keep the pipeline full: ask for the next window once the one
-                # before it has fully arrived, never beyond the end of the file.
-                span = window * chunk
-                while asked < frame.total and asked - expected <= (PIPELINE_DEPTH - 1) * span:
-                    self._connection.send(FetchRequest(rid, path, asked, window, max_length))
-                    asked += span
+                # Keep the pipeline full: ask for the next request as soon as it
+                # fits in the window, never beyond the end of the file; before
+                # handing the frame on, so that what the consumer does with it (a
+                # write, waiting for a progress save) does not delay the ask.
+                span, budget = step * chunk, self._window * chunk
+                lost: ConnectionLostError | None = None
+                try:
+                    while asked < frame.total and asked + span - expected <= budget:
+                        self._connection.send(FetchRequest(rid, path, asked, step, max_length))
+                        asked += span
+                except ConnectionLostError as e:
+                    lost = e  # after the frame: a received byte is never fetched again
+                yield frame
+                if lost is not None:
+                    raise lost
         finally:
             self._connection.close_stream(rid)
             if not finished:
@@ -579,84 +606,79 @@ class MqttFetcher(FetcherInterface):
 
 
 @dataclass(frozen=True)
-class _Progress:
-    sha256: str
-    length: int
-    offset: int  # bytes of the partial file written (durable once saved)
-
-
-@dataclass(frozen=True)
 class _Record:
-    """One durable progress record, kept in the tail of ``{sha256}.partial``.
+    """A progress record, kept in a slot in the tail of ``{sha256}.partial``.
 
-    Why in the partial file: one ``fdatasync`` then makes the data and the
-    record durable together, where a record file of its own costs three
-    syncs per save (data, temp file, folder). One sync gives no order between
-    the two, so the record carries the CRC-32 of the bytes it adds since the
-    save before (``previous``, whose sync had completed): if those bytes did
-    not all reach the disk, loading falls back to ``previous``. Two slots,
-    written in turn, each with its own CRC: a torn record leaves the other.
+    ``offset`` bytes of the target are in the file, and ``digest`` is their
+    sha256. Loading hashes the file's bytes (which resuming does anyway, to go
+    on with the target's streaming sha256) and believes the largest record
+    they match, so no write order between data and records matters: a record
+    whose bytes did not reach the disk, or was written over a torn tail, does
+    not match and a smaller one is used. Each slot carries a CRC-32 of its own,
+    so a torn record is ignored. The records live in the partial file itself:
+    one ``fdatasync`` makes data and record durable, where a record file of
+    its own costs three syncs per save (data, temp file, folder).
     """
 
-    seq: int
-    previous: int
     offset: int
-    crc: int  # zlib CRC-32 of the file's bytes [previous, offset)
+    digest: bytes  # sha256 of the file's bytes [0, offset)
 
     def to_bytes(self) -> bytes:
-        body = _RECORD.pack(_RECORD_MAGIC, _RECORD_VERSION, self.seq, self.previous,
-                            self.offset, self.crc)
-        return (body + struct.pack(">I", zlib.crc32(body))).ljust(_SLOT, b"\x00")
+        body = _RECORD.pack(_RECORD_MAGIC, _RECORD_VERSION, self.offset, self.digest)
+        return (body + _CHECK.pack(zlib.crc32(body))).ljust(_SLOT, b"\x00")
 
     @classmethod
     def parse(cls, slot: bytes, length: int) -> _Record | None:
-        if len(slot) < _RECORD.size + 4:
+        if len(slot) < _RECORD.size + _CHECK.size:
             return None
         body = slot[:_RECORD.size]
-        (check,) = struct.unpack_from(">I", slot, _RECORD.size)
+        (check,) = _CHECK.unpack_from(slot, _RECORD.size)
         if zlib.crc32(body) != check:
             return None
-        magic, version, seq, previous, offset, crc = _RECORD.unpack(body)
-        if magic != _RECORD_MAGIC or version != _RECORD_VERSION:
+        magic, version, offset, digest = _RECORD.unpack(body)
+        if magic != _RECORD_MAGIC or version != _RECORD_VERSION or not 0 < offset <= length:
             return None
-        if not 0 <= previous <= offset <= length:
-            return None
-        return cls(seq, previous, offset, crc)
+        return cls(offset, digest)
 
 
 def saved_offset(partial: Path, length: int) -> int:
-    """Bytes of the ``{sha256}.partial`` of a ``length``-byte target that are saved and synced."""
+    """Bytes of the ``{sha256}.partial`` of a ``length``-byte target that a resume keeps.
+
+    Hashes what the records claim (at most ``length`` bytes) to check it.
+    """
     try:
         fd = os.open(partial, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
     except FileNotFoundError:
         return 0
     try:
-        return _load_record(fd, length).offset
+        return _load_progress(fd, length)[0]
     finally:
         os.close(fd)
 
 
-def _load_record(fd: int, length: int) -> _Record:
-    """The newest record whose bytes are all on disk; a fresh start if there is none.
+def _load_progress(fd: int, length: int) -> tuple[int, Any]:
+    """The largest recorded offset whose bytes on disk match, with their sha256 object.
 
-    A file too short to hold a record is a fresh start too: new, from an earlier
-    version, or complete (records dropped) but not yet renamed, which
-    :meth:`ResumableDownload.download` checks by its hash first.
+    Nothing matching (no record, torn records, bytes lost in a power cut, a
+    file from an earlier version or of another size) is a fresh start: offset
+    0. A complete file whose records were dropped but which was not renamed
+    yet is recognised by :meth:`ResumableDownload.download` by its hash first.
     """
+    hasher = hashlib.sha256()
     if os.fstat(fd).st_size < length + _SLOT:
-        return _Record(0, 0, 0, 0)
-    slots = os.pread(fd, 2 * _SLOT, length)
-    records = [r for r in (_Record.parse(slots[:_SLOT], length),
-                           _Record.parse(slots[_SLOT:], length)) if r is not None]
-    if not records:
-        if any(slots):
-            logger.warning("ignoring unusable progress records")
-        return _Record(0, 0, 0, 0)
-    newest = max(records, key=lambda r: r.seq)
-    if _crc_of_fd(fd, newest.previous, newest.offset) == newest.crc:
-        return newest
-    # Its own bytes did not all reach the disk; the save before it had been synced.
-    return _Record(newest.seq, newest.previous, newest.previous, 0)
+        return 0, hasher
+    slots = os.pread(fd, _SLOTS * _SLOT, length)
+    records = [r for i in range(_SLOTS)
+               if (r := _Record.parse(slots[i * _SLOT:(i + 1) * _SLOT], length)) is not None]
+    if not records and any(slots):
+        logger.warning("ignoring unusable progress records")
+    best, best_hasher, position = 0, hasher.copy(), 0
+    for record in sorted(records, key=lambda r: r.offset):
+        _hash_range(fd, hasher, position, record.offset)
+        position = record.offset
+        if hasher.digest() == record.digest:
+            best, best_hasher = record.offset, hasher.copy()
+    return best, best_hasher
 
 
 @dataclass
@@ -672,10 +694,14 @@ class DownloadStats:
 class ResumableDownload:
     """Download targets into ``folder`` so that no finished chunk is ever fetched twice.
 
-    Layout: ``{sha256}.partial`` (the file's bytes so far, then two progress
+    Layout: ``{sha256}.partial`` (the file's bytes so far, then three progress
     record slots, see :class:`_Record`) and ``{sha256}`` once complete and
     verified. ``{sha256}.progress`` was the record of earlier versions; it is
-    removed (such a download starts over).
+    removed (such a download starts over, as one with records of an earlier
+    layout does).
+
+    ``window`` is the number of chunks in flight (see :class:`MqttFetcher`);
+    an interruption of any kind re-fetches at most that many.
     """
 
     def __init__(
@@ -684,7 +710,7 @@ class ResumableDownload:
         folder: Path,
         *,
         timeout: float = 30.0,  # seconds without a frame
-        window: int = 8,
+        window: int = DEFAULT_WINDOW,  # chunks in flight
         max_retries: int = 5,  # consecutive failed attempts without progress
         reconnect_timeout: float = 120.0,  # seconds to wait for the broker per attempt
         on_progress: Callable[[int, int], None] | None = None,  # (offset, length)
@@ -709,7 +735,7 @@ class ResumableDownload:
         return self._folder / f"{sha256}.progress"
 
     def saved_offset(self, sha256: str, length: int) -> int:
-        """Bytes already downloaded and synced for this target."""
+        """Bytes already downloaded for this target that a resume keeps (checked, see above)."""
         return saved_offset(self.partial_path(sha256), length)
 
     def download(self, url: str, *, length: int, sha256: str) -> Path:
@@ -735,20 +761,23 @@ class ResumableDownload:
         self.progress_path(sha256).unlink(missing_ok=True)  # an earlier version's record
         fd = os.open(partial, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
         try:
-            if os.fstat(fd).st_size == length and _sha256_of_fd(fd, length).hexdigest() == sha256:
-                record = _Record(0, length, length, 0)  # complete; killed before the rename
+            # One streaming pass: the bytes kept from before are hashed once (which
+            # also checks the records), the new ones as they arrive, so the file is
+            # not read again at the end.
+            complete = None
+            if os.fstat(fd).st_size == length:  # complete; killed before the rename?
+                complete = _hash_range(fd, hashlib.sha256(), 0, length)
+            if complete is not None and complete.hexdigest() == sha256:
+                kept, hasher = length, complete
             else:
-                record = _load_record(fd, length)
-            if record.offset:
+                kept, hasher = _load_progress(fd, length)
+            if kept:
                 self.stats.resumes += 1  # picked up after an agent restart
-            # Bytes past the saved offset may be torn by a crash: never trusted,
-            # only overwritten. Nothing saved: nothing kept (records come with saves).
-            if not record.offset:
-                os.ftruncate(fd, 0)
-            # One streaming pass: the bytes kept from before are hashed once, the
-            # new ones as they arrive, so the file is not read again at the end.
-            hasher = _sha256_of_fd(fd, record.offset)
-            self._fill(fd, path, _Progress(sha256, length, record.offset), record, hasher)
+            else:
+                os.ftruncate(fd, 0)  # nothing matched: nothing kept
+            # Bytes past the kept offset may be torn by a crash: never trusted,
+            # only overwritten.
+            self._fill(fd, path, length, sha256, kept, hasher)
             if (actual := hasher.hexdigest()) == sha256:
                 os.ftruncate(fd, length)  # drop the records: the file is complete
                 os.fdatasync(fd)
@@ -763,52 +792,58 @@ class ResumableDownload:
         self.stats.completed += 1
         return final
 
-    def _fill(self, fd: int, path: str, progress: _Progress, record: _Record,
+    def _fill(self, fd: int, path: str, length: int, sha256: str, offset: int,
               hasher: Any) -> None:
-        """Fetch until the partial file holds ``progress.length`` bytes, retrying transfers.
+        """Fetch until the partial file holds ``length`` bytes, retrying transfers.
 
         Frames come in file order, so each is written and added to ``hasher``
-        as it arrives. Progress is made durable once per window, not per chunk
-        (one ``fdatasync`` per save, see :class:`_Record`), and on a thread of
-        its own (:class:`_ProgressSaver`), so the transfer goes on while the
-        data is synced; one save at a time. A crash therefore loses less than two
-        windows of received bytes (the one arriving and the one being saved),
-        and a disconnect, which keeps the process, none: the retry continues
-        from the last byte written.
+        as it arrives, and the latest record slot then names the new offset (a
+        ``pwrite``: what a killed process wrote stays in the page cache). Once
+        per request's worth of chunks a record is made durable on a thread of
+        its own (:class:`_ProgressSaver`: one ``fdatasync``), so the transfer
+        goes on while the data is synced. A disconnect, which keeps the
+        process, continues from the last byte written.
         """
-        expected_id = bytes.fromhex(progress.sha256)
+        expected_id = bytes.fromhex(sha256)
+        latest_slot = length + _LATEST_SLOT * _SLOT
+        save_every = self._fetcher.request_window
+        stats, on_progress = self.stats, self._on_progress
         failures = 0
         unsaved_frames = 0
-        saver = _ProgressSaver(fd, progress.length, record, timeout=self._save_timeout)
+        record = b""
+        saver = _ProgressSaver(fd, length, timeout=self._save_timeout)
         try:
-            while progress.offset < progress.length:
+            while offset < length:
                 try:
-                    for frame in self._fetcher.stream(path, offset=progress.offset,
-                                                      max_length=progress.length):
-                        if frame.total != progress.length or (
+                    for frame in self._fetcher.stream(path, offset=offset, max_length=length):
+                        payload = frame.payload
+                        if frame.total != length or (
                                 frame.content_id and frame.file_id != expected_id):
                             raise exceptions.LengthOrHashMismatchError(
                                 f"{path}: the server offers another file ({frame.total} bytes)")
-                        os.pwrite(fd, frame.payload, frame.offset)
-                        hasher.update(frame.payload)
-                        self.stats.bytes_fetched += len(frame.payload)
-                        progress = _Progress(progress.sha256, progress.length,
-                                             frame.offset + len(frame.payload))
-                        unsaved_frames += 1
-                        if unsaved_frames >= self._window and not frame.last:
-                            unsaved_frames = 0
-                            saver.save(progress)
+                        _pwrite_all(fd, payload, frame.offset)
+                        hasher.update(payload)
+                        stats.bytes_fetched += len(payload)
+                        offset = frame.offset + len(payload)
+                        if not frame.last:  # complete: the caller drops the records
+                            record = _Record(offset, hasher.digest()).to_bytes()
+                            _pwrite_all(fd, record, latest_slot)
+                            unsaved_frames += 1
+                            if unsaved_frames >= save_every:
+                                unsaved_frames = 0
+                                saver.save(record)
                         failures = 0
-                        if self._on_progress is not None:
-                            self._on_progress(progress.offset, progress.length)
+                        if on_progress is not None:
+                            on_progress(offset, length)
                 except (ConnectionLostError, FrameRejectedError,
                         exceptions.SlowRetrievalError) as e:
-                    saver.save(progress)  # keep what arrived before the interruption
+                    if record:
+                        saver.save(record)  # durable too, in case the wait ends in a power cut
                     failures += 1
                     if failures > self._max_retries:
                         raise
                     logger.info("download of %s interrupted at %d (%s); resuming",
-                                path, progress.offset, e)
+                                path, offset, e)
                     self.stats.resumes += 1
                     if not self._connection.wait_ready(self._reconnect_timeout):
                         raise ConnectionLostError(
@@ -823,38 +858,36 @@ class ResumableDownload:
 class _ProgressSaver:
     """Makes download progress durable on its own thread: a :class:`_Record`, one ``fdatasync``.
 
-    One save runs at a time: asking for the next one waits for the previous,
-    which bounds how far the record may lag behind what was written (one save
-    interval, plus the save running), and guarantees that the save a record
-    names as ``previous`` had been synced.
+    The two durable slots are written in turn, and one save runs at a time
+    (asking for the next waits for the previous): so while a save runs, the
+    other slot holds a record whose ``fdatasync`` had completed, which a power
+    cut in the middle of this save leaves usable.
     """
 
-    def __init__(self, fd: int, length: int, record: _Record, *, timeout: float) -> None:
+    def __init__(self, fd: int, length: int, *, timeout: float) -> None:
         self._fd = fd
         self._length = length
-        self._record = record  # the newest record on disk
-        saved = record.offset
         self._timeout = timeout
         self._cond = threading.Condition()
-        self._wanted: _Progress | None = None
+        self._wanted: bytes | None = None
+        self._asked = b""  # the latest record asked for
+        self._saves = 0
         self._busy = False
         self._closed = False
         self._error: OSError | None = None
-        self.saved = saved  # offset the record on disk holds
-        self._asked = saved  # offset of the latest save asked for
         self._thread: threading.Thread | None = None
 
-    def save(self, progress: _Progress) -> None:
-        """Queue ``progress`` for saving; waits (bounded) while the previous save runs.
+    def save(self, record: bytes) -> None:
+        """Queue an encoded record for saving; waits (bounded) while the previous save runs.
 
         Raises:
             OSError: the previous save failed, or did not finish within the timeout.
         """
         with self._cond:
-            if progress.offset == self._asked:
+            if record == self._asked:
                 return
             self._wait_idle()
-            self._wanted, self._asked = progress, progress.offset
+            self._wanted = self._asked = record
             self._cond.notify_all()
             if self._thread is None:
                 self._thread = threading.Thread(target=self._run, name="download-saver",
@@ -890,45 +923,47 @@ class _ProgressSaver:
         while True:
             with self._cond:
                 self._cond.wait_for(lambda: self._wanted is not None or self._closed)
-                progress, self._wanted = self._wanted, None
-                if progress is None:
+                record, self._wanted = self._wanted, None
+                if record is None:
                     return
                 self._busy = True
             try:
-                last = self._record
-                record = _Record(last.seq + 1, last.offset, progress.offset,
-                                 _crc_of_fd(self._fd, last.offset, progress.offset))
-                os.pwrite(self._fd, record.to_bytes(), self._length + _SLOT * (record.seq % 2))
+                slot = _DURABLE_SLOTS[self._saves % len(_DURABLE_SLOTS)]
+                _pwrite_all(self._fd, record, self._length + slot * _SLOT)
                 os.fdatasync(self._fd)
-                self._record = record
+                self._saves += 1
             except OSError as e:
                 with self._cond:
                     self._error, self._busy = e, False
                     self._cond.notify_all()
                 return
             with self._cond:
-                self.saved, self._busy = progress.offset, False
+                self._busy = False
                 self._cond.notify_all()
 
 
-def _crc_of_fd(fd: int, start: int, end: int) -> int:
-    """zlib CRC-32 of the bytes ``[start, end)`` of the open file ``fd``."""
-    crc = 0
-    while start < end:
-        block = os.pread(fd, min(_HASH_BLOCK, end - start), start)
-        if not block:
-            break  # shorter than claimed: the CRC will not match
-        crc = zlib.crc32(block, crc)
-        start += len(block)
-    return crc
+def _pwrite_all(fd: int, data: bytes | memoryview, offset: int) -> None:
+    """Write all of ``data`` at ``offset`` (``os.pwrite`` may write less than asked)."""
+    written = os.pwrite(fd, data, offset)
+    if written == len(data):
+        return
+    view, position = memoryview(data)[written:], offset + written
+    while view:
+        written = os.pwrite(fd, view, position)
+        if written <= 0:
+            raise OSError(f"wrote nothing at offset {position}")
+        view, position = view[written:], position + written
 
 
-def _sha256_of_fd(fd: int, length: int) -> Any:
-    """A sha256 object fed with the first ``length`` bytes of the open file ``fd``."""
-    hasher = hashlib.sha256()
-    position = 0
-    while position < length:
-        block = os.pread(fd, min(_HASH_BLOCK, length - position), position)
+def _hash_range(fd: int, hasher: Any, start: int, end: int) -> Any:
+    """Feed the bytes ``[start, end)`` of the open file ``fd`` to ``hasher``; return it.
+
+    Raises:
+        OSError: the file ends before ``end``.
+    """
+    position = start
+    while position < end:
+        block = os.pread(fd, min(_HASH_BLOCK, end - position), position)
         if not block:
             raise OSError("partial download shorter than its progress record")
         hasher.update(block)

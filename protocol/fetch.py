@@ -29,17 +29,19 @@ sent or queued).
 
 Pipelining: every chunk of one request id except the file's last has the same
 length (the server's chunk size), so once the first chunk has arrived the
-device knows that the window asked at offset ``o`` covers
-``[o, o + window * chunk)`` and may ask for the next window before the
-current one has arrived. A device keeps at most :data:`PIPELINE_DEPTH`
-windows of one ``rid`` outstanding (asked for and not yet received in full),
-and asks ahead only once the first chunk has told it the file's size, so a
-small file costs one request. The server serves the windows of one ``rid``
-one after another, in the order asked, so frames normally arrive in offset
-order; replicas behind a shared subscription may still interleave two
-windows, and the device puts them back in order (bounded by the windows it
-asked for). Replicas sharing a group must therefore use the same chunk size.
-A lost request or a disconnect wastes at most the windows outstanding.
+device knows that the request at offset ``o`` covers ``[o, o + window *
+chunk)`` and may ask for the next one before the current one has arrived. A
+device has a fetch window of chunks in flight (asked for and not yet
+received) and asks for it as :data:`PIPELINE_DEPTH` requests of a share
+each, the next one as soon as it fits in the window, so the pipe stays full
+across request boundaries; it asks ahead only once the first chunk has told
+it the file's size, so a small file costs one request. The server serves the
+requests of one ``rid`` one after another, in the order asked, so frames
+normally arrive in offset order; replicas behind a shared subscription may
+still interleave two requests, and the device puts them back in order
+(bounded by what it asked for). Replicas sharing a group must therefore use
+the same chunk size. A lost request or a disconnect wastes at most the
+device's window.
 
 Frames (server -> device, QoS 1), all integers big-endian::
 
@@ -142,7 +144,7 @@ MAX_PAYLOAD = 64 * 1024  # bytes per chunk
 MAX_REQUEST_ID = 64  # characters
 MAX_ERROR_MESSAGE = 512  # bytes of UTF-8
 MAX_WINDOW = 64  # chunks per request
-PIPELINE_DEPTH = 2  # windows of one request id a device keeps outstanding
+PIPELINE_DEPTH = 4  # requests a device splits its window of chunks in flight into
 # Target paths are at most 1024 characters; add "image/targets/" and a sha256 prefix.
 MAX_PATH_LENGTH = 1280  # characters
 MAX_REQUEST_SIZE = 2048  # bytes of JSON

@@ -1,54 +1,86 @@
-"""The progress record in the tail of a partial download: what a crash can leave, and what loads.
+"""The progress records in the tail of a partial download: what a crash can leave, and what loads.
 
-``ResumableDownload`` saves progress with one ``fdatasync`` for data and record
-together, so nothing orders the two on disk: a crash can leave a record whose
-bytes are not all there, or a torn record. Network-free: the files are built
+``ResumableDownload`` rewrites the latest record after every chunk (no sync) and
+makes one of two other slots durable once per request, with one ``fdatasync``
+for data and record together, so nothing orders data and records on disk: a
+crash can leave a record whose bytes are not all there, or a torn record. A
+record names an offset and the sha256 of the bytes before it; loading keeps the
+largest offset whose bytes on disk match. Network-free: the files are built
 byte by byte as such a crash would leave them.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
+import struct
 import zlib
 from pathlib import Path
 
-from edgeota.agent.mqtt_fetcher import _SLOT, _Record, saved_offset
+import pytest
+
+from edgeota.agent.mqtt_fetcher import _SLOT, _SLOTS, _load_progress, _Record, saved_offset
 
 LENGTH = 10_000
 DATA = os.urandom(LENGTH)
 
 
 def partial(tmp_path: Path, *records: _Record | bytes, data: bytes = DATA) -> Path:
-    """A partial file: ``data``, then the two slots (a record, raw bytes, or zeros)."""
+    """A partial file: ``data``, then the slots (a record, raw bytes, or zeros)."""
     slots = [r.to_bytes() if isinstance(r, _Record) else r.ljust(_SLOT, b"\x00")
              for r in records]
-    slots += [b"\x00" * _SLOT] * (2 - len(slots))
+    slots += [b"\x00" * _SLOT] * (_SLOTS - len(slots))
     path = tmp_path / "x.partial"
     path.write_bytes(data + b"".join(slots))
     return path
 
 
-def record(seq: int, previous: int, offset: int, data: bytes = DATA) -> _Record:
-    return _Record(seq, previous, offset, zlib.crc32(data[previous:offset]))
+def record(offset: int, data: bytes = DATA) -> _Record:
+    return _Record(offset, hashlib.sha256(data[:offset]).digest())
 
 
-def test_the_newest_intact_record_wins(tmp_path: Path) -> None:
-    # Slots are written in turn: seq 3 in slot 1, seq 4 in slot 0.
-    path = partial(tmp_path, record(4, 6000, 8000), record(3, 4000, 6000))
-    assert saved_offset(path, LENGTH) == 8000
+def test_the_largest_matching_record_wins_whatever_its_slot(tmp_path: Path) -> None:
+    # Two durable slots (4000, 6000) and the latest (8000), in any order.
+    assert saved_offset(partial(tmp_path, record(6000), record(4000), record(8000)),
+                        LENGTH) == 8000
+    assert saved_offset(partial(tmp_path, record(8000), record(6000), record(4000)),
+                        LENGTH) == 8000
 
 
-def test_a_torn_record_leaves_the_one_before(tmp_path: Path) -> None:
-    torn = bytearray(record(4, 6000, 8000).to_bytes())
+def test_the_sha256_object_continues_from_the_kept_bytes(tmp_path: Path) -> None:
+    path = partial(tmp_path, record(4000), record(6000), record(8000))
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        kept, hasher = _load_progress(fd, LENGTH)
+    finally:
+        os.close(fd)
+    assert kept == 8000
+    hasher.update(DATA[8000:])
+    assert hasher.hexdigest() == hashlib.sha256(DATA).hexdigest()
+
+
+def test_a_torn_record_leaves_the_others(tmp_path: Path) -> None:
+    torn = bytearray(record(8000).to_bytes())
     torn[20] ^= 0xFF
-    assert saved_offset(partial(tmp_path, bytes(torn), record(3, 4000, 6000)), LENGTH) == 6000
-
-
-def test_bytes_that_did_not_reach_the_disk_fall_back_to_the_save_before(tmp_path: Path) -> None:
-    # The record of seq 4 is on disk, part of its bytes is not (zeros after a power cut).
-    damaged = DATA[:7000] + b"\x00" * 1000 + DATA[8000:]
-    path = partial(tmp_path, record(4, 6000, 8000), record(3, 4000, 6000), data=damaged)
+    path = partial(tmp_path, record(4000), record(6000), bytes(torn))
     assert saved_offset(path, LENGTH) == 6000
+
+
+def test_bytes_that_did_not_reach_the_disk_fall_back_to_a_smaller_record(
+        tmp_path: Path) -> None:
+    # The latest record (8000) is on disk, part of its bytes is not (zeros after a power cut).
+    damaged = DATA[:7000] + b"\x00" * 1000 + DATA[8000:]
+    path = partial(tmp_path, record(4000), record(6000), record(8000), data=damaged)
+    assert saved_offset(path, LENGTH) == 6000
+    # Damage below every record but the smallest: only that one still matches.
+    damaged = DATA[:5000] + bytes(b ^ 1 for b in DATA[5000:5010]) + DATA[5010:]
+    path = partial(tmp_path, record(4000), record(6000), record(8000), data=damaged)
+    assert saved_offset(path, LENGTH) == 4000
+
+
+def test_a_record_of_another_file_is_not_believed(tmp_path: Path) -> None:
+    other = os.urandom(LENGTH)
+    assert saved_offset(partial(tmp_path, record(6000, other)), LENGTH) == 0
 
 
 def test_no_usable_record_is_a_fresh_start(tmp_path: Path) -> None:
@@ -56,8 +88,24 @@ def test_no_usable_record_is_a_fresh_start(tmp_path: Path) -> None:
     assert saved_offset(partial(tmp_path), LENGTH) == 0  # slots never written
     assert saved_offset(partial(tmp_path, b"\xff" * _SLOT, b"junk"), LENGTH) == 0
     # A record beyond the file, or a file of another size, is not believed.
-    beyond = _Record(1, 0, LENGTH + 1, 0)
+    beyond = _Record(LENGTH + 1, hashlib.sha256(DATA).digest())
     assert saved_offset(partial(tmp_path, beyond), LENGTH) == 0
-    assert saved_offset(partial(tmp_path, record(1, 0, 5000)), LENGTH + 1) == 0
-    (tmp_path / "short.partial").write_bytes(DATA[:5000])  # an earlier version's layout
+    assert saved_offset(partial(tmp_path, record(5000)), LENGTH + 1) == 0
+    (tmp_path / "short.partial").write_bytes(DATA[:5000])  # no room for a record
     assert saved_offset(tmp_path / "short.partial", LENGTH) == 0
+
+
+def test_records_of_the_earlier_layout_are_a_fresh_start(tmp_path: Path) -> None:
+    # Version 1: magic, version, seq, previous, offset, CRC-32 of [previous, offset).
+    body = struct.pack(">4sBQQQI", b"EOTP", 1, 1, 0, 5000, zlib.crc32(DATA[:5000]))
+    old = body + struct.pack(">I", zlib.crc32(body))
+    assert saved_offset(partial(tmp_path, old), LENGTH) == 0
+
+
+@pytest.mark.parametrize("offset", [0, -1])
+def test_an_empty_or_negative_offset_is_no_record(tmp_path: Path, offset: int) -> None:
+    if offset < 0:
+        with pytest.raises(struct.error):
+            _Record(offset, b"\x00" * 32).to_bytes()
+        return
+    assert _Record.parse(_Record(offset, b"\x00" * 32).to_bytes(), LENGTH) is None
