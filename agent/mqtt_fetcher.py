@@ -31,11 +31,12 @@ progress records in the file's tail: one rewritten after every chunk (a
 saver thread beside the transfer. A record names an offset and the sha256 of
 the file's bytes up to it, so loading believes a record only if the bytes on
 disk hash to it. A disconnect (the process lives on) resumes from the last
-byte written, a restart of the whole agent from the last chunk written (the
-page cache survives a killed process), and a power cut from the last durable
-record; none of them fetches a received byte again: each interruption costs
-at most what the server had in flight, one window. The sha256 is computed
-while the bytes arrive (one streaming pass) and checked at the end.
+byte written and a restart of the whole agent from the last chunk written
+(the page cache survives a killed process): neither fetches a received byte
+again, each costs at most what the server had in flight, one window. A power
+cut resumes from the last durable record (at most a request's worth of
+chunks older). The sha256 is computed while the bytes arrive (one streaming
+pass) and checked at the end.
 
 The *window* is the number of chunks a fetch keeps in flight. It is asked for
 as :data:`~edgeota.protocol.fetch.PIPELINE_DEPTH` requests of a share of it
