@@ -33,7 +33,7 @@ from edgeota.server.db.session import make_engine, make_session_factory
 from edgeota.server.fleet_ca import FleetCA
 from edgeota.server.keystore import KeyAlgorithm, RoleKey, generate_file_key, load_signer
 from edgeota.server.repo.director import DirectorRepository
-from edgeota.server.repo.image import ImageRepository
+from edgeota.server.repo.image import DEFAULT_BIN_BITS, ImageRepository
 from edgeota.server.repo.storage import RepoStore
 from edgeota.server.tokens import Role, issue_token
 
@@ -58,7 +58,7 @@ class HomeOptions:
     release_keys: int = 1
     release_threshold: int = 1
     online_algorithm: KeyAlgorithm = KeyAlgorithm.ED25519
-    bin_bits: int = 8
+    bin_bits: int = DEFAULT_BIN_BITS
     keywrap_suite: KemSuite = KemSuite.X25519
     expiry: ExpirySettings = field(default_factory=ExpirySettings)
 

@@ -32,8 +32,10 @@ from tuf.ngclient import Updater
 
 from edgeota.protocol.manifest import TensorSpec
 from edgeota.protocol.targets_custom import ImageTargetCustom, target_path_for
+from edgeota.server.home import HomeOptions
 from edgeota.server.keystore import KeyAlgorithm, generate_file_key, load_signer
 from edgeota.server.repo.image import (
+    DEFAULT_BIN_BITS,
     BinContentError,
     ExpiryPolicy,
     ImageRepository,
@@ -225,7 +227,18 @@ def test_publish_release_and_download(env: Env) -> None:
     assert set(timestamp.signatures) == {env.keys.timestamp.public_key.keyid}
 
 
-def test_default_256_bins_and_twenty_targets(tmp_path: Path, keys: Keys) -> None:
+def test_default_64_bins(tmp_path: Path, keys: Keys) -> None:
+    assert HomeOptions().bin_bits == DEFAULT_BIN_BITS == 6
+    repo = ImageRepository.initialise(
+        RepoStore(tmp_path / "blobs"), root_signers=keys.root[:1], root_threshold=1,
+        release_signers=keys.release[:1], release_threshold=1, snapshot_signer=keys.snapshot,
+        timestamp_signer=keys.timestamp, expiry=ExpiryPolicy(), clock=Clock())
+    snapshot = repo.current("snapshot").signed
+    assert len(snapshot.meta) == 65  # targets.json + bins-00 .. bins-3f
+    assert {"bins-00.json", "bins-3f.json"} <= set(snapshot.meta)
+
+
+def test_256_bins_and_twenty_targets(tmp_path: Path, keys: Keys) -> None:
     env = make_env(tmp_path, keys, bin_bits=8)
     snapshot = env.repo.current("snapshot").signed
     assert len(snapshot.meta) == 257  # targets.json + bins-00 .. bins-ff

@@ -10,6 +10,7 @@ from edgeota.server.cli.common import DEFAULT_HOME, HomeOption, JsonOption, emit
 from edgeota.server.config import DEFAULT_HTTP
 from edgeota.server.home import HomeOptions, init_home
 from edgeota.server.keystore import KeyAlgorithm
+from edgeota.server.repo.image import DEFAULT_BIN_BITS
 
 
 def init(
@@ -30,8 +31,12 @@ def init(
         min=1, help="Release signatures required (k of --release-keys).")] = 1,
     online_algorithm: Annotated[KeyAlgorithm, typer.Option(
         help="Algorithm of the online keys (ecdsa-p256 fits a KMS/HSM).")] = KeyAlgorithm.ED25519,
-    bin_bits: Annotated[int, typer.Option(min=1, max=14,
-                                          help="Hash bins = 2**bits (succinct delegation).")] = 8,
+    bin_bits: Annotated[int, typer.Option(
+        min=1, max=14,
+        help="Hash bins = 2**bits (succinct delegation), fixed for the repository's life. "
+             "Every device verifies a snapshot listing every bin on each update and "
+             "fetches one bin holding releases/bins targets: 6 (64 bins) suits up to a "
+             "few thousand releases; add a bit per 4x more.")] = DEFAULT_BIN_BITS,
     as_json: JsonOption = False,
 ) -> None:
     """Create a home: keys, fleet CA, database, both TUF repositories and an admin token.

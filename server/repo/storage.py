@@ -72,7 +72,7 @@ __all__ = [
 
 IMAGE = "image"
 DIRECTOR = "director"
-BIN_PREFIX = "bins"  # succinct hash-bin name prefix: bins-00 .. bins-ff
+BIN_PREFIX = "bins"  # succinct hash-bin name prefix: bins-00 .. bins-3f (6 bits)
 
 _TOP_LEVEL_ROLES = ("root", "targets", "snapshot", "timestamp")
 # Bins with up to 32 bits (TAP 15's limit) have at most 8 hex digits.
