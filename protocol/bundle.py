@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from edgeota.protocol.archive import ExtractLimits, iter_members, write_member
-from edgeota.protocol.digest import Digest, DigestWorker
+from edgeota.protocol.digest import Digest, DigestWorker, SyncDigest
 from edgeota.protocol.errors import (
     ManifestError,
     PlaintextDigestError,
@@ -254,8 +254,7 @@ def open_bundle(
     does not match either is refused. Without ``expected_sealed_sha256`` the
     sealed bytes are not hashed at all (for a caller that has just checked
     them); every chunk still authenticates under ``content_key``. ``dest``
-    must not exist: it appears, complete, only on success. Hashing runs on a
-    worker thread beside the decryption.
+    must not exist: it appears, complete, only on success.
     """
     if dest.exists():
         raise FileExistsError(f"destination {dest} already exists")
@@ -264,9 +263,15 @@ def open_bundle(
     staging.mkdir(parents=True, mode=0o700)
     verifier = _Verifier()
     try:
-        with src.open("rb") as raw_in, DigestWorker() as hasher:
-            opener = StreamOpener(raw_in, content_key, new_digest=hasher.digest,
-                                  hash_sealed=expected_sealed_sha256 is not None)
+        # Two streams to hash (sealed and plaintext): one runs on a worker thread
+        # beside the decryption. One alone is hashed inline: handing it over costs
+        # more CPU than the thread saves time (~15 %, measured on 5 MiB).
+        hash_sealed = expected_sealed_sha256 is not None
+        with src.open("rb") as raw_in, \
+                (DigestWorker() if hash_sealed else contextlib.nullcontext()) as worker:
+            new_digest = worker.digest if worker is not None else SyncDigest
+            opener = StreamOpener(raw_in, content_key, new_digest=new_digest,
+                                  hash_sealed=hash_sealed)
             plain = io.BufferedReader(opener, buffer_size=_READ_BLOCK)
             for member in iter_members(
                 plain,
@@ -276,7 +281,7 @@ def open_bundle(
                 before_write=verifier.before_write,
                 # The whole-plaintext digest from signed metadata covers every
                 # member byte; hashing each file again would be a third pass.
-                new_digest=None if expected_plaintext_sha256 is not None else hasher.digest,
+                new_digest=None if expected_plaintext_sha256 is not None else new_digest,
             ):
                 if member.path == MANIFEST_PATH and verifier.manifest is None:
                     verifier.manifest = Manifest.from_json((staging / MANIFEST_PATH).read_bytes())
