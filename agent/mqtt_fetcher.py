@@ -859,10 +859,13 @@ class ResumableDownload:
 class _ProgressSaver:
     """Makes download progress durable on its own thread: a :class:`_Record`, one ``fdatasync``.
 
-    The two durable slots are written in turn, and one save runs at a time
-    (asking for the next waits for the previous): so while a save runs, the
-    other slot holds a record whose ``fdatasync`` had completed, which a power
-    cut in the middle of this save leaves usable.
+    The two durable slots are written in turn by one thread, one save at a
+    time: so while a save runs, the other slot holds a record whose
+    ``fdatasync`` had completed, which a power cut in the middle of this save
+    leaves usable. Asking for a save never waits: a record asked for while a
+    save runs waits its turn, replacing any older one still waiting (the
+    latest slot covers a killed process meanwhile; a power cut falls back at
+    most to the save running), so a slow disk never stalls the transfer.
     """
 
     def __init__(self, fd: int, length: int, *, timeout: float) -> None:
@@ -879,15 +882,16 @@ class _ProgressSaver:
         self._thread: threading.Thread | None = None
 
     def save(self, record: bytes) -> None:
-        """Queue an encoded record for saving; waits (bounded) while the previous save runs.
+        """Queue an encoded record for saving (replacing one not yet started); never waits.
 
         Raises:
-            OSError: the previous save failed, or did not finish within the timeout.
+            OSError: an earlier save failed.
         """
         with self._cond:
+            if self._error is not None:
+                raise self._error
             if record == self._asked:
                 return
-            self._wait_idle()
             self._wanted = self._asked = record
             self._cond.notify_all()
             if self._thread is None:

@@ -42,7 +42,7 @@ Brokers:
 
 * ``mosquitto``: a private ``/usr/sbin/mosquitto`` on a free loopback port
   with a minimal plain-TCP config (as ``tests/mosquitto_support.py``);
-* ``mosquitto-tls`` (``--tls``): the production setup written by
+* ``mosquitto-tls`` (skipped with ``--no-tls``): the production setup written by
   ``broker_config.write_mosquitto_files`` from a temporary fleet CA (TLS,
   client certificates, ACL, persistence);
 * ``embedded``: ``EmbeddedBroker`` (amqtt, TLS with client certificates and
@@ -98,7 +98,7 @@ machine, so the two-window pipeline drains at some window boundaries.
 Usage::
 
     python bench/mqtt_fetch.py [--size-mib 32] [--repeat 3] [--window 8 --window 16]
-                               [--broker mosquitto --broker embedded] [--tls]
+                               [--broker mosquitto --broker embedded] [--no-tls]
                                [--quick] [--profile] [--profile-clock cpu|wall]
                                [--json] [--dir DIR]
 
@@ -941,9 +941,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--window", type=int, action="append",
                         help="chunks in flight (repeatable; default 16 and 32)")
     parser.add_argument("--broker", choices=_BROKERS, action="append",
-                        help="only this broker (repeatable; default mosquitto and embedded)")
-    parser.add_argument("--tls", action="store_true",
-                        help="also run Mosquitto with the production TLS + ACL setup")
+                        help="only this broker (repeatable; default all three)")
+    parser.add_argument("--no-tls", action="store_true",
+                        help="skip Mosquitto with the production TLS + ACL setup")
     parser.add_argument("--quick", action="store_true", help="8 MiB, best of 1")
     parser.add_argument("--profile", action="store_true",
                         help="profile a download on every broker, not only below target")
@@ -959,10 +959,8 @@ def main(argv: list[str] | None = None) -> int:
     most = PIPELINE_DEPTH * MAX_WINDOW
     if size_mib < 1 or repeat < 1 or not all(1 <= w <= most for w in windows):
         parser.error(f"--size-mib and --repeat must be at least 1, --window 1..{most}")
-    brokers = list(dict.fromkeys(args.broker or ["mosquitto", "embedded"]))
-    if args.tls and "mosquitto-tls" not in brokers:
-        brokers.insert(brokers.index("mosquitto") + 1 if "mosquitto" in brokers else 0,
-                       "mosquitto-tls")
+    default = ["mosquitto"] + ([] if args.no_tls else ["mosquitto-tls"]) + ["embedded"]
+    brokers = list(dict.fromkeys(args.broker or default))
 
     def log(message: str) -> None:
         if not args.json:

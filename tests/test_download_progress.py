@@ -109,3 +109,38 @@ def test_an_empty_or_negative_offset_is_no_record(tmp_path: Path, offset: int) -
             _Record(offset, b"\x00" * 32).to_bytes()
         return
     assert _Record.parse(_Record(offset, b"\x00" * 32).to_bytes(), LENGTH) is None
+
+
+def test_a_failed_durable_save_surfaces_at_the_next_save_or_flush(tmp_path: Path) -> None:
+    from edgeota.agent.mqtt_fetcher import _ProgressSaver
+
+    fd = os.open(tmp_path / "x.partial", os.O_RDONLY | os.O_CREAT, 0o600)  # writes fail
+    saver = _ProgressSaver(fd, LENGTH, timeout=5.0)
+    try:
+        saver.save(record(4000).to_bytes())  # never waits, even for a save that will fail
+        with pytest.raises(OSError):
+            saver.flush()
+        with pytest.raises(OSError):
+            saver.save(record(6000).to_bytes())
+    finally:
+        saver.close()
+        os.close(fd)
+
+
+def test_durable_saves_alternate_between_the_two_slots(tmp_path: Path) -> None:
+    from edgeota.agent.mqtt_fetcher import _ProgressSaver
+
+    path = partial(tmp_path)
+    fd = os.open(path, os.O_RDWR)
+    saver = _ProgressSaver(fd, LENGTH, timeout=5.0)
+    try:
+        for offset in (2000, 4000, 6000):
+            saver.save(record(offset).to_bytes())
+            saver.flush()
+    finally:
+        saver.close()
+        os.close(fd)
+    tail = path.read_bytes()[LENGTH:]
+    slots = [_Record.parse(tail[i * _SLOT:(i + 1) * _SLOT], LENGTH) for i in range(_SLOTS)]
+    assert [s.offset if s else None for s in slots] == [6000, 4000, None]
+    assert saved_offset(path, LENGTH) == 6000
