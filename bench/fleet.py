@@ -77,18 +77,38 @@ in the raw push is printed too: on this 2-core machine the rollout is
 CPU-bound (the cores are ~95 % busy), so the time ratio tends to the CPU
 ratio, which other load on the machine disturbs less.
 
-Measured (1 000 devices, 5 MiB, defaults, 2026-11-26, otherwise quiet machine): rollout
-97.7 s against a raw push of 24.0 s, **4.08x** (target 2.5x: missed); the CPU of the
-bench's processes 183.5 s against 43.7 s (4.2x): the two cores are saturated, so the time
-ratio follows the CPU ratio. The deploy call went from 37 s to 5.1 s once each device's
-director signing ran on a bounded pool (``server/services/deployments.py``; the first
-bottleneck, removed). Where the CPU goes now, per device update: devices 89 ms
-(``open_bundle`` decrypt + two sha256 + unpack 35 ms, the MQTT download 12 ms, the metadata
-refresh of both repositories 13 ms, journal fsyncs 5.5 ms, validation 5.5 ms), server
-35 ms (the fetch bridge serving 5 MiB), against ~18 ms for a raw client to receive the
-same bytes and ~14 ms for the raw publisher to send them. Devices wait for a fleet worker
-(wake latency p50 42 s) because every worker is busy on a CPU-bound cycle, not because
-there are too few workers.
+Measured (1 000 devices, 5 MiB, defaults, otherwise quiet machine, 2026-11-26), in the
+order the bottlenecks were found and removed::
+
+    state                                        rollout s  raw s  ratio  CPU ratio
+    director signing on a pool (first, 11-26)    97.7       24.0   4.08   4.2
+    + golden-set check, report ingest, fetch     85.5       28.3   3.02   3.08
+    + 64 hash bins instead of 256                78.4       26.2   2.99   3.04
+    + one hash pass, inline, in open_bundle      74.8       25.7   2.90   2.95
+
+Target 2.5x: **missed** (2.9x). The two cores are saturated, so the time ratio follows
+the CPU ratio: 139 CPU s for the rollout against 47 for the raw push. What each fix was:
+the deploy call went from 37 s to 5 s once each device's director signing ran on a bounded
+pool (``server/services/deployments.py``); the device parsed its manifest's golden set value
+by value (a fifth of a fleet worker's CPU; now one C-level pass over the value types); the
+server's report ingest locked and loaded each report's device twice and flushed per report
+(now one query per batch, one flush); snapshot.json listed 256 hash bins, and checking its
+canonical JSON was a quarter of a device's update CPU (64 bins now, ``edgeota init
+--bin-bits``); ``open_bundle`` hashed the sealed bytes the download had just hashed, on a
+thread whose hand-overs cost more than they saved.
+
+Where the CPU goes now, per device update (1 000 devices): devices 98 ms (update cycle 65:
+``open_bundle`` decrypt + sha256 + unpack + fsync 23, metadata refresh of both
+repositories 12, the MQTT download's consumer 11, journal fsyncs 5, validation 4, swap 3,
+reports 2; the network loop receiving 5 MiB over TLS ~25; the rest in progress saves,
+simulated traffic and the loops), server 30 ms (paho's network thread about half of it:
+per-PUBACK objects it builds for every chunk; the fetch bridge; report ingest), broker
+13 ms; against ~20 ms for a raw client to receive the same bytes, ~15 for the raw
+publisher and ~15 for the broker. With both cores of this VM busy, memory-bound work
+costs about twice its CPU time on an idle machine (``open_bundle`` of 5 MiB: 10 ms alone,
+23 in the rollout), for the raw push and the rollout alike. Devices
+wait for a fleet worker (wake latency p50 ~35 s) because every worker is busy on a
+CPU-bound cycle, not because there are too few workers.
 
 ``--profile`` runs cProfile, counting each thread's CPU time, on every fleet
 worker and network-loop thread of the device processes during the timed
