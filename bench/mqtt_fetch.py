@@ -63,37 +63,39 @@ and the hot spots are printed.
 
 Measured 2026-11-26 on the project's machine (2 cores shared with other
 work, so single rounds vary by +-20 %; compare ratios of one run), 32 MiB,
-best of 3, four runs, the two windows shown::
+best of 3, three runs, windows in chunks in flight::
 
     broker         window  fetch MB/s  stream MB/s  raw MB/s  ratio
-    mosquitto      8       215-226     246-271      461-520   0.41-0.47
-    mosquitto      16      253-292     269-331      461-520   0.54-0.56
-    mosquitto-tls  8       162-180     181-203      276-294   0.57-0.62
-    mosquitto-tls  16      183-205     202-221      276-294   0.62-0.72
-    embedded       8       43-46       45-50        51-52     0.84-0.89
-    embedded       16      47-52       46-51        51-52     0.92-1.00
+    mosquitto      16      206-217     248-292      450-498   0.42-0.46
+    mosquitto      32      235-261     287-307      450-498   0.48-0.54
+    mosquitto-tls  16      158-163     188-192      268-285   0.56-0.60
+    mosquitto-tls  32      190-197     202-221      268-285   0.67-0.72
+    embedded       16      42-44       44           50-52     0.83-0.85
+    embedded       32      46          46-48        50-52     0.89-0.91
 
-Before, with every client in one process (same day): mosquitto 172 fetch /
-411 raw = 0.42 (stream 191). What moved it: the process shape (raw and
-fetch both gain; fetch/raw went to ~0.48 with the device code unchanged),
-then the device's per-chunk work (``agent/mqtt_fetcher.py``): the progress
-record's CRC-32 is combined from the frames' checked CRCs instead of read
-back from the file, the next window is asked for before the consumer
-writes the frame or waits for a progress save, and writes are checked for
-completeness. Device CPU per 32 MiB download (frames fed without a
-network, window 16) went from ~72 to ~58 ms (the saver's ~18 to ~6 ms); in
-the full bench that is within the noise of one run.
+The target holds on Mosquitto as ``edgeota broker-config`` sets it up (TLS,
+client certificates, ACL): 0.67-0.72 with the agent's default window. On a
+plain-TCP Mosquitto, which edgeota never deploys, raw gets the cheaper
+transport alone and the ratio is 0.48-0.54: below.
+
+Before, with every client in one process and two windows of 8 chunks
+pipelined: mosquitto 172 fetch / 411 raw = 0.42 (stream 191). What moved it:
+the process shape (raw and fetch both gain; fetch/raw went to ~0.48 with
+the device code unchanged); then the device's per-chunk work
+(``agent/mqtt_fetcher.py``): progress records that hold the sha256 of the
+bytes before them, so saving reads nothing back (the record CRC-32 was
+recomputed from the file), a durable save that never makes the transfer
+wait for an ``fdatasync``, the next request asked for before the consumer
+writes the frame; and the window: 32 chunks in flight as four requests of
+8, so the next request goes out while three are still arriving.
 
 What is left is CPU: on two cores the run is CPU-bound (about 1.7 cores busy
-for raw, stream and fetch alike), and per 32 MiB (window 16, Mosquitto) raw
-costs about 130-150 ms of CPU in all three processes, fetch about 235-295.
-The device's share is mostly the checks the protocol asks for (sha256 ~19
-ms, CRC-32 ~8 ms, writes ~10 ms, ``fdatasync`` ~7 ms) and paho's receive
-path (as raw); the server's bridge workers spend ~35 ms where the raw
-publisher spends ~7 (per-chunk framing, locking, counters and paho's packet
-build). Window 8 is slower than 16: a window then lasts ~2 ms, less than a
-request's trip through the broker and a worker's wake-up on a loaded
-machine, so the two-window pipeline drains at some window boundaries.
+for raw, stream and fetch alike). Fetch over stream is the download's
+durability (the write, the progress records, the syncs: ~15 %); stream over
+raw is the protocol's own work, which raw does not do: a request per 8
+chunks, each frame's header, CRC-32 and routing to its fetch on the device,
+the reading and framing on the bridge (its workers spend ~35 ms per 32 MiB
+where the raw publisher spends ~7), and the sha256 of every byte.
 
 Usage::
 
