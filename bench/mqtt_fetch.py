@@ -901,9 +901,9 @@ def _print_table(results: list[dict[str, Any]], windows: list[int]) -> None:
                   f"{v.get('gap_inside_window_ms', 0):.2f} / "
                   f"{v.get('gap_between_windows_ms', 0):.2f} ms")
     print()
-    print("fetch = FetchBridge -> DeviceConnection + ResumableDownload (pipelined, durable "
-          "progress per window, streaming sha256 check); stream = MqttFetcher.stream hashed "
-          "in memory; raw = paho publish -> subscribe of the same bytes, 64 KiB QoS 1 "
+    print("fetch = FetchBridge -> DeviceConnection + ResumableDownload (pipelined, progress "
+          "records, durable per request, streaming sha256 check); stream = MqttFetcher.stream "
+          "hashed in memory; raw = paho publish -> subscribe of the same bytes, 64 KiB QoS 1 "
           "messages. Serving side (bridge, raw publisher, embedded broker) in a child process, "
           "receiving side in this one. MB = 10**6 bytes; ratio = fetch / raw, best of N each, "
           "same broker, same run.")
