@@ -211,6 +211,10 @@ class Tensor:
             for value in values:
                 _require(_value_is(value, kind),
                          f"{where}.data holds {value!r}, not {spec.datatype}")
+        # Python's json reads NaN and Infinity; no tolerance can compare them.
+        if kind is float and not all(map(math.isfinite, values)):
+            bad = next(v for v in values if not math.isfinite(v))
+            _require(False, f"{where}.data holds {bad!r}: values must be finite")
         return cls(spec.name, spec.datatype, shape, tuple(values))
 
     def to_dict(self) -> dict[str, Any]:

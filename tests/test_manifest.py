@@ -75,6 +75,7 @@ def _mutated(manifest: Manifest, path: list[Any], value: Any) -> bytes:
         (["validation", "inputs", 0, "data", 0], "x", "not FP32"),
         (["validation", "inputs", 0, "data", 5], True, "holds True, not FP32"),
         (["golden", "inputs", 0, "data", 63], None, "holds None, not FP32"),
+        (["validation", "outputs", 1, "data", 0], float("nan"), "must be finite"),
         (["golden", "labels"], [1, 2], "labels for 100 input rows"),
         (["golden", "min_accuracy"], 1.5, "at most 1.0"),
         (["latency_budget_ms"], -3, ">= 0"),
@@ -119,6 +120,8 @@ def test_a_non_model_is_refused(tmp_path: Path) -> None:
     [
         ("FP32", [1, 2.5, -0.0], True),
         ("FP32", [1.0, False], False),
+        ("FP32", [1.0, float("nan")], False),
+        ("FP64", [float("inf")], False),
         ("INT64", [1, 2], True),
         ("INT64", [1, 2.0], False),
         ("INT64", [True, 1], False),
@@ -134,7 +137,7 @@ def test_tensor_values_must_be_of_the_datatype(datatype: str, data: list[Any],
     if accepted:
         assert Tensor.from_dict(raw, "t").data == tuple(data)
     else:
-        with pytest.raises(ManifestError, match=f"not {datatype}"):
+        with pytest.raises(ManifestError, match=f"not {datatype}|must be finite"):
             Tensor.from_dict(raw, "t")
 
 
