@@ -49,7 +49,9 @@ SEED = 20240611
 WRITE_DRAWS = 44
 TIMER_DRAWS = 12
 DOUBLE_CRASH_EVERY = 4  # every 4th draw also kills its first recovery
-MIN_KILLS = 50
+# A write kill always fires; a timer kill only if the run is still going, and runs
+# vary by +-20 % around the measured one on a shared machine (timers draw from 90 %).
+MIN_TIMER_KILLS = TIMER_DRAWS // 4
 
 
 @dataclass(frozen=True)
@@ -335,6 +337,7 @@ def test_kill_at_random_points_then_restart(fleet: Fleet) -> None:
         outcomes = [o for f in futures for o in f.result()]
 
     kills = sum(o.killed for o in outcomes)
+    write_kills = sum(o.killed for o in outcomes if o.draw.args[0] == "--kill-at-write")
     states = Counter(o.before_restart for o in outcomes if o.killed)
     served = Counter(o.served for o in outcomes if o.killed)
     lost_floor = [o.draw.args for o in outcomes if not o.floor_kept]
@@ -343,7 +346,8 @@ def test_kill_at_random_points_then_restart(fleet: Fleet) -> None:
           f"restart served {dict(served)}; "
           f"{sum(o.recovery_killed for o in outcomes)} recoveries killed too; "
           f"release floor lost by {lost_floor}")
-    assert kills >= MIN_KILLS
+    assert write_kills == WRITE_DRAWS
+    assert kills - write_kills >= MIN_TIMER_KILLS
     # The draws reach every part of the cycle: before it, mid-install, after commit.
     assert {"idle(1.0.0)", "downloading", "committed"} <= set(states), states
     assert served[OLD] and served[NEW], served
