@@ -142,6 +142,10 @@ class Agent:
         # propagates from the save (the simulator's power cuts use this).
         self.on_journal_saved: Callable[[str, JournalRecord], None] | None = None
         self._transient_failures = 0  # cycles in a row that failed for a passing reason
+        # Models whose new assignment a cycle left for later (their update was still in
+        # probation): when the probation ends, wake sets, so the assignment (a rollback,
+        # say) is taken at once instead of at the next poll; its notify is spent.
+        self._deferred: set[str] = set()
         if self.updates.connection is not None:
             self.updates.connection.on_notify = self.wake.set
 
@@ -308,7 +312,9 @@ class Agent:
             journal = self.journal(name)
             if journal.current.state is not State.IDLE:
                 states[name] = str(journal.current.state)  # probation or an unreported outcome
+                self._deferred.add(name)
                 continue
+            self._deferred.discard(name)
             states[name], reason = self._update(journal, decision)
             if reason:
                 reasons[name] = reason
@@ -386,6 +392,9 @@ class Agent:
                     self._raise_release_floor(record.target.release_counter)
             del self._probation_started[name]
             results[name] = self._finish(journal, name)[0]
+            if name in self._deferred:
+                self._deferred.discard(name)
+                self.wake.set()
         return results
 
     def _regression(self, name: str, version: str) -> str | None:

@@ -95,6 +95,28 @@ def test_agent_installs_probates_commits_and_survives_a_restart(server: RunningS
     assert restarted.host.current_version("digits") == "2.0.0"
 
 
+def test_an_assignment_that_arrives_during_probation_is_taken_when_probation_ends(
+        server: RunningServer) -> None:
+    config = AgentConfig.load(server.enroll("pi-1") / "agent.toml")
+    agent = agent_serving_v1(server, config)
+    deploy(server, "digits_v2", "2.0.0")
+    assert agent.run_cycle().states == {"digits": "probation"}
+    # The operator changes their mind while 2.0.0 is in probation (a rollback, say).
+    assert server.cli("deploy", "digits@1.0.0", "--devices", "pi-1").code == 0
+    agent.wake.clear()  # its notify was spent on this cycle, which must leave it for later
+    assert agent.run_cycle().states == {"digits": "probation"}
+    assert not agent.wake.is_set()
+    exercise(agent)
+    assert agent.check_probation() == {"digits": "committed"}
+    assert agent.wake.is_set()  # look again now, not at the next poll
+    agent.wake.clear()
+    assert agent.run_cycle().states == {"digits": "probation"}
+    assert agent.host.current_version("digits") == "1.0.0"
+    exercise(agent)
+    assert agent.check_probation() == {"digits": "committed"}
+    assert not agent.wake.is_set()  # nothing was left for later this time
+
+
 def test_probation_regression_rolls_back_and_is_reported(
     server: RunningServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
