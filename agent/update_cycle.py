@@ -383,17 +383,17 @@ class UpdateClient:
         limits = self.limits
         folder = self._downloads / "resumable"
         guard = _RateGuard(limits, decision.target_path, BundleTooSlowError)
+        stats = self.download_stats
+        fetched_before = stats.bytes_fetched  # the rate is of bytes received in this call
 
         def on_progress(offset: int, length: int) -> None:
-            guard.check(offset - start)
+            guard.check(stats.bytes_fetched - fetched_before)
             if self.on_download_progress is not None:
                 self.on_download_progress(offset, length)
 
         resumable = ResumableDownload(
             self._connection, folder, timeout=limits.frame_timeout,
-            max_retries=limits.max_retries, stats=self.download_stats,
-            on_progress=on_progress)
-        start = resumable.saved_offset(decision.sha256, decision.length)  # bytes kept from before
+            max_retries=limits.max_retries, stats=stats, on_progress=on_progress)
         return resumable.download(
             f"{MQTT_REPOSITORY_URL}/image/targets/"
             f"{_hash_prefixed(decision.target_path, decision.sha256)}",
