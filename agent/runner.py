@@ -330,7 +330,7 @@ class Agent:
         journal.begin(target)
         self._report(name, State.DOWNLOADING, None, decision.image.version)
         try:
-            installed = self.updates.install(decision)
+            installed = self.updates.install(decision, session_settings=self.settings.session)
         except ValidationError as e:
             journal.transition(Event.FAILURE, reason=str(e.reason))
             self._refuse(decision.sha256, str(e.reason))
@@ -350,10 +350,13 @@ class Agent:
         if name in self.host.models():
             self.publish_telemetry()
         manifest = installed.bundle.manifest
+        # The very session the gate validated goes live: no second load of the model.
         try:
-            self.host.swap(name, decision.image.version, installed.model_path, manifest)
+            self.host.swap(name, decision.image.version, installed.model_path, manifest,
+                           session=installed.session)
         except UnknownModelError:
-            self.host.load(name, decision.image.version, installed.model_path, manifest)
+            self.host.load(name, decision.image.version, installed.model_path, manifest,
+                           session=installed.session)
         journal.transition(Event.SWAPPED)
         self.updates.forget_download(decision)
         self._probation_started[name] = self._clock()

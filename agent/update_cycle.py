@@ -34,10 +34,10 @@ import logging
 import shutil
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 from urllib.parse import quote, urlsplit
 
 from tuf.api import exceptions as tuf_exceptions
@@ -55,12 +55,20 @@ from edgeota.agent.mqtt_fetcher import (
 )
 from edgeota.agent.mqtt_loop import SharedNetworkLoop
 from edgeota.agent.uptane import DeviceFacts, InstallDecision, decide
-from edgeota.agent.validation import ValidationReport, validate_model
+from edgeota.agent.validation import (
+    DEFAULT_SETTINGS,
+    SessionSettings,
+    ValidationReport,
+    load_validated,
+)
 from edgeota.protocol.bundle import OpenedBundle, open_bundle
 from edgeota.protocol.errors import EdgeotaError, ManifestError
 from edgeota.protocol.fetch import MAX_OFFSET, ChunkFrame, MqttTls
 from edgeota.protocol.identity import DeviceIdentity
 from edgeota.protocol.keywrap import unwrap_content_key
+
+if TYPE_CHECKING:
+    import onnxruntime as ort
 
 __all__ = [
     "FREE_SPACE_MARGIN",
@@ -227,6 +235,8 @@ class InstalledModel:
     decision: InstallDecision
     bundle: OpenedBundle
     report: ValidationReport
+    #: The session the gate validated, for the swap to serve (not loaded twice).
+    session: ort.InferenceSession | None = field(default=None, repr=False, compare=False)
 
     @property
     def model_path(self) -> Path:
@@ -399,8 +409,12 @@ class UpdateClient:
             f"{_hash_prefixed(decision.target_path, decision.sha256)}",
             length=decision.length, sha256=decision.sha256)
 
-    def install(self, decision: InstallDecision) -> InstalledModel:
+    def install(self, decision: InstallDecision, *,
+                session_settings: SessionSettings = DEFAULT_SETTINGS) -> InstalledModel:
         """Download, verify, decrypt, unpack and validate one decided target.
+
+        The model is validated on a session loaded with ``session_settings``
+        (those it will be served with), which the result carries for the swap.
 
         Raises:
             KeyUnwrapError: the content key is not wrapped for this device
@@ -409,7 +423,7 @@ class UpdateClient:
                 :class:`DiskFullError` when the state folder has no room (checked
                 before downloading; an ``ENOSPC`` later removes what was written).
             ManifestError, BundleError, ValidationError: see ``open_bundle`` and
-                ``validate_model``.
+                ``load_validated``.
         """
         content_key = unwrap_content_key(
             decision.director.wrapped_key, self._identity.kem_private_key, self._config.device_id
@@ -466,14 +480,14 @@ class UpdateClient:
                     f"bundle holds {manifest.name} {manifest.version}, signed metadata says "
                     f"{decision.image.name} {decision.image.version}"
                 )
-            report = validate_model(opened.model_path, manifest)
+            validated = load_validated(opened.model_path, manifest, settings=session_settings)
         except BaseException:
             shutil.rmtree(dest, ignore_errors=True)
             raise
         # The sealed bundle stays until the caller has swapped the model in
         # (forget_download): an agent that dies before then opens, so verifies,
         # the same bundle again on its next try instead of downloading it again.
-        return InstalledModel(decision, opened, report)
+        return InstalledModel(decision, opened, validated.report, validated.session)
 
     def forget_download(self, decision: InstallDecision) -> None:
         """Delete the downloaded bundle of ``decision`` (installed, or refused for good)."""

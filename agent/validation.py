@@ -28,7 +28,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
 
@@ -36,6 +36,7 @@ import numpy as np
 import onnxruntime as ort
 
 from edgeota.protocol.errors import EdgeotaError
+from edgeota.protocol.files import drop_cached_pages
 from edgeota.protocol.manifest import ONNXRUNTIME_TYPES, Manifest, Tensor, TensorSpec
 
 __all__ = [
@@ -48,6 +49,7 @@ __all__ = [
     "IncompatibleSignatureError",
     "SessionLoadError",
     "SessionSettings",
+    "ValidatedSession",
     "ValidationError",
     "ValidationReason",
     "ValidationReport",
@@ -55,6 +57,7 @@ __all__ = [
     "check_memory",
     "create_session",
     "estimate_memory_need",
+    "load_validated",
     "numpy_to_datatype",
     "read_mem_available",
     "tensor_to_numpy",
@@ -180,13 +183,18 @@ def create_session(
     if external_data:
         options.add_session_config_entry("session.disable_prepacking", "1")
     try:
-        return ort.InferenceSession(
+        session = ort.InferenceSession(
             str(model_path),
             sess_options=options,
             providers=["CPUExecutionProvider"],
         )
     except Exception as e:  # onnxruntime's errors derive from Exception only
         raise SessionLoadError(f"onnxruntime cannot load {model_path}: {e}") from e
+    if not external_data:
+        # The session holds its own copy of the weights now; the file's page
+        # cache would be a second one (external data stays: it is mapped).
+        drop_cached_pages(model_path)
+    return session
 
 
 # --------------------------------------------------------------------------- tensors
@@ -572,6 +580,36 @@ class _Gate:
         return ValidationError(reason, detail, self.report())
 
 
+@dataclass(frozen=True)
+class ValidatedSession:
+    """A session that passed the gate, with the gate's report.
+
+    The agent swaps in this very session: loading the model a second time for
+    serving would cost another parse of the file and could, in principle,
+    serve something other than what was checked.
+    """
+
+    report: ValidationReport
+    session: ort.InferenceSession = field(repr=False, compare=False)
+
+
+def load_validated(
+    model_path: Path,
+    manifest: Manifest,
+    *,
+    settings: SessionSettings = DEFAULT_SETTINGS,
+    memory_available: Callable[[], int] | None = None,
+    latency_runs: int = 50,
+) -> ValidatedSession:
+    """:func:`validate_model` on a session it loads with ``settings``, handed back on success."""
+    if latency_runs < 1:
+        raise ValueError(f"latency_runs must be at least 1, not {latency_runs}")
+    holder: list[ort.InferenceSession] = []
+    report = _run_gate(model_path, manifest, settings, memory_available, latency_runs,
+                       None, holder)
+    return ValidatedSession(report, holder[0])
+
+
 def validate_model(
     model_path: Path,
     manifest: Manifest,
@@ -595,6 +633,20 @@ def validate_model(
     """
     if latency_runs < 1:
         raise ValueError(f"latency_runs must be at least 1, not {latency_runs}")
+    return _run_gate(model_path, manifest, settings, memory_available, latency_runs,
+                     session, [])
+
+
+def _run_gate(
+    model_path: Path,
+    manifest: Manifest,
+    settings: SessionSettings,
+    memory_available: Callable[[], int] | None,
+    latency_runs: int,
+    session: ort.InferenceSession | None,
+    loaded: list[ort.InferenceSession],
+) -> ValidationReport:
+    """The checks in order; the session they ran on is appended to ``loaded``."""
     gate = _Gate()
 
     # 1. Memory: refuse before loading, since loading is what could exhaust it.
@@ -616,6 +668,7 @@ def validate_model(
         gate.passed("load", f"loaded {model_path.name} with {settings}")
     else:
         gate.passed("load", "session supplied by the caller")
+    loaded.append(session)
 
     # 3. The signature the manifest promises is the one the model has.
     io = _check_io(session, manifest)

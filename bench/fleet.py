@@ -140,6 +140,7 @@ import logging
 import os
 import pstats
 import queue
+import re
 import shutil
 import signal
 import socket
@@ -364,7 +365,9 @@ class _ThreadProfiles:
                 self._local.inside = False
         return wrapper
 
-    def summary(self, top: int = 25) -> dict[str, Any]:
+    def summary(self, top: int = 25, dump_prefix: str | None = None) -> dict[str, Any]:
+        """Top entries per thread role; with ``dump_prefix``, also each role's whole
+        profile as ``<prefix>-<role>.pstats`` (for ``python -m pstats``)."""
         by_role: dict[str, pstats.Stats] = {}
         for name, profile in self.profiles:
             role = self.role(name)
@@ -377,6 +380,9 @@ class _ThreadProfiles:
                 continue
         out = {}
         for role, stats in by_role.items():
+            if dump_prefix is not None:
+                slug = re.sub(r"[^a-z0-9]+", "-", role.lower()).strip("-")
+                stats.dump_stats(f"{dump_prefix}-{slug}.pstats")
             entries = stats.stats  # type: ignore[attr-defined]
             total = sum(tt for (_cc, _nc, tt, _ct, _callers) in entries.values())
             by_tot = sorted(entries.items(), key=lambda kv: kv[1][2], reverse=True)[:top]
@@ -430,8 +436,8 @@ def _instrument() -> dict[str, float]:
         (UpdateClient, "_download", "  download the bundle (MQTT fetch)"),
         (update_cycle, "unwrap_content_key", "  unwrap the content key"),
         (update_cycle, "open_bundle", "  open_bundle: decrypt, verify, unpack"),
-        (update_cycle, "validate_model", "  validate the model (test vectors)"),
-        (ModelHost, "swap", "hot swap (load, warm up, switch)"),
+        (update_cycle, "load_validated", "  load and validate the model (test vectors)"),
+        (ModelHost, "swap", "hot swap (warm up, switch)"),
         (ModelHost, "commit", "commit (release the old session)"),
         (Agent, "_report", "status reports (signed, published)"),
         (Journal, "transition", "journal transitions (fsync)"),
@@ -545,7 +551,7 @@ def _device_child(args: argparse.Namespace) -> int:
                       inferences=sum(d.counters.inferences for d in devices),
                       download_restarts=sum(d.download_stats().full_restarts for d in devices),
                       download_resumes=sum(d.download_stats().resumes for d in devices),
-                      profile=PROFILES.summary() if args.profile else None)
+                      profile=PROFILES.summary(dump_prefix=args.share) if args.profile else None)
             elif kind == "stop":
                 break
     finally:
@@ -664,7 +670,7 @@ def _server_child(args: argparse.Namespace, serve_argv: list[str]) -> int:
             "cpu_s": round(time.process_time() - window.get("process", 0.0), 2),
             "thread_cpu_s": {role: round(v - window.get("cpu", {}).get(role, 0.0), 2)
                              for role, v in cpu.items()},
-            "profile": profiles.summary(),
+            "profile": profiles.summary(dump_prefix=args.share),
         }
         Path(args.share).write_text(json.dumps(figures))
 

@@ -38,6 +38,7 @@ __all__ = [
     "FileTooLargeError",
     "InsecureKeyFileError",
     "atomic_write",
+    "drop_cached_pages",
     "fsync_dir",
     "make_private_dir",
     "read_bounded",
@@ -60,6 +61,32 @@ class InsecureKeyFileError(ProtocolError):
 
 class FileTooLargeError(ProtocolError):
     """A file larger than the bound its reader set: not the file the caller expects."""
+
+
+def drop_cached_pages(path: Path) -> bool:
+    """Ask the kernel to drop the page cache of ``path``; ``False`` if it could not be asked.
+
+    For a file whose bytes now live elsewhere in memory (a model onnxruntime
+    has parsed): its cached copy only doubles what the weights take, which a
+    small device pays for in memory and the kernel in reclaim. Clean pages
+    go at once; dirty ones are left (the kernel starts their writeback), and
+    pages a process has mapped stay mapped. Best effort: the file is only
+    read, and a system without ``posix_fadvise`` keeps its cache.
+    """
+    advise = getattr(os, "posix_fadvise", None)
+    if advise is None:  # pragma: no cover - every POSIX system edgeota runs on has it
+        return False
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return False
+    try:
+        advise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
+    return True
 
 
 def fsync_dir(path: Path) -> None:

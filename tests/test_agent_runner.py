@@ -95,6 +95,33 @@ def test_agent_installs_probates_commits_and_survives_a_restart(server: RunningS
     assert restarted.host.current_version("digits") == "2.0.0"
 
 
+def test_the_swap_serves_the_very_session_the_gate_validated(
+        server: RunningServer, monkeypatch: pytest.MonkeyPatch) -> None:
+    """One load per update: the session validated on the device is the one that goes live."""
+    from edgeota.agent import model_host, validation
+
+    made: list[tuple[Path, object]] = []
+    real = validation.create_session
+
+    def counting(model_path: Path, *args: object, **kwargs: object) -> object:
+        session = real(model_path, *args, **kwargs)
+        made.append((Path(model_path), session))
+        return session
+
+    monkeypatch.setattr(validation, "create_session", counting)
+    monkeypatch.setattr(model_host, "create_session", counting)
+    config = AgentConfig.load(server.enroll("pi-1") / "agent.toml")
+    agent = agent_serving_v1(server, config)
+    deploy(server, "digits_v2", "2.0.0")  # the server validates it too, in this process
+    made.clear()
+    assert agent.run_cycle().states == {"digits": "probation"}
+    made = [(path, session) for path, session in made if path.is_relative_to(config.state_dir)]
+    assert len(made) == 1, made
+    assert agent.host.model("digits").version == "2.0.0"
+    assert agent.host.model("digits").session is made[0][1]
+    assert agent.host.model("digits").model_path == made[0][0]
+
+
 def test_an_assignment_that_arrives_during_probation_is_taken_when_probation_ends(
         server: RunningServer) -> None:
     config = AgentConfig.load(server.enroll("pi-1") / "agent.toml")

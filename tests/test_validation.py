@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from dataclasses import replace
@@ -21,6 +22,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
+from edgeota.agent.model_host import warmup_feeds
 from edgeota.agent.validation import (
     CHECK_NAMES,
     MEMORY_FACTOR,
@@ -33,6 +35,7 @@ from edgeota.agent.validation import (
     ValidationReport,
     check_compatible,
     create_session,
+    load_validated,
     numpy_to_datatype,
     read_mem_available,
     tensor_to_numpy,
@@ -168,6 +171,63 @@ def test_validates_a_session_the_caller_created(catalog: dict[str, SampleModel])
     assert report.checks[1] == CheckResult("load", True, "session supplied by the caller")
     # The caller decides memory before loading: the gate does not measure it twice.
     assert "not measured" in report.checks[0].detail
+
+
+def test_load_validated_hands_back_the_session_it_checked(
+        catalog: dict[str, SampleModel]) -> None:
+    sample = catalog["digits_v2"]
+    manifest = sample_manifest(sample, vectors=sample.vectors_path, min_accuracy=0.94)
+    validated = load_validated(sample.path, manifest, latency_runs=5)
+    assert validated.report.ok
+    assert validated.report.checks[1].detail.startswith(f"loaded {sample.path.name} with")
+    outputs = validated.session.run(None, warmup_feeds(manifest))
+    assert len(outputs) == len(manifest.outputs)
+
+
+def test_load_validated_raises_like_validate_model(catalog: dict[str, SampleModel]) -> None:
+    sample = catalog["digits_v1"]
+    manifest = sample_manifest(sample, vectors=sample.vectors_path, min_accuracy=0.99)
+    with pytest.raises(ValidationError) as refused:
+        load_validated(sample.path, manifest, latency_runs=5)
+    assert refused.value.reason is ValidationReason.ACCURACY_BELOW_FLOOR
+
+
+def _resident_bytes(path: Path) -> int:
+    done = subprocess.run(["fincore", "--bytes", "--noheadings", "--output", "RES", str(path)],
+                          capture_output=True, text=True, check=True, timeout=30)
+    return int(done.stdout.split()[0])
+
+
+def _page_cache_droppable(folder: Path) -> bool:
+    if shutil.which("fincore") is None:
+        return False
+    done = subprocess.run(["stat", "-f", "-c", "%T", str(folder)], capture_output=True,
+                          text=True, check=False, timeout=30)
+    return done.returncode == 0 and done.stdout.strip() not in ("tmpfs", "ramfs")
+
+
+def test_a_loaded_model_leaves_no_second_copy_in_the_page_cache(tmp_path: Path) -> None:
+    """The session holds the weights; the file's cached pages would only double them."""
+    if not _page_cache_droppable(tmp_path):
+        pytest.skip("needs util-linux fincore and a disk-backed folder")
+    weights = np.random.default_rng(3).standard_normal((1024, 1024), dtype=np.float32)
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 1024])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, 1024])
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"])], "dense",
+                              [x], [y], initializer=[numpy_helper.from_array(weights, "w")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    path = tmp_path / "model.onnx"
+    path.write_bytes(model.SerializeToString())
+    with path.open("rb") as f:
+        os.fsync(f.fileno())  # clean pages: the kernel drops those at once
+        f.read()  # in the cache, as right after unpacking
+    assert _resident_bytes(path) >= path.stat().st_size // 2
+
+    session = create_session(path)
+    assert _resident_bytes(path) < path.stat().st_size // 8
+    out = session.run(None, {"x": np.ones((1, 1024), np.float32)})[0]
+    np.testing.assert_allclose(out, np.ones((1, 1024), np.float32) @ weights, rtol=1e-4)
 
 
 def test_empty_report_is_not_a_pass() -> None:
