@@ -17,7 +17,7 @@ from server_support import RunningServer
 
 from edgeota.agent.config import AgentConfig
 from edgeota.agent.inference_server import InferenceServer
-from edgeota.agent.runner import Agent, AgentSettings
+from edgeota.agent.runner import SEQ_BLOCK, Agent, AgentSettings
 from edgeota.samples import load_catalog, load_test_split
 
 SETTINGS = AgentSettings(probation_seconds=0, probation_min_inferences=5)
@@ -120,6 +120,23 @@ def test_the_swap_serves_the_very_session_the_gate_validated(
     assert agent.host.model("digits").version == "2.0.0"
     assert agent.host.model("digits").session is made[0][1]
     assert agent.host.model("digits").model_path == made[0][0]
+
+
+def test_report_numbers_are_reserved_a_block_at_a_time_and_never_reused(
+        server: RunningServer) -> None:
+    config = AgentConfig.load(server.enroll("pi-1") / "agent.toml")
+    seq_file = config.state_dir / "report-seq"
+    agent = Agent(config, SETTINGS)
+    assert [agent._next_seq() for _ in range(SEQ_BLOCK)] == list(range(1, SEQ_BLOCK + 1))
+    assert int(seq_file.read_text()) == SEQ_BLOCK  # one durable write for the whole block
+    assert agent._next_seq() == SEQ_BLOCK + 1
+    assert int(seq_file.read_text()) == 2 * SEQ_BLOCK
+
+    # A restart continues above everything reserved, even beside a live old instance.
+    restarted = Agent(config, SETTINGS)
+    assert restarted._next_seq() == 2 * SEQ_BLOCK + 1
+    assert agent._next_seq() == SEQ_BLOCK + 2
+    assert int(seq_file.read_text()) == 3 * SEQ_BLOCK
 
 
 def test_an_assignment_that_arrives_during_probation_is_taken_when_probation_ends(
