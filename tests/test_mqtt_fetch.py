@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -688,6 +689,36 @@ def test_the_bridge_caches_never_outlive_the_stored_file(
     stored.symlink_to(outside)  # planted after the path was cached
     with pytest.raises(exceptions.DownloadHTTPError) as caught:
         fetcher.download_bytes(repo.target, TARGET_SIZE)
+    assert caught.value.status_code == 404
+
+
+def test_cached_metadata_paths_follow_the_store(
+        repo: Repo, make_bridge: BridgeFactory, connect: ConnectionFactory,
+        tmp_path: Path) -> None:
+    """Metadata paths are cached too: a timestamp moved on, a file swapped for a symlink
+    and a removed device's folder are all seen at the next request."""
+    make_bridge(repo.store)
+    fetcher = MqttFetcher(connect("pi-a"), timeout=TIMEOUT, window=WINDOW)
+    timestamp = url("director/pi-a/metadata/timestamp.json")
+    assert b'"version": 2' in fetcher.download_bytes(timestamp, 10_000)  # cached now
+    repo.store.write_metadata("director/pi-a", "timestamp", 3,
+                              b'{"signed": {"_type": "timestamp", "version": 3}}')
+    assert b'"version": 3' in fetcher.download_bytes(timestamp, 10_000)
+
+    pointer = repo.store.metadata_file_for_request("director/pi-a", "timestamp.json")
+    outside = tmp_path / "outside.json"
+    outside.write_bytes(b'{"signed": {"_type": "timestamp", "version": 9}}')
+    pointer.unlink()
+    pointer.symlink_to(outside)  # planted after the path was cached
+    with pytest.raises(exceptions.DownloadHTTPError) as caught:
+        fetcher.download_bytes(timestamp, 10_000)
+    assert caught.value.status_code == 404
+
+    version_two = url("director/pi-a/metadata/2.timestamp.json")
+    assert b'"version": 2' in fetcher.download_bytes(version_two, 10_000)
+    shutil.rmtree(pointer.parent.parent)  # the device is gone from the director
+    with pytest.raises(exceptions.DownloadHTTPError) as caught:
+        fetcher.download_bytes(version_two, 10_000)
     assert caught.value.status_code == 404
 
 
