@@ -40,8 +40,14 @@ demo: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check .
 
+# Tests run on every core (pytest-xdist): most of their time is spent waiting on
+# brokers, subprocesses and fsync, so two workers halve the suite on two cores.
+# Each test has its own broker port, database and folders; PYTEST_WORKERS=0 runs
+# them in this process.
+PYTEST_WORKERS ?= auto
+
 test: $(STAMP) system-deps lint
-	$(BIN)/pytest
+	$(BIN)/pytest -n $(PYTEST_WORKERS)
 
 bench: $(STAMP)
 	@for b in bench/*.py; do \
