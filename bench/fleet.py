@@ -77,17 +77,21 @@ in the raw push is printed too: on this 2-core machine the rollout is
 CPU-bound (the cores are ~95 % busy), so the time ratio tends to the CPU
 ratio, which other load on the machine disturbs less.
 
-Measured (1 000 devices, 5 MiB, defaults, otherwise quiet machine, 2026-11-26), in the
-order the bottlenecks were found and removed::
+Measured (1 000 devices, 5 MiB, defaults, otherwise quiet machine), in the order the
+bottlenecks were found and removed::
 
     state                                        rollout s  raw s  ratio  CPU ratio
     director signing on a pool (first, 11-26)    97.7       24.0   4.08   4.2
     + golden-set check, report ingest, fetch     85.5       28.3   3.02   3.08
     + 64 hash bins instead of 256                78.4       26.2   2.99   3.04
     + one hash pass, inline, in open_bundle      74.8       25.7   2.90   2.95
+    the same code, another machine (3 runs)      54.9-58.7  16.7-18.0  3.10-3.36  3.2-3.3
+    + one session per update, page cache freed   46.3-52.4  16.9-17.6  2.74-3.01  2.72-3.0
+      (5 runs; 2.74-2.86 unless just after a previous run's folders were removed)
 
-Target 2.5x: **missed** (2.9x). The two cores are saturated, so the time ratio follows
-the CPU ratio: 139 CPU s for the rollout against 47 for the raw push. What each fix was:
+Target 2.5x: **missed** (2.7-2.9x). The two cores are saturated, so the time ratio
+follows the CPU ratio: 88 CPU s for the rollout against 31 for the raw push. Runs of the
+same code vary by about 10 % (46-52 s), much of it from the filesystem (below). What each fix was:
 the deploy call went from 37 s to 5 s once each device's director signing ran on a bounded
 pool (``server/services/deployments.py``); the device parsed its manifest's golden set value
 by value (a fifth of a fleet worker's CPU; now one C-level pass over the value types); the
@@ -95,20 +99,37 @@ server's report ingest locked and loaded each report's device twice and flushed 
 (now one query per batch, one flush); snapshot.json listed 256 hash bins, and checking its
 canonical JSON was a quarter of a device's update CPU (64 bins now, ``edgeota init
 --bin-bits``); ``open_bundle`` hashed the sealed bytes the download had just hashed, on a
-thread whose hand-overs cost more than they saved.
+thread whose hand-overs cost more than they saved. Then (``perf record -a -g`` over the
+rollout): copying model files into the page cache was the largest single kernel cost of
+the machine (``copy_folio_from_iter_atomic``, 8.7 %). Each device kept its 5 MiB model in
+the page cache after onnxruntime had parsed it, so the cache grew by 5 GB during a rollout
+and every write landed on memory never touched before, which costs this VM 4-9x more than
+reused memory (measured: 5 MiB written and synced, 4.4-10.7 ms with the cache kept, 1.2-1.4
+ms with it dropped). The agent now drops a model file's cache once a session holds its
+weights (a small device gains the memory too), and swaps in the session the validation
+gate loaded instead of loading the model a second time: ``open_bundle`` went from 19 to 9
+ms per update, the rollout from ~57 s to ~47 s. Smaller: report sequence numbers are
+reserved 32 at a time (three durable writes fewer per update) and the bridge caches
+metadata paths as it did target paths.
 
-Where the CPU goes now, per device update (1 000 devices): devices 98 ms (update cycle 65:
-``open_bundle`` decrypt + sha256 + unpack + fsync 23, metadata refresh of both
-repositories 12, the MQTT download's consumer 11, journal fsyncs 5, validation 4, swap 3,
-reports 2; the network loop receiving 5 MiB over TLS ~25; the rest in progress saves,
-simulated traffic and the loops), server 30 ms (paho's network thread about half of it:
-per-PUBACK objects it builds for every chunk; the fetch bridge; report ingest), broker
-13 ms; against ~20 ms for a raw client to receive the same bytes, ~15 for the raw
-publisher and ~15 for the broker. With both cores of this VM busy, memory-bound work
-costs about twice its CPU time on an idle machine (``open_bundle`` of 5 MiB: 10 ms alone,
-23 in the rollout), for the raw push and the rollout alike. Devices
-wait for a fleet worker (wake latency p50 ~35 s) because every worker is busy on a
-CPU-bound cycle, not because there are too few workers.
+Where the CPU goes now, per device update (1 000 devices): devices 59 ms (update cycle 38:
+metadata refresh of both repositories 9 (a third of it canonical JSON, computed twice per
+metadata file by ``tuf.ngclient`` for every local and remote file), ``open_bundle``
+decrypt + sha256 + unpack + fsync 9, the MQTT download's consumer 7 (sha256 and writes of
+5 MiB), journal 4 (nine atomic writes, each a new file and two fsyncs), validation 3.5,
+commit 1, reports 0.6; the network loop receiving 5 MiB over TLS ~19; the rest in
+progress saves and the loops), server 20 ms (paho's network thread about half of it:
+per-PUBACK objects it builds for every chunk; the fetch bridge; report ingest; the
+deploy call's per-device signing, 3.6 CPU s), broker 8 ms; against ~12 ms for a raw client
+to receive the same bytes, ~10 for the raw publisher and ~10 for the broker. The
+filesystem here is ext4 without a journal, whose inode allocator skips inodes deleted in
+the last minutes by reading their inode table blocks: every file a device creates (about
+22 per update: journal and ngclient temp files, the download, the unpacked model) costs
+more the more files were deleted recently, about 5 % of the machine in a rollout, and more
+right after a previous run's folders were removed. Devices wait for a fleet worker (wake
+latency p50 ~25 s) because every worker is busy on a CPU-bound cycle, not because there are
+too few workers. What is left is spread thin; the next large step is the shared-topic
+carousel of the design (one publish of a popular bundle for every device that needs it).
 
 ``--profile`` runs cProfile, counting each thread's CPU time, on every fleet
 worker and network-loop thread of the device processes during the timed
