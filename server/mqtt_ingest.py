@@ -83,6 +83,7 @@ from edgeota.protocol.telemetry import (
 from edgeota.protocol.topics import DeviceTopic
 from edgeota.server.db.models import Device
 from edgeota.server.services.reports import ReportRejection, ingest_report
+from edgeota.server.services.rollouts import ReportableAssignments, reportable_assignments
 
 __all__ = [
     "MAX_TELEMETRY_MODELS",
@@ -313,7 +314,9 @@ class DeviceMessageSink:
             # a flush: the largest share of the server's CPU in a fleet rollout.
             with self._sessions() as session, session.begin(), session.no_autoflush:
                 _lock_devices(session, {m.device_id for m in ordered})
-                outcomes = [self._apply(session, message) for message in ordered]
+                # And the assignments their reports move, in one more query.
+                assignments = reportable_assignments(session, _report_keys(ordered))
+                outcomes = [self._apply(session, message, assignments) for message in ordered]
         except Exception:
             # Logged, never swallowed silently: the messages are retried one by
             # one below, and a message that fails alone is counted as failed.
@@ -334,21 +337,23 @@ class DeviceMessageSink:
                 if outcome is _Outcome.MALFORMED:
                     self._counts["rejected"] += 1
 
-    def _apply(self, session: Session, message: _Message) -> _Outcome:
+    def _apply(self, session: Session, message: _Message,
+               assignments: ReportableAssignments | None = None) -> _Outcome:
         if not message.payload:
             return _Outcome.IGNORED
         if message.kind is DeviceTopic.STATUS:
-            return self._status(session, message)
+            return self._status(session, message, assignments)
         if message.kind is DeviceTopic.ONLINE:
             return self._presence(session, message)
         return self._telemetry(session, message)
 
-    def _status(self, session: Session, message: _Message) -> _Outcome:
+    def _status(self, session: Session, message: _Message,
+                assignments: ReportableAssignments | None) -> _Outcome:
         device = session.get(Device, message.device_id)  # locked by _write
         if device is not None and _is_redelivery(device, message.payload):
             return _Outcome.DUPLICATE
         outcome = ingest_report(session, message.device_id, message.payload, clock=self._clock,
-                                device_locked=True)
+                                device_locked=True, assignments=assignments)
         if not outcome.accepted:
             if outcome.reason is ReportRejection.MALFORMED:
                 return _Outcome.MALFORMED
@@ -385,6 +390,26 @@ class DeviceMessageSink:
         device.reported_state = state  # reassigned, never mutated: the JSON column sees it
         device.last_seen = now
         return _Outcome.ACCEPTED
+
+
+def _report_keys(messages: list[_Message]) -> set[tuple[str, str, str]]:
+    """(device, model, version) of the status reports among ``messages``, read unverified.
+
+    Only to choose which assignments to load: each report is verified before
+    it moves anything, and a report that does not parse here is refused there.
+    """
+    keys = set()
+    for message in messages:
+        if message.kind is not DeviceTopic.STATUS or not message.payload:
+            continue
+        try:
+            release = SignedReport.from_bytes(message.payload).report.release
+        except ProtocolError:
+            continue
+        if release and "@" in release:
+            name, _, version = release.partition("@")
+            keys.add((message.device_id, name, version))
+    return keys
 
 
 def _lock_devices(session: Session, device_ids: set[str]) -> None:

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from server_support import RunningServer
+from sqlalchemy import event
 
 from edgeota.agent.config import AgentConfig
 from edgeota.protocol.identity import DeviceIdentity
@@ -44,14 +45,19 @@ class ReportingDevices:
             self.server.enroll(device_id, hardware, "fleet=lab", *tags)
         return ids
 
-    def report(self, device_id: str, state: str, release: str, error: str | None = None) -> None:
-        out = self.server.enrolled[device_id]
-        config = AgentConfig.load(out / "agent.toml")
+    def signed(self, device_id: str, state: str, release: str,
+               error: str | None = None) -> bytes:
+        """The next signed report of ``device_id``, as its agent would send it."""
+        config = AgentConfig.load(self.server.enrolled[device_id] / "agent.toml")
         identity = DeviceIdentity.load(config.identity_dir)
         self.seq[device_id] = self.seq.get(device_id, 0) + 1
-        body = SignedReport.sign(StatusReport(device_id=device_id, seq=self.seq[device_id],
+        return SignedReport.sign(StatusReport(device_id=device_id, seq=self.seq[device_id],
                                               state=state, release=release, error=error),
                                  identity).to_bytes()
+
+    def report(self, device_id: str, state: str, release: str, error: str | None = None) -> None:
+        config = AgentConfig.load(self.server.enrolled[device_id] / "agent.toml")
+        body = self.signed(device_id, state, release, error)
         request = urllib.request.Request(
             f"{self.server.url}/api/v1/devices/{device_id}/reports", data=body, method="POST",
             headers={"Authorization": f"Bearer {config.token()}",
@@ -321,6 +327,43 @@ def test_gates_compare_each_hardware_class_with_itself_and_roll_back_exactly_tho
     paused = next(e for e in detail["events"] if e["kind"] == "paused")
     assert paused["detail"]["gates"][0]["devices"] == pi5
     assert paused["detail"]["rolled_back"] == pi5
+
+
+def test_a_batch_of_reports_moves_assignments_with_one_assignment_query(
+        server: RunningServer, fleet: ReportingDevices) -> None:
+    """The MQTT sink loads the assignments a batch's reports move in one query; the
+    outcome is what one query per report gave, in order, within and across devices."""
+    ids = fleet.enroll(4)
+    assert server.publish("digits_v1", "1.0.0").code == 0
+    deployment_id = deploy(server, "digits@1.0.0")["deployment_id"]
+    batch = [
+        (ids[0], fleet.signed(ids[0], "downloading", "digits@1.0.0")),
+        (ids[0], fleet.signed(ids[0], "committed", "digits@1.0.0")),
+        (ids[1], fleet.signed(ids[1], "failed", "digits@1.0.0", "validation")),
+        (ids[1], fleet.signed(ids[1], "committed", "digits@1.0.0")),  # a retry that worked
+        (ids[2], fleet.signed(ids[2], "downloading", "digits@1.0.0")),
+        (ids[3], fleet.signed(ids[3], "committed", "digits@9.9.9")),  # no such assignment
+    ]
+    selects: list[str] = []
+
+    def on_execute(_conn: object, _cursor: object, statement: str, *_args: object) -> None:
+        if statement.lstrip().upper().startswith("SELECT") and "assignments" in statement:
+            selects.append(statement)
+
+    event.listen(server.ctx.engine, "before_cursor_execute", on_execute)
+    try:
+        with DeviceMessageSink(server.ctx.sessions, clock=server.ctx.clock,
+                               flush_interval=60.0, batch_size=len(batch)) as sink:
+            for device_id, body in batch:
+                sink.submit(device_id, DeviceTopic.STATUS, body)
+            sink.flush()
+            assert sink.counters().batches == 1
+            assert sink.counters().accepted == len(batch)
+    finally:
+        event.remove(server.ctx.engine, "before_cursor_execute", on_execute)
+    assert len(selects) == 1, selects
+    assert states(status(server, deployment_id)) == {
+        ids[0]: "installed", ids[1]: "installed", ids[2]: "downloading", ids[3]: "pending"}
 
 
 def test_the_error_rate_gate_names_the_devices_and_resume_excuses_them(

@@ -31,7 +31,7 @@ from edgeota.protocol.identity import DevicePublicIdentity, verify_report
 from edgeota.protocol.reports import SignedReport, StatusReport
 from edgeota.server import audit
 from edgeota.server.db.models import Device, StatusEvent
-from edgeota.server.services.rollouts import record_report
+from edgeota.server.services.rollouts import ReportableAssignments, record_report
 
 __all__ = [
     "KEPT_ACROSS_REPORTS",
@@ -106,13 +106,15 @@ def ingest_report(
     *,
     clock: Callable[[], datetime],
     device_locked: bool = False,
+    assignments: ReportableAssignments | None = None,
 ) -> ReportOutcome:
     """Verify and store one report that arrived from ``sender`` (the topic's device id).
 
     The sender's row is read ``FOR UPDATE`` (two replicas storing reports of
     one device serialise on it), unless the caller says it already holds that
     lock with the row in this session (``device_locked``): the MQTT sink locks
-    a whole batch's devices in one query instead of one per report.
+    a whole batch's devices in one query instead of one per report, and loads
+    their ``assignments`` in one more (see :func:`record_report`).
     """
     try:
         signed = SignedReport.from_bytes(raw)
@@ -140,7 +142,7 @@ def ingest_report(
     device.last_seen = now
     if seq.late:
         session.add(_history(report, now))
-        record_report(session, device, report, now, late=True)
+        record_report(session, device, report, now, late=True, assignments=assignments)
         return ReportOutcome(True, None, report)
     previous = device.reported_state or {}
     # Telemetry arrives on its own channel and outlives any one report.
@@ -149,7 +151,7 @@ def ingest_report(
                              "progress": report.progress, "error": report.error,
                              "seq": report.seq, **kept}
     session.add(_history(report, now))
-    record_report(session, device, report, now)
+    record_report(session, device, report, now, assignments=assignments)
     return ReportOutcome(True, None, report)
 
 

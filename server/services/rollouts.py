@@ -75,6 +75,7 @@ __all__ = [
     "ERROR_RATE_FLOOR",
     "LATENCY_FLOOR_MS",
     "GateFinding",
+    "ReportableAssignments",
     "advance",
     "cancel",
     "evaluate_gates",
@@ -82,6 +83,7 @@ __all__ = [
     "list_deployments",
     "pause",
     "record_report",
+    "reportable_assignments",
     "resume",
     "rollback",
 ]
@@ -132,25 +134,63 @@ class GateFinding:
 # -- reports move assignments ---------------------------------------------------------
 
 
+#: Assignments a report may still move (one per device, model and version: the newest).
+_REPORTABLE = (AssignmentState.PENDING, AssignmentState.DOWNLOADING,
+               AssignmentState.INSTALLED, AssignmentState.FAILED)
+
+#: ``(device id, model name, release version)`` -> the assignment a report on it moves.
+ReportableAssignments = dict[tuple[str, str, str], Assignment]
+
+
+def reportable_assignments(session: Session,
+                           keys: Iterable[tuple[str, str, str]]) -> ReportableAssignments:
+    """The assignments reports on ``keys`` (device id, model name, version) may move, in one query.
+
+    For a caller storing many reports in one transaction (the MQTT sink's
+    batches): :func:`record_report` then looks each report's assignment up
+    here instead of querying once per report. The query selects a superset of
+    each key's rows, so every key gets what :func:`record_report`'s own query
+    would find; and only :func:`record_report` changes these rows in such a
+    transaction, between reportable states, so the lookup stays true.
+    """
+    keys = set(keys)
+    found: ReportableAssignments = {}
+    if not keys:
+        return found
+    devices, names, versions = (sorted({key[i] for key in keys}) for i in range(3))
+    rows = session.execute(
+        select(Assignment, Release.version).join(Release, Release.id == Assignment.release_id)
+        .where(Assignment.device_id.in_(devices), Assignment.model_name.in_(names),
+               Release.version.in_(versions), Assignment.state.in_(_REPORTABLE))
+        .order_by(Assignment.id.desc()))
+    for assignment, version in rows:
+        found.setdefault((assignment.device_id, assignment.model_name, version), assignment)
+    return found
+
+
 def record_report(session: Session, device: Device, report: StatusReport,
-                  now: datetime, *, late: bool = False) -> None:
+                  now: datetime, *, late: bool = False,
+                  assignments: ReportableAssignments | None = None) -> None:
     """Move the device's assignment for the reported release (called per accepted report).
 
     A ``late`` report (stored after a newer one of the same device) only moves
     the assignment forward: a failure it tells of does not undo an install
-    that a newer report already confirmed.
+    that a newer report already confirmed. ``assignments``: what
+    :func:`reportable_assignments` returned in this transaction for keys
+    that include this report's, looked up instead of queried.
     """
     if not report.release or "@" not in report.release:
         return
     name, _, version = report.release.partition("@")
-    assignment = session.scalars(
-        select(Assignment).join(Release, Release.id == Assignment.release_id)
-        .where(Assignment.device_id == device.id, Assignment.model_name == name,
-               Release.version == version,
-               Assignment.state.in_((AssignmentState.PENDING, AssignmentState.DOWNLOADING,
-                                     AssignmentState.INSTALLED, AssignmentState.FAILED)))
-        .order_by(Assignment.id.desc())
-    ).first()
+    if assignments is not None:
+        assignment = assignments.get((device.id, name, version))
+    else:
+        assignment = session.scalars(
+            select(Assignment).join(Release, Release.id == Assignment.release_id)
+            .where(Assignment.device_id == device.id, Assignment.model_name == name,
+                   Release.version == version, Assignment.state.in_(_REPORTABLE))
+            .order_by(Assignment.id.desc())
+        ).first()
     if assignment is None:
         return
     if report.state in _IN_PROGRESS:
