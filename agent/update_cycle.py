@@ -44,7 +44,6 @@ from tuf.api import exceptions as tuf_exceptions
 from tuf.api.metadata import Metadata, TargetFile, Targets
 from tuf.ngclient import FetcherInterface, Updater
 
-from edgeota.agent import tuf_loading
 from edgeota.agent.config import AgentConfig
 from edgeota.agent.http_fetcher import HttpFetcher, HttpFetcherConfig
 from edgeota.agent.mqtt_fetcher import (
@@ -309,7 +308,6 @@ class UpdateClient:
             # enrolment root): re-bootstrapping would reset what we learned.
             bootstrap=None if cached_root.exists() else bootstrap.read_bytes(),
         )
-        tuf_loading.install(updater)  # same checks, signed bytes computed once
         if self.clock is not None:
             # ngclient judges expiry against the time its trusted set was made; a device
             # whose clock is its own (a simulated, skewed one) judges by that clock.
