@@ -87,7 +87,8 @@ bottlenecks were found and removed::
     + one hash pass, inline, in open_bundle      74.8       25.7   2.90   2.95
     the same code, another machine (3 runs)      54.9-58.7  16.7-18.0  3.10-3.36  3.2-3.3
     + one session per update, page cache freed   46.3-52.4  16.9-17.6  2.74-3.01  2.72-3.0
-      (5 runs; 2.74-2.86 unless just after a previous run's folders were removed)
+      (5 runs: 2.74, 2.78, 2.82 on a quiet file system; 2.86 and 3.01 right after
+       a previous run's folders were removed)
 
 Target 2.5x: **missed** (2.7-2.9x). The two cores are saturated, so the time ratio
 follows the CPU ratio: 88 CPU s for the rollout against 31 for the raw push. Runs of the
@@ -139,7 +140,10 @@ worker and network-loop thread of the device processes during the timed
 rollout, and on the server's threads (the server then runs from this script,
 ``--server-child``, which calls the ``edgeota serve`` CLI in-process and
 answers SIGUSR1/SIGUSR2 to open and close the window); it prints CPU per
-thread role and the hot spots. Profiling slows the rollout two to three times.
+thread role and the hot spots, and writes each role's whole profile next to the work
+folder's share files (``*.pstats``, for ``python -m pstats``). Profiling slows the rollout
+two to three times, and inflates pure-Python code far more than C: confirm a hot spot by
+timing it (or with ``perf record -a -g``) before acting on it.
 
 Usage::
 
