@@ -133,7 +133,9 @@ more the more files were deleted recently, about 5 % of the machine in a rollout
 right after a previous run's folders were removed. Devices wait for a fleet worker (wake
 latency p50 ~25 s) because every worker is busy on a CPU-bound cycle, not because there are
 too few workers. What is left is spread thin; the next large step is the shared-topic
-carousel of the design (one publish of a popular bundle for every device that needs it).
+carousel of the design (one publish of a popular bundle for every device that needs it),
+for which a raw push on one shared topic would be the fair reference (about twice as fast
+as per-device topics, DESIGN.md).
 
 ``--profile`` runs cProfile, counting each thread's CPU time, on every fleet
 worker and network-loop thread of the device processes during the timed
