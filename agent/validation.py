@@ -622,10 +622,11 @@ def validate_model(
     """Run the gate on ``model_path`` against ``manifest``; raise at the first failure.
 
     ``memory_available`` returns free bytes (default: ``MemAvailable`` of
-    ``/proc/meminfo``). ``session`` is an already loaded session of this model,
-    so the agent validates the very session it will swap in instead of loading
-    twice; the memory and load checks are then recorded as done by the caller
-    (run :func:`check_memory` before loading it), and ``settings`` is unused.
+    ``/proc/meminfo``). ``session`` is a session of this model the caller
+    loaded itself; the memory and load checks are then recorded as done by the
+    caller (run :func:`check_memory` before loading it), and ``settings`` is
+    unused. To keep the session the gate loads, as the agent does for its
+    swap, use :func:`load_validated`.
 
     Checks that the manifest does not ask for (no vectors, no golden set, no
     budget) pass with the detail "not configured". Returns the full report;
