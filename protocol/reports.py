@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import json
 from dataclasses import dataclass, field
 from typing import Any
@@ -91,8 +92,9 @@ class SignedReport:
     report_bytes: bytes
     signature: bytes
 
-    @property
+    @functools.cached_property
     def report(self) -> StatusReport:
+        """The report the bytes hold, parsed on first use (it is read several times)."""
         return StatusReport.from_bytes(self.report_bytes)
 
     @classmethod

@@ -314,9 +314,12 @@ class DeviceMessageSink:
             # a flush: the largest share of the server's CPU in a fleet rollout.
             with self._sessions() as session, session.begin(), session.no_autoflush:
                 _lock_devices(session, {m.device_id for m in ordered})
-                # And the assignments their reports move, in one more query.
-                assignments = reportable_assignments(session, _report_keys(ordered))
-                outcomes = [self._apply(session, message, assignments) for message in ordered]
+                # Each status report is parsed once here; the assignments the
+                # batch's reports move are loaded in one more query.
+                reports = [_parse_report(m) for m in ordered]
+                assignments = reportable_assignments(session, _report_keys(ordered, reports))
+                outcomes = [self._apply(session, message, report, assignments)
+                            for message, report in zip(ordered, reports, strict=True)]
         except Exception:
             # Logged, never swallowed silently: the messages are retried one by
             # one below, and a message that fails alone is counted as failed.
@@ -337,23 +340,23 @@ class DeviceMessageSink:
                 if outcome is _Outcome.MALFORMED:
                     self._counts["rejected"] += 1
 
-    def _apply(self, session: Session, message: _Message,
-               assignments: ReportableAssignments | None = None) -> _Outcome:
+    def _apply(self, session: Session, message: _Message, report: SignedReport | None,
+               assignments: ReportableAssignments) -> _Outcome:
         if not message.payload:
             return _Outcome.IGNORED
         if message.kind is DeviceTopic.STATUS:
-            return self._status(session, message, assignments)
+            return self._status(session, message, report, assignments)
         if message.kind is DeviceTopic.ONLINE:
             return self._presence(session, message)
         return self._telemetry(session, message)
 
-    def _status(self, session: Session, message: _Message,
-                assignments: ReportableAssignments | None) -> _Outcome:
+    def _status(self, session: Session, message: _Message, report: SignedReport | None,
+                assignments: ReportableAssignments) -> _Outcome:
         device = session.get(Device, message.device_id)  # locked by _write
-        if device is not None and _is_redelivery(device, message.payload):
+        if device is not None and report is not None and _is_redelivery(device, report):
             return _Outcome.DUPLICATE
         outcome = ingest_report(session, message.device_id, message.payload, clock=self._clock,
-                                device_locked=True, assignments=assignments)
+                                device_locked=True, parsed=report, assignments=assignments)
         if not outcome.accepted:
             if outcome.reason is ReportRejection.MALFORMED:
                 return _Outcome.MALFORMED
@@ -392,20 +395,32 @@ class DeviceMessageSink:
         return _Outcome.ACCEPTED
 
 
-def _report_keys(messages: list[_Message]) -> set[tuple[str, str, str]]:
-    """(device, model, version) of the status reports among ``messages``, read unverified.
+def _parse_report(message: _Message) -> SignedReport | None:
+    """The signed report a status message carries, unverified; ``None`` if it has none.
+
+    ``None`` for a payload that does not parse too: ``ingest_report`` parses it
+    again to refuse and audit it with the reason.
+    """
+    if message.kind is not DeviceTopic.STATUS or not message.payload:
+        return None
+    try:
+        signed = SignedReport.from_bytes(message.payload)
+        signed.report  # noqa: B018 - parsed (and kept) now: a malformed report is None
+    except ProtocolError:
+        return None
+    return signed
+
+
+def _report_keys(messages: list[_Message],
+                 reports: list[SignedReport | None]) -> set[tuple[str, str, str]]:
+    """(device, model, version) of the parsed ``reports`` of ``messages``, unverified.
 
     Only to choose which assignments to load: each report is verified before
-    it moves anything, and a report that does not parse here is refused there.
+    it moves anything.
     """
     keys = set()
-    for message in messages:
-        if message.kind is not DeviceTopic.STATUS or not message.payload:
-            continue
-        try:
-            release = SignedReport.from_bytes(message.payload).report.release
-        except ProtocolError:
-            continue
+    for message, signed in zip(messages, reports, strict=True):
+        release = signed.report.release if signed is not None else None
         if release and "@" in release:
             name, _, version = release.partition("@")
             keys.add((message.device_id, name, version))
@@ -447,8 +462,8 @@ def _versions_with(previous: object, telemetry: Telemetry,
     return dict(list(versions.items())[-MAX_TELEMETRY_MODELS:])
 
 
-def _is_redelivery(device: Device, raw: bytes) -> bool:
-    """Whether ``raw`` is the report last accepted from ``device``, delivered again.
+def _is_redelivery(device: Device, signed: SignedReport) -> bool:
+    """Whether ``signed`` is the report last accepted from ``device``, delivered again.
 
     Same sequence number and a valid signature by the device: authentic, and
     already stored (an agent never signs two reports with one number). Storing
@@ -458,7 +473,6 @@ def _is_redelivery(device: Device, raw: bytes) -> bool:
     if device.report_seq <= 0:
         return False
     try:
-        signed = SignedReport.from_bytes(raw)
         report = signed.report
         if report.device_id != device.id or report.seq != device.report_seq:
             return False

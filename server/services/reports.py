@@ -106,6 +106,7 @@ def ingest_report(
     *,
     clock: Callable[[], datetime],
     device_locked: bool = False,
+    parsed: SignedReport | None = None,
     assignments: ReportableAssignments | None = None,
 ) -> ReportOutcome:
     """Verify and store one report that arrived from ``sender`` (the topic's device id).
@@ -114,10 +115,11 @@ def ingest_report(
     one device serialise on it), unless the caller says it already holds that
     lock with the row in this session (``device_locked``): the MQTT sink locks
     a whole batch's devices in one query instead of one per report, and loads
-    their ``assignments`` in one more (see :func:`record_report`).
+    their ``assignments`` in one more (see :func:`record_report`). ``parsed``
+    is ``raw`` already parsed by the caller (it is verified here all the same).
     """
     try:
-        signed = SignedReport.from_bytes(raw)
+        signed = parsed if parsed is not None else SignedReport.from_bytes(raw)
         report = signed.report
     except ProtocolError as e:
         return _reject(session, sender, ReportRejection.MALFORMED, str(e))
