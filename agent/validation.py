@@ -602,12 +602,8 @@ def load_validated(
     latency_runs: int = 50,
 ) -> ValidatedSession:
     """:func:`validate_model` on a session it loads with ``settings``, handed back on success."""
-    if latency_runs < 1:
-        raise ValueError(f"latency_runs must be at least 1, not {latency_runs}")
-    holder: list[ort.InferenceSession] = []
-    report = _run_gate(model_path, manifest, settings, memory_available, latency_runs,
-                       None, holder)
-    return ValidatedSession(report, holder[0])
+    return ValidatedSession(*_run_gate(model_path, manifest, settings, memory_available,
+                                       latency_runs, None))
 
 
 def validate_model(
@@ -632,10 +628,8 @@ def validate_model(
     budget) pass with the detail "not configured". Returns the full report;
     raises :class:`ValidationError` with ``reason`` and the partial report.
     """
-    if latency_runs < 1:
-        raise ValueError(f"latency_runs must be at least 1, not {latency_runs}")
     return _run_gate(model_path, manifest, settings, memory_available, latency_runs,
-                     session, [])
+                     session)[0]
 
 
 def _run_gate(
@@ -645,9 +639,10 @@ def _run_gate(
     memory_available: Callable[[], int] | None,
     latency_runs: int,
     session: ort.InferenceSession | None,
-    loaded: list[ort.InferenceSession],
-) -> ValidationReport:
-    """The checks in order; the session they ran on is appended to ``loaded``."""
+) -> tuple[ValidationReport, ort.InferenceSession]:
+    """The checks in order; the report, and the session they ran on."""
+    if latency_runs < 1:
+        raise ValueError(f"latency_runs must be at least 1, not {latency_runs}")
     gate = _Gate()
 
     # 1. Memory: refuse before loading, since loading is what could exhaust it.
@@ -669,7 +664,6 @@ def _run_gate(
         gate.passed("load", f"loaded {model_path.name} with {settings}")
     else:
         gate.passed("load", "session supplied by the caller")
-    loaded.append(session)
 
     # 3. The signature the manifest promises is the one the model has.
     io = _check_io(session, manifest)
@@ -680,7 +674,7 @@ def _run_gate(
     _check_vectors(gate, session, manifest)
     _check_golden(gate, session, manifest)
     _check_latency(gate, session, manifest, latency_runs)
-    return gate.report()
+    return gate.report(), session
 
 
 def _check_vectors(gate: _Gate, session: ort.InferenceSession, manifest: Manifest) -> None:
