@@ -90,29 +90,30 @@ bottlenecks were found and removed::
       (5 runs: 2.74, 2.78, 2.82 on a quiet file system; 2.86 and 3.01 right after
        a previous run's folders were removed)
 
-Target 2.5x: **missed** (2.7-2.9x). The two cores are saturated, so the time ratio
-follows the CPU ratio: 88 CPU s for the rollout against 31 for the raw push. Runs of the
-same code vary by about 10 % (46-52 s), much of it from the filesystem (below). What each fix was:
-the deploy call went from 37 s to 5 s once each device's director signing ran on a bounded
-pool (``server/services/deployments.py``); the device parsed its manifest's golden set value
-by value (a fifth of a fleet worker's CPU; now one C-level pass over the value types); the
-server's report ingest locked and loaded each report's device twice and flushed per report
-(now one query per batch, one flush); snapshot.json listed 256 hash bins, and checking its
-canonical JSON was a quarter of a device's update CPU (64 bins now, ``edgeota init
---bin-bits``); ``open_bundle`` hashed the sealed bytes the download had just hashed, on a
-thread whose hand-overs cost more than they saved. Then (``perf record -a -g`` over the
-rollout): copying model files into the page cache was the largest single kernel cost of
-the machine (``copy_folio_from_iter_atomic``, 8.7 %). Each device kept its 5 MiB model in
-the page cache after onnxruntime had parsed it, so the cache grew by 5 GB during a rollout
-and every write landed on memory never touched before, which costs this VM 4-9x more than
-reused memory (measured: 5 MiB written and synced, 4.4-10.7 ms with the cache kept, 1.2-1.4
-ms with it dropped). The agent now drops a model file's cache once a session holds its
-weights (a small device gains the memory too), and swaps in the session the validation
-gate loaded instead of loading the model a second time: ``open_bundle`` went from 19 to 9
-ms per update, the rollout from ~57 s to ~47 s. Smaller: report sequence numbers are
-reserved 32 at a time (three durable writes fewer per update) and the bridge caches
-metadata paths as it did target paths, and the device-message sink loads the
-assignments a batch of reports moves in one query instead of one per report.
+Target 2.5x: **missed** (2.7-2.9x). The two cores are saturated, so the time ratio follows
+the CPU ratio: 88 CPU s for the rollout against 31 for the raw push. Runs of the same code
+vary by about 10 % (46-52 s), much of it from the filesystem (below). What each fix was: the
+deploy call went from 37 s to 5 s once each device's director signing ran on a bounded pool
+(``server/services/deployments.py``); the device parsed its manifest's golden set value by
+value (a fifth of a fleet worker's CPU under cProfile; now one C-level pass over the value
+types); the server's report ingest locked and loaded each report's device twice and flushed
+per report (now one query per batch, one flush); snapshot.json listed 256 hash bins, loaded
+and checked twice per update (64 bins now, ``edgeota init --bin-bits``: 1.1 ms less per
+update timed alone; cProfile had made it look like a quarter of the update); ``open_bundle``
+hashed the sealed bytes the download had just hashed, on a thread whose hand-overs cost more
+than they saved. Then (``perf record -a -g`` over the rollout): copying model files into the
+page cache was the largest single kernel cost of the machine
+(``copy_folio_from_iter_atomic``, 8.7 %). Each device kept its 5 MiB model in the page cache
+after onnxruntime had parsed it, so the cache grew by 5 GB during a rollout and every write
+landed on memory never touched before, which costs this VM 4-9x more than reused memory
+(measured: 5 MiB written and synced, 4.4-10.7 ms with the cache kept, 1.2-1.4 ms with it
+dropped). The agent now drops a model file's cache once a session holds its weights (a small
+device gains the memory too), and swaps in the session the validation gate loaded instead of
+loading the model a second time: ``open_bundle`` went from 19 to 9 ms per update, the
+rollout from ~57 s to ~47 s. Smaller: report sequence numbers are reserved 32 at a time
+(three durable writes fewer per update) and the bridge caches metadata paths as it did
+target paths, and the device-message sink loads the assignments a batch of reports moves in
+one query instead of one per report.
 
 Where the CPU goes now, per device update (1 000 devices): devices 59 ms (update cycle 38:
 metadata refresh of both repositories 9 (about ten round trips through broker and server,

@@ -89,10 +89,10 @@ ONLINE_ROLES = ("snapshot", "timestamp")
 # 2**14 bins keep snapshot.json near 0.5 MB, a quarter of ngclient's 2 MB limit.
 _MAX_BIN_BITS = 14
 # Every device loads and verifies snapshot.json, which lists every bin (~30 bytes
-# each), on each update; it fetches one bin, which holds releases/bins targets.
-# 64 bins keep both small up to a few thousand releases: a 2 KB snapshot instead
-# of 8 KB with 256, whose canonical-JSON check was a quarter of a device's update
-# CPU in the 1000-device bench. A repository's bin count is fixed at init.
+# each), twice per update (its cached copy and the new one); it fetches one bin,
+# which holds releases/bins targets. 64 bins keep both small up to a few thousand
+# releases: a 2 KB snapshot instead of 8 KB with 256, checked by ngclient in 0.27
+# instead of 0.82 ms (measured). A repository's bin count is fixed at init.
 DEFAULT_BIN_BITS = 6
 _HASH_ALGORITHMS = ["sha256"]
 
