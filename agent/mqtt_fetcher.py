@@ -383,7 +383,12 @@ class DeviceConnection:
             logger.warning("broker refused %s: %s", self.device_id, reason_code)
             return
         client.publish(self._online_topic, _PRESENCE_ONLINE, qos=1, retain=True)
-        _rc, self._subscribe_mid = client.subscribe([(self._rx, 1), (self._notify, 1)])
+        # Frames come at QoS 0 (the broker downgrades the server's QoS 1): the fetch
+        # protocol acknowledges by asking for the next window, and a frame lost with a
+        # dropped link is lost at QoS 1 too (clean session), so a PUBACK per 64 KiB
+        # chunk would be a second acknowledgement that buys nothing. A notify stays
+        # QoS 1: it is small, rare and has no other acknowledgement.
+        _rc, self._subscribe_mid = client.subscribe([(self._rx, 0), (self._notify, 1)])
 
     def _on_subscribe(self, _client: mqtt.Client, _userdata: Any, mid: int,
                       reason_codes: list[Any], _properties: Any) -> None:

@@ -43,7 +43,12 @@ still interleave two requests, and the device puts them back in order
 the same chunk size. A lost request or a disconnect wastes at most the
 device's window.
 
-Frames (server -> device, QoS 1), all integers big-endian::
+Frames (server -> device), all integers big-endian. The server publishes
+them at QoS 1 (paho sends again what was queued when its link to the broker
+comes back, and the PUBACKs pace it); devices subscribe at QoS 0, so the
+broker delivers them without a PUBACK per chunk: the next request is the
+device's acknowledgement, and a clean session loses undelivered frames at a
+disconnect whatever their QoS::
 
     magic      4  b"EOTF"
     version    1  1
