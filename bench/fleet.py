@@ -89,54 +89,91 @@ bottlenecks were found and removed::
     + one session per update, page cache freed   46.3-52.4  16.9-17.6  2.74-3.01  2.72-3.0
       (5 runs: 2.74, 2.78, 2.82 on a quiet file system; 2.86 and 3.01 right after
        a previous run's folders were removed)
+    the same code, a slower machine (11-26)      128.7      48.0   2.68   2.62
+    + devices take frames at QoS 0               108.9      43.5   2.50   2.48
+    + the watcher looks only at devices that     106.0-112.8  43.8-53.6  2.10-2.49  2.06-2.42
+      stepped (4 runs: 2.27, 2.49, 2.42, 2.10)
+    the same, raw clients at QoS 0 (--raw-qos 0)  116.5     55.3   2.10   2.04
 
-Target 2.5x: **missed** (2.7-2.9x). The two cores are saturated, so the time ratio follows
-the CPU ratio: 88 CPU s for the rollout against 31 for the raw push. Runs of the same code
-vary by about 10 % (46-52 s), much of it from the filesystem (below). What each fix was: the
-deploy call went from 37 s to 5 s once each device's director signing ran on a bounded pool
-(``server/services/deployments.py``); the device parsed its manifest's golden set value by
-value (a fifth of a fleet worker's CPU under cProfile; now one C-level pass over the value
-types); the server's report ingest locked and loaded each report's device twice and flushed
-per report (now one query per batch, one flush); snapshot.json listed 256 hash bins, loaded
-and checked twice per update (64 bins now, ``edgeota init --bin-bits``: 1.1 ms less per
-update timed alone; cProfile had made it look like a quarter of the update); ``open_bundle``
-hashed the sealed bytes the download had just hashed, on a thread whose hand-overs cost more
-than they saved. Then (``perf record -a -g`` over the rollout): copying model files into the
-page cache was the largest single kernel cost of the machine
-(``copy_folio_from_iter_atomic``, 8.7 %). Each device kept its 5 MiB model in the page cache
-after onnxruntime had parsed it, so the cache grew by 5 GB during a rollout and every write
-landed on memory never touched before, which costs this VM 4-9x more than reused memory
-(measured: 5 MiB written and synced, 4.4-10.7 ms with the cache kept, 1.2-1.4 ms with it
-dropped). The agent now drops a model file's cache once a session holds its weights (a small
-device gains the memory too), and swaps in the session the validation gate loaded instead of
-loading the model a second time: ``open_bundle`` went from 19 to 9 ms per update, the
-rollout from ~57 s to ~47 s. Smaller: report sequence numbers are reserved 32 at a time
-(three durable writes fewer per update) and the bridge caches metadata paths as it did
-target paths, and the device-message sink loads the assignments a batch of reports moves in
-one query instead of one per report.
+Target 2.5x: **met** on this machine (2.10-2.49 over 4 runs, one of them close to the
+target; runs of the same code vary by 10-20 %, mostly in the raw push: 44-54 s). The two
+cores are saturated, so the time ratio follows the CPU ratio. Machines differ: the last rows
+come from a machine about 2.5x slower than the rows above them (raw push 44-54 s instead of
+17-18 s), where the code before these changes gave 2.68 against 2.74-2.82 on the faster one;
+so compare rows within one machine, and expect the same runs about 0.1 higher on the faster
+machine (not measured there).
 
-Where the CPU goes now, per device update (1 000 devices): devices 59 ms (update cycle 38:
-metadata refresh of both repositories 9 (about ten round trips through broker and server,
-``tuf.ngclient`` parsing and checking each cached and each new file; its pure-Python
-canonical JSON looks large under cProfile, but computing it once and in C saved only ~0.5
-ms, measured, so that was not kept), ``open_bundle``
-decrypt + sha256 + unpack + fsync 9, the MQTT download's consumer 7 (sha256 and writes of
-5 MiB), journal 4 (nine atomic writes, each a new file and two fsyncs), validation 3.5,
-commit 1, reports 0.6; the network loop receiving 5 MiB over TLS ~19; the rest in
-progress saves and the loops), server 20 ms (paho's network thread about half of it:
-per-PUBACK objects it builds for every chunk; the fetch bridge; report ingest; the
-deploy call's per-device signing, 3.6 CPU s), broker 8 ms; against ~12 ms for a raw client
-to receive the same bytes, ~10 for the raw publisher and ~10 for the broker. The
-filesystem here is ext4 without a journal, whose inode allocator skips inodes deleted in
-the last minutes by reading their inode table blocks: every file a device creates (about
-22 per update: journal and ngclient temp files, the download, the unpacked model) costs
-more the more files were deleted recently, about 5 % of the machine in a rollout, and more
-right after a previous run's folders were removed. Devices wait for a fleet worker (wake
-latency p50 ~25 s) because every worker is busy on a CPU-bound cycle, not because there are
-too few workers. What is left is spread thin; the next large step is the shared-topic
-carousel of the design (one publish of a popular bundle for every device that needs it),
-for which a raw push on one shared topic would be the fair reference (about twice as fast
-as per-device topics, DESIGN.md).
+What each fix was: the deploy call went from 37 s to 5 s once each device's director
+signing ran on a bounded pool (``server/services/deployments.py``); the device parsed its
+manifest's golden set value by value (a fifth of a fleet worker's CPU under cProfile; now
+one C-level pass over the value types); the server's report ingest locked and loaded each
+report's device twice and flushed per report (now one query per batch, one flush);
+snapshot.json listed 256 hash bins, loaded and checked twice per update (64 bins now,
+``edgeota init --bin-bits``: 1.1 ms less per update timed alone; cProfile had made it look
+like a quarter of the update); ``open_bundle`` hashed the sealed bytes the download had just
+hashed, on a thread whose hand-overs cost more than they saved. Then (``perf record -a -g``
+over the rollout): copying model files into the page cache was the largest single kernel
+cost of the machine (``copy_folio_from_iter_atomic``, 8.7 %). Each device kept its 5 MiB
+model in the page cache after onnxruntime had parsed it, so the cache grew by 5 GB during a
+rollout and every write landed on memory never touched before, which costs this VM 4-9x
+more than reused memory (measured: 5 MiB written and synced, 4.4-10.7 ms with the cache
+kept, 1.2-1.4 ms with it dropped). The agent now drops a model file's cache once a session
+holds its weights (a small device gains the memory too), and swaps in the session the
+validation gate loaded instead of loading the model a second time: ``open_bundle`` went from
+19 to 9 ms per update, the rollout from ~57 s to ~47 s. Smaller: report sequence numbers are
+reserved 32 at a time (three durable writes fewer per update) and the bridge caches metadata
+paths as it did target paths, and the device-message sink loads the assignments a batch of
+reports moves in one query instead of one per report.
+
+Then two changes found by sampling the live processes with py-spy (``py-spy record --gil``
+on a device process and on the server: which Python code holds each process's GIL, without
+cProfile's inflation). **Devices take fetch frames at QoS 0.** Each device sent a PUBACK, a
+TLS record and a syscall of its own, for every 64 KiB chunk, and its network loop spent
+nearly as long in ``SSLSocket.send`` as in reading the chunks. The fetch protocol already
+acknowledges every window by asking for the next one, and with a clean session a frame not
+delivered at a disconnect is lost at QoS 1 as at QoS 0, so the PUBACK bought nothing. The
+server still publishes at QoS 1: its PUBACKs pace the bridge's back-pressure, and paho sends
+again what was queued if the server's own link to the broker drops. Broker packets received
+in a rollout fell from 229 000 to 141 000, device CPU per update from 154 to 130 ms, the
+ratio from 2.68 to 2.50. **The bench's watcher** checked every device every 50 ms for the
+version it serves: 2 500 looks a second per device process, a fifth of that process's Python
+time, charged to the rollout. It now looks only at devices that stepped since its last look
+(the served model and the journal change only inside a step) and takes the serving time from
+the swap itself. The raw push's clients, by contrast, report completion from their own
+message callback.
+
+The reference keeps QoS 1 subscribers: that is how a plain MQTT client makes sure of every
+byte. QoS 0 subscribers (``--raw-qos 0``) do not make the raw push faster here: one run took
+55 s (QoS 1: 44-54 s), Mosquitto using 0.59 cores instead of ~0.5, for a ratio of 2.10; so
+the QoS 1 reference is not the easier one to beat.
+
+Tried and not kept: the server publishing frames at QoS 0 as well. The server's CPU per
+update fell from 51 to 43 ms, but Mosquitto used more (0.22 cores instead of 0.17) and the
+rollout's total CPU did not move (195 s against 188-194 s), so the server keeps QoS 1 and
+its back-pressure stays PUBACK-paced.
+
+Where the CPU goes now, per device update (1 000 devices, the slower machine): devices
+~124 ms (steps of the update cycle 76: metadata refresh of both repositories 18 (about ten
+round trips through broker and server, ``tuf.ngclient`` parsing and checking each cached
+and each new file; its pure-Python canonical JSON looks large under cProfile, but computing
+it once and in C saved only ~0.5 % of an update, measured, so that was not kept),
+``open_bundle`` 20 (decrypt + sha256 of 5 MiB, 7.6 ms alone; tarfile's stream copies, 2.4;
+the manifest's 35 KB of golden-set JSON, 2.4; writing and syncing the model), the MQTT
+download's consumer 14 (sha256 and writes of 5 MiB), journal 8 (nine atomic writes, each a
+new file and two fsyncs), validation 6, reports and commit 2; the rest is the network loop
+receiving 5 MiB over TLS and the progress saves), server ~51 ms (paho's network thread
+about half of it, a third of that on the PUBACK of every chunk; the fetch bridge; report
+ingest; the deploy call's per-device signing, 9 CPU s in all), broker ~17 ms; against ~36
+ms for a raw client to receive the same bytes, ~27 for the raw publisher and ~22 for the
+broker. The filesystem here is ext4 without a journal, whose inode allocator skips inodes
+deleted in the last minutes by reading their inode table blocks: every file a device
+creates (about 22 per update: journal and ngclient temp files, the download, the unpacked
+model) costs more the more files were deleted recently, and more right after a previous
+run's folders were removed. Devices wait for a fleet worker (wake latency p50 ~45 s)
+because every worker is busy on a CPU-bound cycle, not because there are too few workers.
+The next large step is the shared-topic carousel of the design (one publish of a popular
+bundle for every device that needs it), for which a raw push on one shared topic would be
+the fair reference (about twice as fast as per-device topics, DESIGN.md).
 
 ``--profile`` runs cProfile, counting each thread's CPU time, on every fleet
 worker and network-loop thread of the device processes during the timed
