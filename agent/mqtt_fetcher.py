@@ -386,8 +386,10 @@ class DeviceConnection:
         # Frames come at QoS 0 (the broker downgrades the server's QoS 1): the fetch
         # protocol acknowledges by asking for the next window, and a frame lost with a
         # dropped link is lost at QoS 1 too (clean session), so a PUBACK per 64 KiB
-        # chunk would be a second acknowledgement that buys nothing. A notify stays
-        # QoS 1: it is small, rare and has no other acknowledgement.
+        # chunk would be a second acknowledgement that buys nothing. Mosquitto 2.0 drops
+        # QoS 0 to a connected client only past max_queued_messages packets queued for it
+        # (1000 in the config edgeota writes), far above a device's window (32 frames).
+        # A notify stays QoS 1: it is small, rare and has no other acknowledgement.
         _rc, self._subscribe_mid = client.subscribe([(self._rx, 0), (self._notify, 1)])
 
     def _on_subscribe(self, _client: mqtt.Client, _userdata: Any, mid: int,
