@@ -91,11 +91,11 @@ bottlenecks were found and removed::
        a previous run's folders were removed)
     the same code, a slower machine (11-26)      128.7      48.0   2.68   2.62
     + devices take frames at QoS 0               108.9      43.5   2.50   2.48
-    + the watcher looks only at devices that     106.0-112.8  43.8-53.6  2.10-2.49  2.06-2.42
-      stepped (4 runs: 2.27, 2.49, 2.42, 2.10)
+    + the watcher looks only at devices that     106.0-112.8  43.8-53.6  2.09-2.49  2.06-2.42
+      stepped (5 runs: 2.27, 2.49, 2.42, 2.10, 2.09)
     the same, raw clients at QoS 0 (--raw-qos 0)  116.5     55.3   2.10   2.04
 
-Target 2.5x: **met** on this machine (2.10-2.49 over 4 runs, one of them close to the
+Target 2.5x: **met** on this machine (2.09-2.49 over 5 runs, one of them close to the
 target; runs of the same code vary by 10-20 %, mostly in the raw push: 44-54 s). The two
 cores are saturated, so the time ratio follows the CPU ratio. Machines differ: the last rows
 come from a machine about 2.5x slower than the rows above them (raw push 44-54 s instead of
