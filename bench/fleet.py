@@ -52,7 +52,8 @@ device's director metadata inside it).
 **Raw push** (the reference, same run, same broker, before the devices start):
 as many plain paho clients as devices, split over as many processes, each on
 its own ``SharedNetworkLoop``, each connecting with a device's certificate and
-subscribing (QoS 1) to that device's ``rx`` topic; one publisher process (the
+subscribing (QoS 1; ``--raw-qos 0`` for QoS 0, as the devices take their
+frames) to that device's ``rx`` topic; one publisher process (the
 server's broker identity) pushes the sealed bundle's size to every client as
 64 KiB QoS 1 messages, round-robin, a bounded number unacknowledged (as
 ``bench/mqtt_clients.py``). Timed from its first publish until every client
@@ -190,6 +191,7 @@ Usage::
     python bench/fleet.py [--devices 1000] [--model-mb 5] [--device-processes 8]
                           [--workers 8] [--tick 1] [--inferences-per-step 1]
                           [--enrol-threads 8] [--timeout 900] [--raw-inflight 512]
+                          [--raw-qos 1]
                           [--quick] [--profile] [--json] [--dir DIR]
 
 ``--quick``: 50 devices, a 1 MiB model. Exits 0 whatever the result (1 when
@@ -575,10 +577,9 @@ def _instrument() -> dict[str, float]:
 
     @functools.wraps(swap)
     def stamped_swap(self: ModelHost, *args: Any, **kwargs: Any) -> Any:
-        try:
-            return swap(self, *args, **kwargs)
-        finally:
-            CHANGES.swapped(self)
+        swapped = swap(self, *args, **kwargs)
+        CHANGES.swapped(self)  # only a swap that happened
+        return swapped
 
     @functools.wraps(step)
     def marked_step(self: SimulatedDevice) -> None:
@@ -1343,7 +1344,7 @@ def _raw_push(setup: _Setup, folders: list[Path], size: int, args: argparse.Name
     ids.write_text("\n".join(f.name for f in folders) + "\n")
     children: list[_Child] = []
     publisher: _Child | None = None
-    result: dict[str, Any] = {}
+    result: dict[str, Any] = {"qos": args.raw_qos}
     try:
         for index, share in enumerate(shares):
             children.append(_Child(f"raw-{index}", [
@@ -1457,7 +1458,6 @@ def run(args: argparse.Namespace, say: Callable[[str], None]) -> dict[str, Any]:
         result["bundle_bytes"] = size
 
         result["raw"] = _raw_push(setup, folders, size, args, sysmon, say)
-        result["raw"]["qos"] = args.raw_qos
         say(f"  raw push: {result['raw']['seconds']} s")
 
         say(f"starting {args.devices} agents in {args.device_processes} processes "
