@@ -774,7 +774,7 @@ def _server_child(args: argparse.Namespace, serve_argv: list[str]) -> int:
 
     import paho.mqtt.client as mqtt
 
-    from edgeota.server.cli import main as cli_main
+    from edgeota.cli import main as cli_main
     from edgeota.server.mqtt_bridge import FetchBridge
     from edgeota.server.mqtt_ingest import DeviceMessageSink
     from edgeota.server.services import deployments, rollouts

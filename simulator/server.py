@@ -203,7 +203,7 @@ class ServerProcess(SimServer):
         self.log = workdir / "server.log"
         with self.log.open("ab") as log:
             self._process = subprocess.Popen(
-                [sys.executable, "-m", "edgeota.server.cli", "serve", "--home", str(config.home)],
+                [sys.executable, "-m", "edgeota.cli", "serve", "--home", str(config.home)],
                 stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True)
         deadline = time.monotonic() + START_TIMEOUT
         while not _healthy(self.url):

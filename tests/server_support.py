@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from edgeota.server.cli import main as cli_main
+from edgeota.cli import main as cli_main
 from edgeota.server.config import (
     OperatorConfig,
     ServerConfig,

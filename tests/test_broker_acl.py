@@ -26,6 +26,7 @@ from cryptography.hazmat.primitives.serialization import Encoding
 from mqtt_fleet_support import running_fleet_mosquitto
 from typer.testing import CliRunner
 
+from edgeota.cli.broker import broker_config
 from edgeota.protocol.identity import SERVER_IDENTITY, TLS_CERT_FILE, TLS_KEY_FILE
 from edgeota.protocol.topics import DeviceTopic, Topics
 from edgeota.server.broker_config import (
@@ -33,7 +34,6 @@ from edgeota.server.broker_config import (
     render_acl,
     write_mosquitto_files,
 )
-from edgeota.server.cli.broker import broker_config
 from edgeota.server.config import load_server_config
 from edgeota.server.embedded_broker import (
     BrokerAcl,

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from conftest import SealedFixture
 
-from edgeota.server.cli import main
+from edgeota.cli import main
 
 EDGEOTA = shutil.which("edgeota", path=str(Path(sys.executable).parent))
 

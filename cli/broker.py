@@ -7,8 +7,8 @@ from typing import Annotated
 
 import typer
 
+from edgeota.cli.common import DEFAULT_HOME, HomeOption, JsonOption, emit_json, split_list
 from edgeota.server.broker_config import write_mosquitto_config
-from edgeota.server.cli.common import DEFAULT_HOME, HomeOption, JsonOption, emit_json, split_list
 
 __all__ = ["broker_config"]
 

@@ -6,8 +6,7 @@ from typing import Annotated
 
 import typer
 
-from edgeota.protocol.errors import EdgeotaError
-from edgeota.server.cli.common import (
+from edgeota.cli.common import (
     DEFAULT_HOME,
     HomeOption,
     JsonOption,
@@ -15,6 +14,7 @@ from edgeota.server.cli.common import (
     operator,
     table,
 )
+from edgeota.protocol.errors import EdgeotaError
 
 fleet_app = typer.Typer(help="Look at the fleet.", no_args_is_help=True)
 audit_app = typer.Typer(help="Check the audit log.", no_args_is_help=True)

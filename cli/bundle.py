@@ -10,10 +10,10 @@ from typing import Annotated, Any
 
 import typer
 
+from edgeota.cli.progress import byte_progress
 from edgeota.protocol.bundle import BundleSummary, inspect_bundle, open_bundle
 from edgeota.protocol.errors import MalformedKeyError
 from edgeota.protocol.files import read_private_file
-from edgeota.server.cli.progress import byte_progress
 
 app = typer.Typer(help="Inspect sealed model bundles.", no_args_is_help=True)
 

@@ -13,18 +13,18 @@ import sys
 import click
 import typer
 
+from edgeota.cli import broker as broker_cli
+from edgeota.cli import bundle as bundle_cli
+from edgeota.cli import demo as demo_cli
+from edgeota.cli import device as device_cli
+from edgeota.cli import init as init_cli
+from edgeota.cli import keys as keys_cli
+from edgeota.cli import operate as operate_cli
+from edgeota.cli import release as release_cli
+from edgeota.cli import rollout as rollout_cli
+from edgeota.cli import serve as serve_cli
+from edgeota.cli import sim as sim_cli
 from edgeota.protocol.errors import EdgeotaError
-from edgeota.server.cli import broker as broker_cli
-from edgeota.server.cli import bundle as bundle_cli
-from edgeota.server.cli import demo as demo_cli
-from edgeota.server.cli import device as device_cli
-from edgeota.server.cli import init as init_cli
-from edgeota.server.cli import keys as keys_cli
-from edgeota.server.cli import operate as operate_cli
-from edgeota.server.cli import release as release_cli
-from edgeota.server.cli import rollout as rollout_cli
-from edgeota.server.cli import serve as serve_cli
-from edgeota.server.cli import sim as sim_cli
 
 __all__ = ["app", "main"]
 

@@ -7,8 +7,7 @@ from typing import Annotated
 
 import typer
 
-from edgeota.protocol.keywrap import KemSuite
-from edgeota.server.cli.common import (
+from edgeota.cli.common import (
     DEFAULT_HOME,
     HomeOption,
     JsonOption,
@@ -16,6 +15,7 @@ from edgeota.server.cli.common import (
     operator,
     parse_tags,
 )
+from edgeota.protocol.keywrap import KemSuite
 from edgeota.server.enrollment import enroll_device
 
 app = typer.Typer(help="Enrol devices.", no_args_is_help=True)

@@ -6,7 +6,7 @@ from typing import Annotated
 
 import typer
 
-from edgeota.server.cli.common import DEFAULT_HOME, HomeOption, JsonOption, emit_json
+from edgeota.cli.common import DEFAULT_HOME, HomeOption, JsonOption, emit_json
 from edgeota.server.keystore import KeyAlgorithm
 from edgeota.server.rotation import RotatableRole, rotate_key
 

@@ -7,7 +7,7 @@ from typing import Annotated, Any
 
 import typer
 
-from edgeota.server.cli.common import (
+from edgeota.cli.common import (
     DEFAULT_HOME,
     HomeOption,
     JsonOption,

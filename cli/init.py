@@ -6,7 +6,7 @@ from typing import Annotated
 
 import typer
 
-from edgeota.server.cli.common import DEFAULT_HOME, HomeOption, JsonOption, emit_json
+from edgeota.cli.common import DEFAULT_HOME, HomeOption, JsonOption, emit_json
 from edgeota.server.config import DEFAULT_HTTP
 from edgeota.server.home import HomeOptions, init_home
 from edgeota.server.keystore import KeyAlgorithm

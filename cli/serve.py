@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from edgeota.server.cli.common import DEFAULT_HOME, HomeOption
+from edgeota.cli.common import DEFAULT_HOME, HomeOption
 from edgeota.server.config import load_server_config, parse_http
 from edgeota.server.transport import MqttTransport
 

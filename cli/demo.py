@@ -36,7 +36,7 @@ def demo(
 ) -> None:
     """Publish two releases and watch a simulated fleet verify, decrypt and hot-swap them
     in a staged rollout; prints the dashboard URL while it runs and the report at the end."""
-    from edgeota.server.cli.sim import print_result, simulate
+    from edgeota.cli.sim import print_result, simulate
     from edgeota.simulator.scenario import load_scenario
     from edgeota.simulator.server import ServerChoice
 

@@ -7,8 +7,7 @@ from typing import Annotated
 
 import typer
 
-from edgeota.protocol.stream import AeadSuite
-from edgeota.server.cli.common import (
+from edgeota.cli.common import (
     DEFAULT_HOME,
     HomeOption,
     JsonOption,
@@ -17,7 +16,8 @@ from edgeota.server.cli.common import (
     split_list,
     table,
 )
-from edgeota.server.cli.progress import byte_progress
+from edgeota.cli.progress import byte_progress
+from edgeota.protocol.stream import AeadSuite
 from edgeota.server.publisher import PublishRequest, publish_release, sign_release
 
 app = typer.Typer(help="Publish, co-sign and list model releases.", no_args_is_help=True)
