@@ -7,11 +7,11 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.edgeota-installed
 
-.PHONY: demo test lint system-deps bench clean help
+.PHONY: demo test lint typecheck system-deps bench clean help
 
 help:
 	@echo "make demo   - install into .venv and run the end-to-end demo"
-	@echo "make test   - install into .venv (and mosquitto) and run ruff + the whole test suite"
+	@echo "make test   - install into .venv (and mosquitto) and run ruff, mypy --strict and the whole test suite"
 	@echo "make bench  - run the benchmarks in bench/ (prints ratios against measured limits)"
 
 $(STAMP): pyproject.toml
@@ -40,13 +40,19 @@ demo: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check .
 
+# mypy --strict on every package in [tool.setuptools] package-dir, under its
+# edgeota.* name (the script mirrors the folders in build/typecheck and prints
+# errors with the real paths); settings in [tool.mypy].
+typecheck: $(STAMP)
+	$(BIN)/python scripts/typecheck.py
+
 # Tests run on every core (pytest-xdist): most of their time is spent waiting on
 # brokers, subprocesses and fsync, so two workers halve the suite on two cores.
 # Each test has its own broker port, database and folders; PYTEST_WORKERS=0 runs
 # them in this process.
 PYTEST_WORKERS ?= auto
 
-test: $(STAMP) system-deps lint
+test: $(STAMP) system-deps lint typecheck
 	$(BIN)/pytest -n $(PYTEST_WORKERS)
 
 bench: $(STAMP)
@@ -55,4 +61,4 @@ bench: $(STAMP)
 	  echo "== $$b"; $(BIN)/python $$b || exit 1; done
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache test-artifacts
+	rm -rf $(VENV) .pytest_cache .ruff_cache .mypy_cache build/typecheck test-artifacts
