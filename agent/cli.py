@@ -59,13 +59,17 @@ def run(
         raise typer.BadParameter("transport is mqtt or http", param_hint="--transport")
     agent = Agent(AgentConfig.load(config), AgentSettings(probation_seconds=probation),
                   transport=transport)
-    agent.start()
-    stop = threading.Event()
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(signum, lambda *_: stop.set())
-    with InferenceServer(agent.host, port=http_port) as endpoint:
-        typer.echo(f"edgeota-agent {agent.config.device_id}: serving on {endpoint.url}", err=True)
-        run_forever(agent, stop, poll_seconds=poll)
+    try:
+        agent.start()
+        stop = threading.Event()
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(signum, lambda *_: stop.set())
+        with InferenceServer(agent.host, port=http_port) as endpoint:
+            typer.echo(f"edgeota-agent {agent.config.device_id}: serving on {endpoint.url}",
+                       err=True)
+            run_forever(agent, stop, poll_seconds=poll)
+    finally:
+        agent.close()
 
 
 @app.command()

@@ -8,8 +8,18 @@ start the agent loads the record and asks :func:`recovery_action` what to do;
 because the record was saved before the work, the saved state always names
 the work that may have been interrupted::
 
-    idle -> checking -> downloading -> verifying -> validating -> staged
-         -> swapping -> probation -> committed | rolled_back | failed(reason)
+    idle -> downloading -> verifying -> validating -> swapping -> probation
+         -> committed | rolled_back | failed(reason)
+
+Each state is one step of work (:data:`edgeota.agent.runner.STEPS`): download
+the bundle, decrypt-verify-unpack it, run the validation gate, swap, watch
+probation. DESIGN's ``checking`` and ``staged`` are not journal states: the
+check only reads TUF metadata (which ngclient writes atomically itself) and
+concerns every model at once, and nothing happens between a model passing
+the gate and its swap, so saving either would be a durable write for no work.
+A journal written by a version that had them names a state this one does not
+know, and is handled like any unreadable journal (``failed(corrupt_journal)``,
+the known-good model kept).
 
 Three rules keep a device serving:
 
@@ -49,6 +59,7 @@ from edgeota.protocol.files import (
     atomic_write,
     read_private_file,
 )
+from edgeota.protocol.reasons import Reason
 
 if TYPE_CHECKING:
     from edgeota.agent.uptane import InstallDecision
@@ -62,6 +73,7 @@ __all__ = [
     "REASON_CRASH_IN_SWAP",
     "REASON_STATE_LOOP",
     "RECOVERY",
+    "RESUMABLE_STATES",
     "TERMINAL_STATES",
     "TRANSITIONS",
     "CorruptJournalError",
@@ -93,19 +105,17 @@ _REASON_RE = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
 _SHA256_RE = re.compile(r"[0-9a-f]{64}")
 _UPDATE_ID_RE = re.compile(r"(?:[0-9a-f]{32})?")
 
-REASON_STATE_LOOP = "state_loop"
-REASON_CRASH_IN_SWAP = "crash_during_swap"
-REASON_CRASH_IN_PROBATION = "crash_during_probation"
-REASON_CORRUPT_JOURNAL = "corrupt_journal"
+REASON_STATE_LOOP = str(Reason.STATE_LOOP)
+REASON_CRASH_IN_SWAP = str(Reason.CRASH_DURING_SWAP)
+REASON_CRASH_IN_PROBATION = str(Reason.CRASH_DURING_PROBATION)
+REASON_CORRUPT_JOURNAL = str(Reason.CORRUPT_JOURNAL)
 
 
 class State(enum.StrEnum):
     IDLE = "idle"
-    CHECKING = "checking"
     DOWNLOADING = "downloading"
     VERIFYING = "verifying"
     VALIDATING = "validating"
-    STAGED = "staged"
     SWAPPING = "swapping"
     PROBATION = "probation"
     COMMITTED = "committed"
@@ -116,13 +126,10 @@ class State(enum.StrEnum):
 class Event(enum.StrEnum):
     """What happened; the closed set of inputs of the state machine."""
 
-    CHECK_STARTED = "check_started"
-    NO_UPDATE = "no_update"
     UPDATE_FOUND = "update_found"
     DOWNLOAD_DONE = "download_done"
     VERIFIED = "verified"
     VALID = "valid"
-    SWAP_STARTED = "swap_started"
     SWAPPED = "swapped"
     PROBATION_PASSED = "probation_passed"
     PROBATION_FAILED = "probation_failed"
@@ -135,10 +142,8 @@ class Event(enum.StrEnum):
 
 class RecoveryAction(enum.StrEnum):
     NONE = "none"
-    RESUME_CHECK = "resume_check"
     RESUME_DOWNLOAD = "resume_download"
     REVERIFY_DOWNLOAD = "reverify_download"
-    REVERIFY_STAGED = "reverify_staged"
     REVERT_TO_PREVIOUS = "revert_to_previous"
 
 
@@ -146,29 +151,26 @@ _S = State
 _E = Event
 
 TRANSITIONS: Mapping[tuple[State, Event], State] = MappingProxyType({
-    (_S.IDLE, _E.CHECK_STARTED): _S.CHECKING,
-    (_S.CHECKING, _E.NO_UPDATE): _S.IDLE,
-    (_S.CHECKING, _E.UPDATE_FOUND): _S.DOWNLOADING,
-    (_S.CHECKING, _E.FAILURE): _S.FAILED,
-    (_S.CHECKING, _E.RECOVERED): _S.CHECKING,
+    # A check found a target for this model: the update begins (new update id).
+    (_S.IDLE, _E.UPDATE_FOUND): _S.DOWNLOADING,
     (_S.DOWNLOADING, _E.DOWNLOAD_DONE): _S.VERIFYING,
     (_S.DOWNLOADING, _E.FAILURE): _S.FAILED,
     # Self-loops on RECOVERED are real saves: each restart counts toward the
-    # save cap, which is what turns a crash loop into failed(state_loop).
+    # save cap, which is what turns a crash loop into failed(state_loop). The
+    # download resumes from its partial file in the next cycle.
     (_S.DOWNLOADING, _E.RECOVERED): _S.DOWNLOADING,
+    # The downloaded bundle is opened again (decrypted, authenticated, unpacked
+    # into a fresh folder), never fetched again.
     (_S.VERIFYING, _E.VERIFIED): _S.VALIDATING,
     (_S.VERIFYING, _E.FAILURE): _S.FAILED,
     (_S.VERIFYING, _E.RECOVERED): _S.VERIFYING,
-    (_S.VALIDATING, _E.VALID): _S.STAGED,
+    # Valid: straight to the swap; nothing happens in between to save a state for.
+    (_S.VALIDATING, _E.VALID): _S.SWAPPING,
     (_S.VALIDATING, _E.FAILURE): _S.FAILED,
     # Back to verifying, not validating: files unpacked before the crash are not
-    # trusted, so they are verified again from the downloaded bundle.
+    # trusted (and the validated session died with the process), so they are
+    # verified again from the downloaded bundle.
     (_S.VALIDATING, _E.RECOVERED): _S.VERIFYING,
-    (_S.STAGED, _E.SWAP_STARTED): _S.SWAPPING,
-    # Failure in staged (the staged files no longer match) is a plain failure:
-    # the live model was never touched.
-    (_S.STAGED, _E.FAILURE): _S.FAILED,
-    (_S.STAGED, _E.RECOVERED): _S.STAGED,
     (_S.SWAPPING, _E.SWAPPED): _S.PROBATION,
     # From swapping on, the live model may already be the new one, so any
     # failure ends in a revert (rolled_back), never in a plain "failed".
@@ -189,11 +191,9 @@ TRANSITIONS: Mapping[tuple[State, Event], State] = MappingProxyType({
 
 RECOVERY: Mapping[State, RecoveryAction] = MappingProxyType({
     State.IDLE: RecoveryAction.NONE,
-    State.CHECKING: RecoveryAction.RESUME_CHECK,
     State.DOWNLOADING: RecoveryAction.RESUME_DOWNLOAD,
     State.VERIFYING: RecoveryAction.REVERIFY_DOWNLOAD,
     State.VALIDATING: RecoveryAction.REVERIFY_DOWNLOAD,
-    State.STAGED: RecoveryAction.REVERIFY_STAGED,
     State.SWAPPING: RecoveryAction.REVERT_TO_PREVIOUS,
     State.PROBATION: RecoveryAction.REVERT_TO_PREVIOUS,
     State.COMMITTED: RecoveryAction.NONE,
@@ -202,8 +202,12 @@ RECOVERY: Mapping[State, RecoveryAction] = MappingProxyType({
 })
 
 TERMINAL_STATES: frozenset[State] = frozenset({State.COMMITTED, State.ROLLED_BACK, State.FAILED})
+#: States an update is under way in before the live model changes: a restart
+#: goes on with it in the next cycle while the director still assigns its target.
+RESUMABLE_STATES: frozenset[State] = frozenset({
+    State.DOWNLOADING, State.VERIFYING, State.VALIDATING})
 # States whose record must name the model being installed.
-_NEEDS_TARGET = frozenset(State) - {State.IDLE, State.CHECKING, State.FAILED}
+_NEEDS_TARGET = frozenset(State) - {State.IDLE, State.FAILED}
 _NEEDS_REASON = frozenset({State.ROLLED_BACK, State.FAILED})
 # Rows whose reason the journal knows without being told.
 _DEFAULT_REASONS: Mapping[tuple[State, Event], str] = MappingProxyType({
@@ -335,7 +339,7 @@ class JournalRecord:
                 raise ValueError(f"{key} must be a ModelRef or None")
         if self.state in _NEEDS_TARGET and self.target is None:
             raise ValueError(f"state {self.state} needs a target")
-        if self.state in (State.IDLE, State.CHECKING) and self.target is not None:
+        if self.state is State.IDLE and self.target is not None:
             raise ValueError(f"state {self.state} has no target")
         if self.state in _NEEDS_REASON:
             if not isinstance(self.reason, str) or not _REASON_RE.fullmatch(self.reason):
@@ -457,14 +461,12 @@ def recovery_action(record: JournalRecord) -> RecoveryAction:
     names the work a crash may have cut short (table :data:`RECOVERY`):
 
     * ``idle`` -- nothing was in progress.
-    * ``checking`` -- repeat the check; nothing but TUF metadata (itself
-      written atomically by ngclient) was touched.
-    * ``downloading`` -- resume the download from what is on disk; the live
-      model was not touched.
-    * ``verifying`` / ``validating`` -- verify again from the downloaded bundle:
-      anything unpacked before the crash is discarded, not trusted.
-    * ``staged`` -- re-verify the staged files against signed metadata before
-      swapping: the SD card may have lost or flipped bytes since.
+    * ``downloading`` -- resume the download from what is on disk (over MQTT
+      from its last durable window) in the next cycle, if the director still
+      assigns the target; the live model was not touched.
+    * ``verifying`` / ``validating`` -- verify again from the downloaded bundle
+      (decrypt, authenticate, unpack into a fresh folder; no fetch): anything
+      unpacked before the crash is discarded, not trusted.
     * ``swapping`` / ``probation`` -- revert to the previous model. The new
       model never served a full probation, and it may be what crashed the
       agent, so a crash here counts as a failed probation.
@@ -603,7 +605,7 @@ class Journal:
 
         ``target`` replaces the saved one when given (e.g. the target with its
         ``model_dir`` once unpacked). ``previous`` -- the known-good model -- can
-        only be declared on ``check_started`` (e.g. a factory-installed model);
+        only be declared on ``update_found`` (e.g. a factory-installed model);
         afterwards the journal alone moves it, so no caller can drop the model a
         revert needs. ``reason`` is required
         when entering ``failed`` or ``rolled_back`` (unless the row has a default
@@ -632,21 +634,19 @@ class Journal:
             )
         if event is Event.UPDATE_FOUND and target is None:
             raise IllegalTransitionError("update_found needs the target (use begin())")
-        if target is not None and new_state in (State.IDLE, State.CHECKING):
+        if target is not None and new_state is State.IDLE:
             raise IllegalTransitionError(f"{new_state} has no target")
-        if previous is not None and event is not Event.CHECK_STARTED:
+        if previous is not None and event is not Event.UPDATE_FOUND:
             # Replacing the known-good model mid-update could lose the only model
-            # a revert can go back to; it is declared only when a cycle starts.
-            raise IllegalTransitionError("previous can only be set on check_started")
+            # a revert can go back to; it is declared only when an update begins.
+            raise IllegalTransitionError("previous can only be set on update_found")
 
         now = self._now()
         new_target = target if target is not None else old.target
         new_previous = previous if previous is not None else old.previous
         update_id = old.update_id
         saves = old.saves + 1
-        if event is Event.CHECK_STARTED:
-            saves, update_id = 1, ""
-        elif event is Event.UPDATE_FOUND:
+        if event is Event.UPDATE_FOUND:
             saves, update_id = 1, secrets.token_hex(16)
         elif new_state is State.IDLE:
             # Leaving an outcome: a committed target becomes the known-good model.
@@ -664,9 +664,14 @@ class Journal:
         self._save(record)
         return record
 
-    def begin(self, target: ModelRef) -> JournalRecord:
-        """Start an update of ``target`` (checking -> downloading): new update id, saves reset."""
-        return self.transition(Event.UPDATE_FOUND, target=target)
+    def begin(self, target: ModelRef, *, previous: ModelRef | None = None) -> JournalRecord:
+        """Start an update of ``target`` (idle -> downloading): new update id, saves reset.
+
+        ``previous`` declares the known-good model to revert to when the journal
+        does not know it yet (a factory-installed model); by default the idle
+        record's own ``previous`` (the live model) stays.
+        """
+        return self.transition(Event.UPDATE_FOUND, target=target, previous=previous)
 
     def recover(self) -> tuple[RecoveryAction, JournalRecord]:
         """On start: the recovery action for the saved state, with the restart saved.

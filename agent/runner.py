@@ -1,16 +1,22 @@
 """The running agent: update cycles, journal, hot swap, probation, reports, local inference.
 
 One ``Agent`` per device wires the pieces together in the order the journal
-demands (state saved before its work starts):
+demands: each state is saved before its work starts (:data:`STEPS` names the
+work of each)::
 
-    checking -> downloading -> verifying -> validating -> staged -> swapping
-             -> probation -> committed | rolled_back | failed(reason)
+    idle -> downloading -> verifying -> validating -> swapping -> probation
+         -> committed | rolled_back | failed(reason)
 
 ``run_cycle()`` performs one verified check and, per named model, an install
-up to probation; ``check_probation()`` commits or reverts when the window is
+up to probation -- or goes on with one a restart interrupted, from the step
+its journal names; ``check_probation()`` commits or reverts when the window is
 over. Both are plain methods with injected clocks so tests, the simulator and
-``edgeota-agent run`` drive exactly the same code. Transport today is HTTP;
-the MQTT fetcher plugs in through ``UpdateClient``'s fetcher factory.
+``edgeota-agent run`` drive exactly the same code.
+
+The agent owns the device's one MQTT session (:class:`DeviceConnection`) when
+``agent.toml``'s transport is MQTT: the update client fetches over it, and
+reports, telemetry, presence and the server's notify go through it too. Over
+HTTP there is no session; reports are POSTed.
 """
 
 from __future__ import annotations
@@ -21,44 +27,46 @@ import math
 import shutil
 import threading
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from types import MappingProxyType
 
 from tuf.api import exceptions as tuf_exceptions
 
 from edgeota.agent.clock import ClockUntrustedError, TimeFloor
-from edgeota.agent.config import AgentConfig
+from edgeota.agent.config import AgentConfig, AgentConfigError
+from edgeota.agent.failures import reason_for
 from edgeota.agent.journal import (
+    RESUMABLE_STATES,
+    TERMINAL_STATES,
     Event,
     Journal,
     JournalRecord,
     ModelRef,
     RecoveryAction,
     State,
+    StateLoopError,
     model_to_serve,
 )
 from edgeota.agent.model_host import HardwareEmulation, ModelHost, UnknownModelError
-from edgeota.agent.update_cycle import (
-    BundleTooSlowError,
-    BundleUnavailableError,
-    DiskFullError,
-    InstallError,
-    UpdateClient,
-)
-from edgeota.agent.uptane import UptaneRefusal
+from edgeota.agent.mqtt_session import DeviceConnection, NetworkLoop
+from edgeota.agent.update_cycle import TransferLimits, UpdateClient
+from edgeota.agent.uptane import InstallDecision, UptaneRefusal
 from edgeota.agent.validation import SessionSettings, ValidationError
 from edgeota.protocol.bundle import describe_payload
 from edgeota.protocol.errors import EdgeotaError
 from edgeota.protocol.files import atomic_write
 from edgeota.protocol.identity import DeviceIdentity
 from edgeota.protocol.manifest import Manifest
+from edgeota.protocol.reasons import TRANSIENT_REASONS, Reason
 from edgeota.protocol.reports import SignedReport, StatusReport
 from edgeota.protocol.telemetry import ModelTelemetry, Telemetry
 from edgeota.protocol.topics import DeviceTopic
 
-__all__ = ["Agent", "AgentSettings", "CycleOutcome", "ModelIntegrityError", "run_forever"]
+__all__ = ["STEPS", "Agent", "AgentSettings", "CycleOutcome", "ModelIntegrityError",
+           "run_forever"]
 
 
 class ModelIntegrityError(EdgeotaError):
@@ -67,12 +75,27 @@ class ModelIntegrityError(EdgeotaError):
 MAX_CRASHES_PER_TARGET = 3
 #: Report sequence numbers reserved on disk per durable write (see ``Agent._next_seq``).
 SEQ_BLOCK = 32
-# Install failures worth a sooner retry: the transfer, not the release, was the problem.
-_TRANSIENT_REASONS = frozenset({
-    BundleUnavailableError.__name__, BundleTooSlowError.__name__, str(DiskFullError.reason),
+_CRASH_REASONS = {
+    str(Reason.CRASH_DURING_SWAP): Reason.CRASH_DURING_SWAP_REPEATED,
+    str(Reason.CRASH_DURING_PROBATION): Reason.CRASH_DURING_PROBATION_REPEATED,
+}
+
+#: The work of each journal state, in the order of an update. The agent saves
+#: the state, calls :attr:`Agent.on_step`, then does the work; a crash during it
+#: leaves the journal naming it, and :data:`~edgeota.agent.journal.RECOVERY` says
+#: what a restart does. Tests walk this table.
+STEPS: Mapping[State, str] = MappingProxyType({
+    State.DOWNLOADING: "fetch the bundle, verified against the signed length and sha256 "
+                       "(UpdateClient.download; over MQTT resumable from the last window)",
+    State.VERIFYING: "unwrap the content key, decrypt, authenticate and unpack the "
+                     "downloaded bundle into a new version folder (UpdateClient.open)",
+    State.VALIDATING: "the validation gate on a session with the serving settings "
+                      "(UpdateClient.validate)",
+    State.SWAPPING: "the outgoing version's last telemetry, then the hot swap of the "
+                    "validated session (ModelHost.swap)",
+    State.PROBATION: "serve and watch error rate, NaN/Inf and p95 latency against the "
+                     "previous version (Agent.check_probation)",
 })
-_BEFORE_SWAP = (State.CHECKING, State.DOWNLOADING, State.VERIFYING, State.VALIDATING,
-                State.STAGED)
 
 logger = logging.getLogger(__name__)
 
@@ -120,15 +143,31 @@ class Agent:
         update_client: UpdateClient | None = None,
         memory_available: Callable[[], int] | None = None,
         transport: str = "http",
+        network: NetworkLoop | None = None,
+        limits: TransferLimits | None = None,
         emulation: HardwareEmulation | None = None,
     ) -> None:
+        """``transport`` is ``http`` or ``mqtt``: over MQTT the agent opens the device's
+        session (driven by ``network`` when many devices share a process) and
+        closes it in :meth:`close`. An injected ``update_client`` brings its own
+        transport (its session, if any, is then the agent's)."""
+        if transport not in ("http", "mqtt"):
+            raise AgentConfigError(f"transport must be http or mqtt, not {transport!r}")
         self.config = config
         self.settings = settings or AgentSettings()
         self._clock = clock or (lambda: datetime.now(UTC))
         self.identity = DeviceIdentity.load(config.identity_dir)
         config.state_dir.mkdir(parents=True, exist_ok=True)
-        self.updates = update_client or UpdateClient(config, identity=self.identity,
-                                                     transport=transport)
+        if update_client is None:
+            session = None
+            if transport == "mqtt":
+                session = DeviceConnection.for_device(config, network=network).start()
+            update_client = UpdateClient(config, identity=self.identity, connection=session,
+                                         limits=limits)
+        self.updates = update_client
+        #: The device's MQTT session (``None`` over HTTP): reports, telemetry and
+        #: notify go through it, and the update client fetches over it.
+        self.session: DeviceConnection | None = update_client.connection
         self.host = ModelHost(self.settings.session, memory_available=memory_available,
                               emulation=emulation)
         self.floor = TimeFloor(config.state_dir / "time-floor.json", clock=self._clock)
@@ -144,13 +183,22 @@ class Agent:
         # Called with (model name, record) after every journal save; what it raises
         # propagates from the save (the simulator's power cuts use this).
         self.on_journal_saved: Callable[[str, JournalRecord], None] | None = None
+        # Called with (model name, state) once the state is saved, right before its
+        # work (STEPS) starts: tests check the order, crash tests kill inside a state.
+        self.on_step: Callable[[str, State], None] | None = None
         self._transient_failures = 0  # cycles in a row that failed for a passing reason
         # Models whose new assignment a cycle left for later (their update was still in
         # probation): when the probation ends, wake sets, so the assignment (a rollback,
         # say) is taken at once instead of at the next poll; its notify is spent.
         self._deferred: set[str] = set()
-        if self.updates.connection is not None:
-            self.updates.connection.on_notify = self.wake.set
+        if self.session is not None:
+            self.session.on_notify = self.wake.set
+
+    def close(self) -> None:
+        """Close the device's MQTT session, if it has one (idempotent)."""
+        if self.session is not None:
+            self.session.close()
+            self.session = None
 
     # -- persistence helpers -------------------------------------------------
 
@@ -189,14 +237,24 @@ class Agent:
     # -- start and recovery --------------------------------------------------
 
     def start(self) -> None:
-        """Recover every model's journal and load what each should serve."""
+        """Recover every model's journal and load what each should serve.
+
+        Outcomes on disk are reported (a crash between an outcome and its
+        report sends it now). An update interrupted before its swap stays in
+        its (recovered) state and goes on in the next cycle; one interrupted
+        in its swap or probation has been saved as rolled back, and the
+        previous model is what is served.
+        """
         self._remove_crash_leftovers()
         for path in sorted(self.config.state_dir.glob("journal-*.json")):
             name = path.name.removeprefix("journal-").removesuffix(".json")
             journal = self.journal(name)
-            action, record = journal.recover()
+            try:
+                action, record = journal.recover()
+            except StateLoopError as e:  # a crash loop: already saved as failed(state_loop)
+                action, record = RecoveryAction.NONE, e.record
             if action is not RecoveryAction.NONE:
-                logger.info("recovered %s from %s: %s", name, record.state, action)
+                logger.info("recovered %s: %s, now %s", name, action, record.state)
             target = record.target
             if record.state is State.COMMITTED and target is not None:
                 # The floor is raised after the commit is saved: a crash in between
@@ -204,22 +262,16 @@ class Agent:
                 self._raise_release_floor(target.release_counter)
             # A power cut is no verdict on the model, so it is retried; a model that
             # takes the agent down again and again is not retried forever.
+            repeated = _CRASH_REASONS.get(record.reason or "")
             if (
                 record.state is State.ROLLED_BACK
                 and target is not None
-                and record.reason in ("crash_during_swap", "crash_during_probation")
+                and repeated is not None
                 and self._count_crash(target.sha256) >= MAX_CRASHES_PER_TARGET
             ):
-                self._refuse(target.sha256, f"{record.reason}_repeated")
-            if record.state in (State.ROLLED_BACK, State.FAILED, State.COMMITTED):
+                self._refuse(target.sha256, str(repeated))
+            if record.state in TERMINAL_STATES:
                 self._report(name, record.state, record.reason,
-                             target.version if target else None)
-                record = journal.transition(Event.REPORTED)
-            if record.state in _BEFORE_SWAP:
-                # Interrupted before the live model changed: close this attempt; the
-                # next cycle starts again from freshly verified repositories.
-                journal.transition(Event.FAILURE, reason="interrupted")
-                self._report(name, State.FAILED, "interrupted",
                              target.version if target else None)
                 record = journal.transition(Event.REPORTED)
             serve = model_to_serve(record)
@@ -283,90 +335,144 @@ class Agent:
         try:
             self.floor.require_trusted()
         except ClockUntrustedError:
-            self._report("*", "clock_untrusted", "clock_untrusted")
-            return CycleOutcome({"*": "clock_untrusted"}, {"*": "clock_untrusted"})
+            self._report("*", "clock_untrusted", Reason.CLOCK_UNTRUSTED)
+            return CycleOutcome({"*": "clock_untrusted"}, {"*": str(Reason.CLOCK_UNTRUSTED)})
         try:
             decisions = self.updates.check(release_floor=self.release_floor())
-        except UptaneRefusal as e:
-            logger.warning("update refused: %s", e)
-            self._report("*", "failed", str(e.reason))
-            return CycleOutcome({"*": "failed"}, {"*": str(e.reason)})
-        except tuf_exceptions.RepositoryError as e:
-            # Bad metadata (expired, replayed, badly signed): refused, nothing changes.
-            reason = type(e).__name__
-            logger.warning("repository metadata refused: %s", e)
+        except (UptaneRefusal, tuf_exceptions.RepositoryError) as e:
+            # Refused by Uptane or bad metadata (expired, replayed, badly signed):
+            # nothing changes.
+            reason = reason_for(e)
+            logger.warning("update refused (%s): %s", reason, e)
             self._report("*", "failed", reason)
-            return CycleOutcome({"*": "failed"}, {"*": reason})
+            return CycleOutcome({"*": "failed"}, {"*": str(reason)})
         except tuf_exceptions.DownloadError as e:
             logger.warning("repository unreachable: %s", e)
-            return CycleOutcome({"*": "unreachable"}, {"*": type(e).__name__}, transient=True)
+            return CycleOutcome({"*": "unreachable"}, {"*": str(reason_for(e))},
+                                transient=True)
+        self._end_superseded({d.image.name: d for d in decisions})
         transient = False
         for decision in decisions:
             name = decision.image.name
-            try:
-                if self.host.current_version(name) == decision.image.version:
-                    states[name] = "current"
-                    continue
-            except UnknownModelError:
-                pass
-            if decision.sha256 in self._refused():
-                states[name] = "refused"  # failed here before: wait for another assignment
-                continue
             journal = self.journal(name)
-            if journal.current.state is not State.IDLE:
-                states[name] = str(journal.current.state)  # probation or an unreported outcome
-                self._deferred.add(name)
-                continue
+            record = journal.current
+            resuming = record.state in RESUMABLE_STATES
+            if not resuming:
+                try:
+                    if self.host.current_version(name) == decision.image.version:
+                        states[name] = "current"
+                        continue
+                except UnknownModelError:
+                    pass
+                if decision.sha256 in self._refused():
+                    states[name] = "refused"  # failed here before: wait for another assignment
+                    continue
+                if record.state is not State.IDLE:
+                    states[name] = str(record.state)  # probation or an unreported outcome
+                    self._deferred.add(name)
+                    continue
             self._deferred.discard(name)
             states[name], reason = self._update(journal, decision)
             if reason:
                 reasons[name] = reason
-                transient = transient or reason in _TRANSIENT_REASONS
+                transient = transient or reason in TRANSIENT_REASONS
         self.floor.advance()
         return CycleOutcome(states, reasons, transient)
 
-    def _update(self, journal: Journal, decision) -> tuple[str, str | None]:
+    def _end_superseded(self, assigned: dict[str, InstallDecision]) -> None:
+        """Close updates a restart interrupted whose target the director no longer assigns.
+
+        Their files are removed; the next cycle (this one, for a model with a
+        new target) starts the assigned update afresh.
+        """
+        for name, journal in list(self._journals.items()):
+            record = journal.current
+            target = record.target
+            if record.state not in RESUMABLE_STATES or target is None:
+                continue
+            decision = assigned.get(name)
+            if decision is not None and decision.sha256 == target.sha256:
+                continue
+            journal.transition(Event.FAILURE, reason=Reason.SUPERSEDED)
+            self.updates.discard(target.target_path, target.sha256)
+            self._finish(journal, name)
+
+    def _step(self, name: str, state: State) -> None:
+        """The journal saved ``state``; its work (:data:`STEPS`) starts after this."""
+        hook = self.on_step
+        if hook is not None:
+            hook(name, state)
+
+    def _update(self, journal: Journal, decision: InstallDecision) -> tuple[str, str | None]:
+        """Run ``decision``'s update from the step its journal names up to probation.
+
+        Each step's state is saved before its work (``begin`` saves
+        ``downloading``; each step's event saves the next). A step that fails
+        ends the attempt as ``failed(reason)`` -- the live model never changed
+        -- and is reported; a model the gate refused is not retried while the
+        director keeps assigning it.
+        """
         name = decision.image.name
-        # The last committed model stays the known-good one to revert to.
-        journal.transition(Event.CHECK_STARTED, previous=journal.current.previous)
-        target = ModelRef.from_decision(decision)
-        journal.begin(target)
-        self._report(name, State.DOWNLOADING, None, decision.image.version)
+        if journal.current.state is State.IDLE:
+            journal.begin(ModelRef.from_decision(decision))
+            self._report(name, State.DOWNLOADING, None, decision.image.version)
         try:
-            installed = self.updates.install(decision, session_settings=self.settings.session)
+            bundle_path = None
+            if journal.current.state is State.DOWNLOADING:
+                self._step(name, State.DOWNLOADING)
+                bundle_path = self.updates.download(decision)
+                journal.transition(Event.DOWNLOAD_DONE)
+            self._step(name, State.VERIFYING)
+            opened = self.updates.open(decision, bundle_path)
+            journal.transition(Event.VERIFIED,
+                               target=ModelRef.from_decision(decision, opened.folder))
+            self._step(name, State.VALIDATING)
+            installed = self.updates.validate(decision, opened,
+                                              session_settings=self.settings.session)
+            journal.transition(Event.VALID)
+        except StateLoopError:
+            return self._finish(journal, name)  # saved as failed(state_loop) already
         except ValidationError as e:
-            journal.transition(Event.FAILURE, reason=str(e.reason))
+            journal.transition(Event.FAILURE, reason=reason_for(e))
             self._refuse(decision.sha256, str(e.reason))
             self.updates.forget_download(decision)
             return self._finish(journal, name)
-        except EdgeotaError as e:
-            reason = (e.reason if isinstance(e, InstallError) else None) or type(e).__name__
+        except Exception as e:  # every failure of a step ends the attempt, reported
+            reason = reason_for(e)
+            if reason is Reason.INTERNAL_ERROR:
+                logger.exception("update of %s failed unexpectedly", decision.target_path)
+            else:
+                logger.warning("update of %s failed (%s): %s", decision.target_path, reason, e)
             journal.transition(Event.FAILURE, reason=reason)
             return self._finish(journal, name)
-        target = ModelRef.from_decision(decision, installed.bundle.folder)
-        journal.transition(Event.DOWNLOAD_DONE, target=target)
-        journal.transition(Event.VERIFIED)
-        journal.transition(Event.VALID)
-        journal.transition(Event.SWAP_STARTED)
+
+        self._step(name, State.SWAPPING)
         # The outgoing version's last figures: the server's rollout gates compare
         # this device on the new release with itself on this one.
         if name in self.host.models():
             self.publish_telemetry()
         manifest = installed.bundle.manifest
-        # The very session the gate validated goes live: no second load of the model.
         try:
-            self.host.swap(name, decision.image.version, installed.model_path, manifest,
-                           session=installed.session)
-        except UnknownModelError:
-            self.host.load(name, decision.image.version, installed.model_path, manifest,
-                           session=installed.session)
+            # The very session the gate validated goes live: no second load of the model.
+            try:
+                self.host.swap(name, decision.image.version, installed.model_path, manifest,
+                               session=installed.session)
+            except UnknownModelError:
+                self.host.load(name, decision.image.version, installed.model_path, manifest,
+                               session=installed.session)
+        except EdgeotaError as e:  # the serving session was not replaced
+            logger.warning("swap of %s failed: %s", decision.target_path, e)
+            journal.transition(Event.FAILURE, reason=Reason.SWAP_FAILED)
+            return self._finish(journal, name)
         journal.transition(Event.SWAPPED)
+        self._step(name, State.PROBATION)
         self.updates.forget_download(decision)
         self._probation_started[name] = self._clock()
         self._report(name, State.PROBATION, None, decision.image.version)
         return str(State.PROBATION), None
 
     def _finish(self, journal: Journal, name: str) -> tuple[str, str | None]:
+        """Report the outcome on disk, then go idle (a crash in between re-sends it)."""
         record = journal.current
         self._report(name, record.state, record.reason,
                      record.target.version if record.target else None)
@@ -403,14 +509,14 @@ class Agent:
                 self.wake.set()
         return results
 
-    def _regression(self, name: str, version: str) -> str | None:
+    def _regression(self, name: str, version: str) -> Reason | None:
         metrics = self.host.metrics(name, version)
         if metrics.non_finite:
-            return "nan_output"
+            return Reason.NAN_OUTPUT
         # Runs, not successes: a model that fails every request has no successes.
         if metrics.inferences + metrics.errors and \
                 metrics.error_rate > self.settings.max_error_rate:
-            return "error_rate"
+            return Reason.ERROR_RATE
         previous = self.host.previous_version(name)
         if previous is None or metrics.latency_p95_ms is None:
             return None
@@ -420,7 +526,7 @@ class Agent:
         if baseline and not math.isnan(baseline) and \
                 metrics.latency_p95_ms > baseline * self.settings.max_latency_factor and \
                 metrics.inferences >= self.settings.probation_min_inferences:
-            return "latency_regression"
+            return Reason.LATENCY_REGRESSION
         return None
 
     def _refused(self) -> dict[str, str]:
@@ -486,7 +592,7 @@ class Agent:
                 release=f"{name}@{version}" if version else None, error=error,
             )
             body = SignedReport.sign(report, self.identity).to_bytes()
-        connection = self.updates.connection
+        connection = self.session
         if connection is not None:
             # Over MQTT: retained on the device's own status topic (the ACL names the sender).
             if connection.publish(DeviceTopic.STATUS, body, retain=True):
@@ -520,7 +626,7 @@ class Agent:
 
     def publish_telemetry(self) -> bool:
         """Send telemetry on the device's own topic (MQTT only); False when not sent."""
-        connection = self.updates.connection
+        connection = self.session
         return connection is not None and connection.publish(
             DeviceTopic.TELEMETRY, self.telemetry().to_bytes())
 

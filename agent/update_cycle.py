@@ -10,6 +10,15 @@ checked against signed metadata), opens it into a new version folder (digests
 from signed metadata checked in the same pass) and runs the validation gate.
 Nothing here swaps a live model: that is the model host's job.
 
+The install is three steps, one per journal state, so the agent saves each
+state before its work starts and a restart continues from the step it names:
+:meth:`UpdateClient.download` (``downloading``: resumable over MQTT),
+:meth:`UpdateClient.open` (``verifying``: unwrap, decrypt, authenticate and
+unpack the downloaded bundle -- never fetched again) and
+:meth:`UpdateClient.validate` (``validating``: the gate, on a session kept for
+the swap). :meth:`UpdateClient.install` runs the three in a row for callers
+that keep no journal.
+
 Every transfer is bounded (:class:`TransferLimits`): a repository that stops
 sending fails after ``frame_timeout``, and one that trickles (slow retrieval)
 fails once its average rate stays below ``min_rate`` past a grace period, so an
@@ -38,7 +47,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, ClassVar
-from urllib.parse import quote, urlsplit
+from urllib.parse import quote
 
 from tuf.api import exceptions as tuf_exceptions
 from tuf.api.metadata import Metadata, TargetFile, Targets
@@ -46,14 +55,9 @@ from tuf.ngclient import FetcherInterface, Updater
 
 from edgeota.agent.config import AgentConfig
 from edgeota.agent.http_fetcher import HttpFetcher, HttpFetcherConfig
-from edgeota.agent.mqtt_fetcher import (
-    MQTT_REPOSITORY_URL,
-    DeviceConnection,
-    DownloadStats,
-    MqttFetcher,
-    ResumableDownload,
-)
-from edgeota.agent.mqtt_loop import SharedNetworkLoop
+from edgeota.agent.mqtt_fetcher import MQTT_REPOSITORY_URL, MqttFetcher
+from edgeota.agent.mqtt_session import DeviceConnection
+from edgeota.agent.resumable import DownloadStats, ResumableDownload
 from edgeota.agent.uptane import DeviceFacts, InstallDecision, decide
 from edgeota.agent.validation import (
     DEFAULT_SETTINGS,
@@ -63,9 +67,10 @@ from edgeota.agent.validation import (
 )
 from edgeota.protocol.bundle import OpenedBundle, open_bundle
 from edgeota.protocol.errors import EdgeotaError, ManifestError
-from edgeota.protocol.fetch import MAX_OFFSET, ChunkFrame, MqttTls
+from edgeota.protocol.fetch import MAX_OFFSET, ChunkFrame
 from edgeota.protocol.identity import DeviceIdentity
 from edgeota.protocol.keywrap import unwrap_content_key
+from edgeota.protocol.reasons import Reason
 
 if TYPE_CHECKING:
     import onnxruntime as ort
@@ -73,6 +78,7 @@ if TYPE_CHECKING:
 __all__ = [
     "FREE_SPACE_MARGIN",
     "BundleMismatchError",
+    "BundleMissingError",
     "BundleTooLargeError",
     "BundleTooSlowError",
     "BundleUnavailableError",
@@ -80,6 +86,7 @@ __all__ = [
     "InstallError",
     "InstallMetadataError",
     "InstalledModel",
+    "TargetChangedError",
     "TransferLimits",
     "UpdateClient",
 ]
@@ -92,18 +99,23 @@ class InstallError(EdgeotaError):
 
     Each subclass is also the ngclient error it stands for (callers that handle
     ngclient's errors keep working) and an ``EdgeotaError``, which the agent
-    reports as a failed update by its :attr:`reason` (by default its type name).
+    reports as a failed update by its :attr:`reason`, a code of the wire's
+    enumeration (:class:`~edgeota.protocol.reasons.Reason`).
     """
 
-    reason: ClassVar[str | None] = None  # the journal's reason code; None: the type name
+    reason: ClassVar[Reason] = Reason.INTERNAL_ERROR
 
 
 class BundleMismatchError(InstallError, tuf_exceptions.LengthOrHashMismatchError):
     """The bundle's bytes are not the ones both repositories signed."""
 
+    reason = Reason.BUNDLE_MISMATCH
+
 
 class BundleTooLargeError(InstallError, tuf_exceptions.DownloadLengthMismatchError):
     """The server offered more bytes than the signed length (endless data)."""
+
+    reason = Reason.BUNDLE_TOO_LARGE
 
 
 class BundleTooSlowError(InstallError, tuf_exceptions.DownloadError):
@@ -113,13 +125,36 @@ class BundleTooSlowError(InstallError, tuf_exceptions.DownloadError):
     trickle must end the attempt, not start another one.
     """
 
+    reason = Reason.BUNDLE_TOO_SLOW
+
 
 class BundleUnavailableError(InstallError, tuf_exceptions.DownloadError):
     """The bundle could not be fetched (network, broker, server refusal)."""
 
+    reason = Reason.BUNDLE_UNAVAILABLE
+
 
 class InstallMetadataError(InstallError, tuf_exceptions.RepositoryError):
     """The image repository's metadata was refused while installing."""
+
+    reason = Reason.INSTALL_METADATA_REFUSED
+
+
+class TargetChangedError(InstallError):
+    """The image repository no longer lists the decided target as it was checked."""
+
+    reason = Reason.TARGET_CHANGED
+
+
+class BundleMissingError(InstallError):
+    """The downloaded bundle a restarted install wanted to open again is gone.
+
+    The journal said the download had finished, but the file is not there (or
+    not whole): the card lost it, or someone removed it. Nothing is trusted,
+    nothing changed; the next cycle downloads it again.
+    """
+
+    reason = Reason.BUNDLE_MISSING
 
 
 class DiskFullError(InstallError):
@@ -131,7 +166,7 @@ class DiskFullError(InstallError):
     and retried in a later cycle (space may be freed meanwhile).
     """
 
-    reason: ClassVar[str | None] = "disk_full"
+    reason = Reason.DISK_FULL
 
 
 # Room kept free beyond the bundle and the unpacked model: the journal, progress
@@ -252,8 +287,7 @@ class UpdateClient:
         *,
         identity: DeviceIdentity | None = None,
         fetcher_factory: Callable[[str | None], FetcherInterface] | None = None,
-        transport: str = "http",
-        network: SharedNetworkLoop | None = None,  # MQTT: share this loop, no thread of our own
+        connection: DeviceConnection | None = None,  # MQTT: the device's session (not owned)
         limits: TransferLimits | None = None,
         disk_free: Callable[[Path], int] | None = None,
         clock: Callable[[], datetime] | None = None,
@@ -275,14 +309,15 @@ class UpdateClient:
                 f"agent.toml says {config.device_id!r}"
             )
         self._token = config.token()
-        self._connection = None
+        self._connection = connection
         # The image repository as the last check() verified it, with its decisions.
         self._checked: tuple[Updater, list[InstallDecision]] | None = None
         self.download_stats = DownloadStats()  # resumable (MQTT) downloads only
         self._base = config.repository_url
-        if fetcher_factory is None and transport == "mqtt":
-            fetcher_factory, self._connection = self._mqtt_fetchers(
-                config, network, lambda: self.limits)
+        if fetcher_factory is None and connection is not None:
+            # A fetcher per Updater over the one session, bounded by the limits of the
+            # moment (read when the Updater is made).
+            fetcher_factory = lambda _token: _BoundedMqttFetcher(connection, self.limits)  # noqa: E731
             self._base = MQTT_REPOSITORY_URL
         self._fetcher_factory = fetcher_factory or (
             lambda token: HttpFetcher(HttpFetcherConfig(
@@ -309,41 +344,13 @@ class UpdateClient:
             bootstrap=None if cached_root.exists() else bootstrap.read_bytes(),
         )
         if self.clock is not None:
-            # ngclient judges expiry against the time its trusted set was made; a device
-            # whose clock is its own (a simulated, skewed one) judges by that clock.
-            updater._trusted_set.reference_time = self.clock()
+            set_reference_time(updater, self.clock())
         return updater
-
-    @staticmethod
-    def _mqtt_fetchers(
-        config: AgentConfig, network: SharedNetworkLoop | None = None,
-        limits: Callable[[], TransferLimits] = TransferLimits,
-    ) -> tuple[Callable[[str | None], FetcherInterface], DeviceConnection]:
-        """One TLS connection with the device certificate; a fetcher per Updater over it."""
-        if not config.mqtt_url:
-            raise ManifestError("agent.toml names no [mqtt] url for the MQTT transport")
-        parts = urlsplit(config.mqtt_url)
-        if parts.scheme != "mqtts" or not parts.hostname:
-            raise ManifestError(f"MQTT url {config.mqtt_url!r} must be mqtts://HOST:PORT")
-        connection = DeviceConnection(
-            config.device_id, host=parts.hostname, port=parts.port or 8883,
-            tls=MqttTls(ca_file=config.ca_cert, cert_file=config.tls_cert,
-                        key_file=config.tls_key),
-            network=network,
-        )
-        connection.start()
-        return (lambda _token: _BoundedMqttFetcher(connection, limits())), connection
 
     @property
     def connection(self) -> DeviceConnection | None:
-        """The device's MQTT connection when the transport is MQTT (for reports)."""
+        """The MQTT session the fetchers use (the agent's; ``None`` over HTTP)."""
         return self._connection
-
-    def close(self) -> None:
-        """Close the MQTT connection, if this client opened one."""
-        if self._connection is not None:
-            self._connection.close()
-            self._connection = None
 
     def _image(self) -> Updater:
         self._downloads.mkdir(parents=True, exist_ok=True)
@@ -409,37 +416,31 @@ class UpdateClient:
             f"{_hash_prefixed(decision.target_path, decision.sha256)}",
             length=decision.length, sha256=decision.sha256)
 
-    def install(self, decision: InstallDecision, *,
-                session_settings: SessionSettings = DEFAULT_SETTINGS) -> InstalledModel:
-        """Download, verify, decrypt, unpack and validate one decided target.
+    def download(self, decision: InstallDecision) -> Path:
+        """The ``downloading`` step: fetch the decided bundle, verified; return its file.
 
-        The model is validated on a session loaded with ``session_settings``
-        (those it will be served with), which the result carries for the swap.
+        The content key is unwrapped first, so nothing is downloaded for a key
+        this device cannot open. Over MQTT a download cut by a disconnect or a
+        restart continues from its last durable window (partial files keyed by
+        the signed sha256); over HTTP ngclient fetches it whole. Either way the
+        file on return has the signed length and sha256.
 
         Raises:
-            KeyUnwrapError: the content key is not wrapped for this device
-                (checked first: nothing is downloaded for a key it cannot open).
-            InstallError: the metadata or the bundle transfer was refused;
+            KeyUnwrapError: the content key is not wrapped for this device.
+            InstallError: the metadata or the transfer was refused;
                 :class:`DiskFullError` when the state folder has no room (checked
                 before downloading; an ``ENOSPC`` later removes what was written).
-            ManifestError, BundleError, ValidationError: see ``open_bundle`` and
-                ``load_validated``.
+            TargetChangedError: the target changed since it was checked.
         """
-        content_key = unwrap_content_key(
-            decision.director.wrapped_key, self._identity.kem_private_key, self._config.device_id
-        )
+        self._content_key(decision)
         try:
-            checked = self._checked
-            if checked is not None and any(d is decision for d in checked[1]):
-                image = checked[0]
-            else:  # a decision from elsewhere: verify the image repository afresh
-                image = self._image()
-                image.refresh()
+            image = self._image_for(decision)
             info = image.get_targetinfo(decision.target_path)
             if info is None or info.hashes.get("sha256") != decision.sha256:
-                raise ManifestError(f"{decision.target_path} changed since it was checked")
+                raise TargetChangedError(
+                    f"{decision.target_path} changed since it was checked")
             self._require_space(decision)
-            bundle_path = self._download(image, info, decision)
+            return self._download(image, info, decision)
         except InstallError:
             raise
         except (tuf_exceptions.RepositoryError, tuf_exceptions.DownloadError) as e:
@@ -450,16 +451,34 @@ class UpdateClient:
             self._discard_download(decision)
             raise DiskFullError(f"disk full while downloading {decision.target_path}: "
                                 f"{e}") from e
-        version_folder = f"{decision.image.version}-{decision.sha256[:12]}"
-        dest = self._models / decision.image.name / version_folder
+
+    def open(self, decision: InstallDecision, bundle_path: Path | None = None) -> OpenedBundle:
+        """The ``verifying`` step: decrypt, authenticate and unpack the downloaded bundle.
+
+        ``bundle_path`` is what :meth:`download` returned in this process; after
+        a restart it is ``None`` and the finished download is found on disk
+        (never fetched again). Either way its bytes are not hashed a second
+        time: a change on disk since the download cannot pass the AEAD tags
+        under this release's key nor the signed plaintext sha256, which this
+        pass checks. The version folder is new: one left by an earlier attempt
+        is never trusted.
+
+        Raises:
+            BundleMissingError: no finished download of this target is on disk.
+            KeyUnwrapError, BundleError, ManifestError: see ``open_bundle``.
+            DiskFullError: ``ENOSPC`` while unpacking (what was written is removed).
+        """
+        content_key = self._content_key(decision)
+        if bundle_path is None:
+            bundle_path = self.downloaded(decision)
+            if bundle_path is None:
+                raise BundleMissingError(
+                    f"the finished download of {decision.target_path} is not on disk")
+        dest = self.model_folder(decision)
         if dest.exists():
             shutil.rmtree(dest)  # a folder from an earlier attempt is never trusted
         try:
             dest.parent.mkdir(parents=True, exist_ok=True)
-            # No expected_sealed_sha256: every path of _download hashed the sealed
-            # file against the signed target hash in this very call, and a change on
-            # disk since then cannot pass the AEAD tags under this release's key nor
-            # the signed plaintext hash. A second sha256 pass cost every update ~4 ms.
             opened = open_bundle(  # removes its half-unpacked folder on any failure
                 bundle_path,
                 content_key,
@@ -473,25 +492,91 @@ class UpdateClient:
             self._discard_download(decision)
             raise DiskFullError(f"disk full while unpacking {decision.target_path}: "
                                 f"{e}") from e
-        try:
-            manifest = opened.manifest
-            if (manifest.name, manifest.version) != (decision.image.name, decision.image.version):
-                raise ManifestError(
-                    f"bundle holds {manifest.name} {manifest.version}, signed metadata says "
-                    f"{decision.image.name} {decision.image.version}"
-                )
-            validated = load_validated(opened.model_path, manifest, settings=session_settings)
-        except BaseException:
+        manifest = opened.manifest
+        if (manifest.name, manifest.version) != (decision.image.name, decision.image.version):
             shutil.rmtree(dest, ignore_errors=True)
+            raise ManifestError(
+                f"bundle holds {manifest.name} {manifest.version}, signed metadata says "
+                f"{decision.image.name} {decision.image.version}"
+            )
+        return opened
+
+    def validate(self, decision: InstallDecision, opened: OpenedBundle, *,
+                 session_settings: SessionSettings = DEFAULT_SETTINGS) -> InstalledModel:
+        """The ``validating`` step: the gate, on a session loaded with ``session_settings``.
+
+        Those are the settings the model will be served with, and the result
+        carries that very session for the swap (the model is loaded once). On
+        any failure the unpacked folder is removed.
+
+        Raises:
+            ValidationError: the model failed the gate (see ``load_validated``).
+        """
+        try:
+            validated = load_validated(opened.model_path, opened.manifest,
+                                       settings=session_settings)
+        except BaseException:
+            shutil.rmtree(opened.folder, ignore_errors=True)
             raise
         # The sealed bundle stays until the caller has swapped the model in
         # (forget_download): an agent that dies before then opens, so verifies,
         # the same bundle again on its next try instead of downloading it again.
         return InstalledModel(decision, opened, validated.report, validated.session)
 
+    def install(self, decision: InstallDecision, *,
+                session_settings: SessionSettings = DEFAULT_SETTINGS) -> InstalledModel:
+        """:meth:`download`, :meth:`open` and :meth:`validate` in a row, with no journal.
+
+        The agent runs the three steps itself, saving each journal state
+        first; this is for callers that keep none (tests of the install path).
+        """
+        bundle_path = self.download(decision)
+        opened = self.open(decision, bundle_path)
+        return self.validate(decision, opened, session_settings=session_settings)
+
+    def downloaded(self, decision: InstallDecision) -> Path | None:
+        """The finished download of ``decision`` on disk (signed length), or ``None``."""
+        for candidate in (self._downloads / "resumable" / decision.sha256,
+                          self._downloads / quote(decision.target_path, "")):
+            try:
+                if candidate.stat().st_size == decision.length:
+                    return candidate
+            except FileNotFoundError:
+                continue
+        return None
+
+    def model_folder(self, decision: InstallDecision) -> Path:
+        """Where ``decision``'s model is unpacked: one folder per version and bundle."""
+        return (self._models / decision.image.name
+                / f"{decision.image.version}-{decision.sha256[:12]}")
+
+    def _content_key(self, decision: InstallDecision) -> bytes:
+        return unwrap_content_key(
+            decision.director.wrapped_key, self._identity.kem_private_key, self._config.device_id
+        )
+
+    def _image_for(self, decision: InstallDecision) -> Updater:
+        """The image repository as :meth:`check` verified it for ``decision``, or afresh."""
+        checked = self._checked
+        if checked is not None and any(d is decision for d in checked[1]):
+            return checked[0]
+        image = self._image()  # a decision from elsewhere: verify the image repository
+        image.refresh()
+        return image
+
     def forget_download(self, decision: InstallDecision) -> None:
         """Delete the downloaded bundle of ``decision`` (installed, or refused for good)."""
         self._discard_download(decision)
+
+    def discard(self, target_path: str, sha256: str) -> None:
+        """Delete every file an install of this target left: its download and its folder.
+
+        For an update abandoned after a restart (the director assigns something
+        else now), known only by the journal's note of it.
+        """
+        self._discard_files(target_path, sha256)
+        for folder in self._models.glob(f"*/*-{sha256[:12]}"):
+            shutil.rmtree(folder, ignore_errors=True)
 
 
     def _require_space(self, decision: InstallDecision) -> None:
@@ -522,11 +607,26 @@ class UpdateClient:
 
     def _discard_download(self, decision: InstallDecision) -> None:
         """Delete every file this target's download left: on a full disk they only hurt."""
+        self._discard_files(decision.target_path, decision.sha256)
+
+    def _discard_files(self, target_path: str, sha256: str) -> None:
         resumable = self._downloads / "resumable"
-        for leftover in (resumable / decision.sha256, resumable / f"{decision.sha256}.partial",
-                         resumable / f"{decision.sha256}.progress",  # before progress moved
-                         self._downloads / quote(decision.target_path, "")):
+        for leftover in (resumable / sha256, resumable / f"{sha256}.partial",
+                         resumable / f"{sha256}.progress",  # before progress moved
+                         self._downloads / quote(target_path, "")):
             leftover.unlink(missing_ok=True)
+
+
+def set_reference_time(updater: Updater, when: datetime) -> None:
+    """Make ``updater`` judge metadata expiry at ``when`` instead of the system clock.
+
+    ngclient (7.0) offers no public way: it fixes the reference time when the
+    Updater is made, on its trusted metadata set. A device whose clock is its
+    own (the simulator's skewed clocks) needs it, so this one private access
+    lives here alone; ``tuf`` is pinned to the minor series it was written for
+    and ``tests/test_dependency_pins.py`` fails loudly if an upgrade moves it.
+    """
+    updater._trusted_set.reference_time = when
 
 
 def _hash_prefixed(target_path: str, sha256: str) -> str:

@@ -11,7 +11,7 @@ The production shape on one machine, every piece in its own process:
 * **devices**: ``--device-processes`` children, each running its share of
   the fleet as the simulator does: unmodified agents
   (:class:`~edgeota.simulator.device.SimulatedDevice`) on one
-  :class:`~edgeota.agent.mqtt_loop.SharedNetworkLoop`, stepped by a
+  :class:`~edgeota.simulator.mqtt_loop.SharedNetworkLoop`, stepped by a
   :class:`~edgeota.simulator.fleet.FleetRunner` of ``--workers`` threads
   every ``--tick`` seconds. Agents commit at once (``probation_seconds=0``,
   one inference, the latency check off), poll every 600 s (the server's MQTT
@@ -532,19 +532,19 @@ def _instrument() -> dict[str, float]:
     from edgeota.agent import update_cycle
     from edgeota.agent.journal import Journal
     from edgeota.agent.model_host import ModelHost
-    from edgeota.agent.mqtt_loop import SharedNetworkLoop
     from edgeota.agent.runner import Agent
     from edgeota.agent.update_cycle import UpdateClient
     from edgeota.simulator.device import SimulatedDevice
+    from edgeota.simulator.mqtt_loop import SharedNetworkLoop
 
     notified: dict[str, float] = {}  # device -> first notify not yet followed by a cycle
     for owner, attribute, name in (
         (UpdateClient, "check", "check: director + image metadata refresh"),
-        (UpdateClient, "install", "install (all below)"),
-        (UpdateClient, "_download", "  download the bundle (MQTT fetch)"),
-        (update_cycle, "unwrap_content_key", "  unwrap the content key"),
+        (UpdateClient, "download", "download the bundle (MQTT fetch)"),
+        (UpdateClient, "open", "open: unwrap the key, decrypt, verify, unpack"),
+        (update_cycle, "unwrap_content_key", "  unwrap the content key (twice: download, open)"),
         (update_cycle, "open_bundle", "  open_bundle: decrypt, verify, unpack"),
-        (update_cycle, "load_validated", "  load and validate the model (test vectors)"),
+        (UpdateClient, "validate", "load and validate the model (test vectors)"),
         (ModelHost, "swap", "hot swap (warm up, switch)"),
         (ModelHost, "commit", "commit (release the old session)"),
         (Agent, "_report", "status reports (signed, published)"),
@@ -603,11 +603,10 @@ def _device_child(args: argparse.Namespace) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     notified = _instrument()
     from edgeota.agent.config import AgentConfig
-    from edgeota.agent.mqtt_loop import SharedNetworkLoop
     from edgeota.agent.runner import AgentSettings
-    from edgeota.agent.update_cycle import UpdateClient
     from edgeota.simulator.device import DeviceTiming, SimulatedDevice
     from edgeota.simulator.fleet import FleetRunner
+    from edgeota.simulator.mqtt_loop import SharedNetworkLoop
 
     folders = [Path(line) for line in Path(args.share).read_text().split()]
     started = time.monotonic()
@@ -623,13 +622,9 @@ def _device_child(args: argparse.Namespace) -> int:
     devices: list[SimulatedDevice] = []
     for folder in folders:
         config = AgentConfig.load(folder / "agent.toml")
-
-        def make_client(config: AgentConfig = config) -> UpdateClient:
-            return UpdateClient(config, transport="mqtt", network=loop)
-
         device = SimulatedDevice(config, settings, hardware=config.hardware, timing=timing,
-                                 update_client=make_client(), make_client=make_client)
-        connection = device.agent.updates.connection
+                                 network=loop)
+        connection = device.agent.session
         assert connection is not None
         wake = device.agent.wake.set
 
@@ -644,7 +639,7 @@ def _device_child(args: argparse.Namespace) -> int:
     deadline = time.monotonic() + CONNECT_TIMEOUT
     connected = sum(
         1 for d in devices
-        if d.agent.updates.connection.wait_ready(max(0.0, deadline - time.monotonic())))
+        if d.agent.session.wait_ready(max(0.0, deadline - time.monotonic())))
     _emit("ready", devices=len(devices), connected=connected,
           seconds=round(time.monotonic() - started, 2), **proc_status())
     runner = FleetRunner(devices, workers=args.workers, tick_seconds=args.tick).start()
@@ -823,8 +818,8 @@ def _raw_child(args: argparse.Namespace) -> int:
     import paho.mqtt.client as mqtt
 
     from edgeota.agent.config import AgentConfig
-    from edgeota.agent.mqtt_loop import SharedNetworkLoop
     from edgeota.protocol.topics import DeviceTopic, Topics
+    from edgeota.simulator.mqtt_loop import SharedNetworkLoop
 
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
     folders = [Path(line) for line in Path(args.share).read_text().split()]

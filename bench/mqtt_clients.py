@@ -9,7 +9,7 @@ round-robin over the topics, a bounded number of messages unacknowledged), so
 the clients' process spends its CPU on receiving only. Two modes, each in a
 fresh child process of its own:
 
-* **shared**: every client on one :class:`~edgeota.agent.mqtt_loop.SharedNetworkLoop`
+* **shared**: every client on one :class:`~edgeota.simulator.mqtt_loop.SharedNetworkLoop`
   (one loop thread and its connector threads);
 * **threaded**: every client with ``connect_async()`` + ``loop_start()``, one
   paho thread each, as a ``DeviceConnection`` without a loop runs.
@@ -58,7 +58,7 @@ from typing import Any
 
 import paho.mqtt.client as mqtt
 
-from edgeota.agent.mqtt_loop import SharedNetworkLoop
+from edgeota.simulator.mqtt_loop import SharedNetworkLoop
 
 TARGET_RATIO = 1.0  # threaded / shared, for connect and delivery
 MESSAGE_SIZE = 64 * 1024  # bytes: the fetch protocol's chunk size

@@ -135,7 +135,9 @@ from typing import Any
 import paho.mqtt.client as mqtt
 from bench_support import accepts, free_port
 
-from edgeota.agent.mqtt_fetcher import DeviceConnection, MqttFetcher, ResumableDownload
+from edgeota.agent.mqtt_fetcher import MqttFetcher
+from edgeota.agent.mqtt_session import DeviceConnection
+from edgeota.agent.resumable import ResumableDownload
 from edgeota.protocol.fetch import (
     MAX_FRAME_SIZE,
     MAX_PAYLOAD,

@@ -939,7 +939,7 @@ class ArbitrarySoftware(Attack):
     attacker = MALICIOUS_SERVER
     description = ("replaces the stored bundle of a signed release with its own bytes of the "
                    "same length and assigns that release with the director key")
-    expected_reason = "BundleMismatchError"
+    expected_reason = "bundle_mismatch"
 
     @contextlib.contextmanager
     def staged(self, lab: AttackLab) -> Iterator[None]:
@@ -976,7 +976,7 @@ class Freeze(Attack):
     attacker = BROKER_MITM
     description = ("keeps serving the timestamps it recorded while the devices' clocks move "
                    "past their expiry (the honest server re-signs meanwhile)")
-    expected_reason = "ExpiredMetadataError"
+    expected_reason = "expired_metadata"
 
     @contextlib.contextmanager
     def staged(self, lab: AttackLab) -> Iterator[None]:
@@ -1003,7 +1003,7 @@ class MixAndMatch(Attack):
     attacker = BROKER_MITM
     description = ("while the server assigns a new release, serves the new director timestamp "
                    "and snapshot with the director targets of the previous snapshot")
-    expected_reason = "BadVersionNumberError"
+    expected_reason = "metadata_rollback"
 
     @contextlib.contextmanager
     def staged(self, lab: AttackLab) -> Iterator[None]:
@@ -1025,7 +1025,7 @@ class EndlessData(Attack):
     attacker = BROKER_MITM
     description = ("while the server assigns a new release, answers the bundle download with "
                    f"a file that claims {_ENDLESS} bytes and never ends")
-    expected_reason = "BundleTooLargeError"
+    expected_reason = "bundle_too_large"
 
     @contextlib.contextmanager
     def staged(self, lab: AttackLab) -> Iterator[None]:
@@ -1040,7 +1040,7 @@ class SlowRetrieval(Attack):
     attacker = BROKER_MITM
     description = ("while the server assigns a new release, delivers the honest bundle a few "
                    "bytes at a time, never slow enough to trip the per-frame timeout")
-    expected_reason = "BundleTooSlowError"
+    expected_reason = "bundle_too_slow"
 
     @staticmethod
     def _limits(lab: AttackLab) -> TransferLimits:
@@ -1083,7 +1083,7 @@ class ReplayedDirectorMetadata(Attack):
     attacker = BROKER_MITM
     description = ("replays each device's director metadata recorded at enrolment (timestamp "
                    "version 1, which assigned nothing)")
-    expected_reason = "BadVersionNumberError"
+    expected_reason = "metadata_rollback"
 
     @contextlib.contextmanager
     def staged(self, lab: AttackLab) -> Iterator[None]:
@@ -1101,7 +1101,7 @@ class AnotherDevicesKey(Attack):
     attacker = MALICIOUS_SERVER
     description = ("assigns a signed release with its content key wrapped for another device "
                    "(the next one in the lab, or a stranger to a lone device)")
-    expected_reason = "KeyUnwrapError"
+    expected_reason = "key_unwrap_failed"
 
     @contextlib.contextmanager
     def staged(self, lab: AttackLab) -> Iterator[None]:

@@ -51,7 +51,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Protocol
 
 import numpy as np
 
@@ -59,9 +59,10 @@ from edgeota.agent.clock import EPOCH
 from edgeota.agent.config import AgentConfig
 from edgeota.agent.journal import JournalRecord, State
 from edgeota.agent.model_host import HardwareEmulation, ModelHostError, warmup_feeds
-from edgeota.agent.mqtt_fetcher import DownloadStats
+from edgeota.agent.mqtt_session import NetworkLoop
+from edgeota.agent.resumable import DownloadStats
 from edgeota.agent.runner import Agent, AgentSettings
-from edgeota.agent.update_cycle import UpdateClient
+from edgeota.agent.update_cycle import TransferLimits
 from edgeota.simulator.snapshot import StatusSnapshot, read_status
 
 __all__ = [
@@ -77,8 +78,7 @@ _MAX_REBOOTS = 3  # a power cut is one-shot, so a second one in a row is already
 
 # The journal states an update passes through, in order: where a power cut can land.
 POWER_LOSS_STATES: tuple[str, ...] = tuple(str(s) for s in (
-    State.CHECKING, State.DOWNLOADING, State.VERIFYING, State.VALIDATING, State.STAGED,
-    State.SWAPPING, State.PROBATION))
+    State.DOWNLOADING, State.VERIFYING, State.VALIDATING, State.SWAPPING, State.PROBATION))
 
 logger = logging.getLogger(__name__)
 
@@ -182,10 +182,13 @@ class SimulatedDevice:
         emulation: HardwareEmulation | None = None,
         timing: DeviceTiming | None = None,
         transport: str = "mqtt",
-        update_client: UpdateClient | None = None,
-        make_client: Callable[[], UpdateClient | None] | None = None,
+        network: NetworkLoop | None = None,
+        limits: TransferLimits | None = None,
         monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
+        """``network`` drives the device's MQTT session when many share a process
+        (without one, the session has its own network thread); ``limits`` bound
+        its transfers. A restart opens a new session the same way."""
         self.device_id = config.device_id
         self.hardware = hardware
         self.emulation = emulation or HardwareEmulation()
@@ -198,36 +201,32 @@ class SimulatedDevice:
         self.free_bytes: int | None = None  # a fault: the free space the agent sees (None: real)
         self._power_loss_at: str | None = None
         self.counters = StepCounters()
-        self.agent = self._new_agent(update_client)
+        self._network = network
+        self._limits = limits
+        self.agent = self._new_agent()
         self._monotonic = monotonic
         self._next_poll = 0.0  # the first step checks at once
         self._next_telemetry = 0.0
         self._feeds: dict[tuple[str, str], dict[str, np.ndarray]] = {}
-        # A restart needs a fresh connection the way the first one was made.
-        self._make_client = make_client or (lambda: None)
         self.restarts = 0
 
     @classmethod
     def from_spec(cls, spec: DeviceSpec, settings: AgentSettings, timing: DeviceTiming,
-                  network: Any = None) -> SimulatedDevice:
-        """The device ``spec`` describes; its MQTT connections on ``network`` when given.
+                  network: NetworkLoop | None = None) -> SimulatedDevice:
+        """The device ``spec`` describes; its MQTT session on ``network`` when given.
 
-        ``network`` is a :class:`~edgeota.agent.mqtt_loop.SharedNetworkLoop`
-        (one per process for every device's connection); without one the agent
-        makes its own connection, with its own network thread.
+        ``network`` is a :class:`~edgeota.simulator.mqtt_loop.SharedNetworkLoop`
+        (one per process for every device's session); without one the agent's
+        session has its own network thread.
         """
-        def make_client() -> UpdateClient | None:
-            if network is None:
-                return None  # the agent makes its own, with a network thread
-            return UpdateClient(spec.config, transport="mqtt", network=network)
-
         return cls(spec.config, settings, hardware=spec.hardware, emulation=spec.emulation,
-                   timing=timing, update_client=make_client(), make_client=make_client)
+                   timing=timing, network=network)
 
-    def _new_agent(self, update_client: UpdateClient | None) -> Agent:
+    def _new_agent(self) -> Agent:
         """An agent on this device's folder, with the simulator's hooks installed."""
         agent = Agent(self.config, self._settings, transport=self._transport,
-                      emulation=self.emulation, update_client=update_client, clock=self.now)
+                      network=self._network, limits=self._limits,
+                      emulation=self.emulation, clock=self.now)
         agent.on_journal_saved = self._journal_saved
         agent.updates.on_download_progress = self._download_progress
         agent.updates.disk_free = self._disk_free
@@ -315,11 +314,11 @@ class SimulatedDevice:
         self.agent.start()
 
     def close(self) -> None:
-        self.agent.updates.close()
+        self.agent.close()
 
     def drop_connection(self) -> bool:
         """Cut the MQTT connection as a flaky link would; it reconnects by itself."""
-        connection = self.agent.updates.connection
+        connection = self.agent.session
         return connection.drop() if connection is not None else False
 
     def download_stats(self) -> DownloadStats:
@@ -399,8 +398,8 @@ class SimulatedDevice:
         agent itself starts from its files, as after a reboot.
         """
         stats = self.agent.updates.download_stats
-        self.agent.updates.close()
-        self.agent = self._new_agent(self._make_client())
+        self.agent.close()
+        self.agent = self._new_agent()
         self.agent.updates.download_stats = stats
         self.agent.start()
         self.restarts += 1

@@ -75,8 +75,7 @@ FAILURE_STATES = frozenset({FAILED, ROLLED_BACK})
 
 # Journal states during which an update is being fetched, checked or installed.
 _IN_PROGRESS = frozenset({
-    State.CHECKING, State.DOWNLOADING, State.VERIFYING, State.VALIDATING, State.STAGED,
-    State.SWAPPING,
+    State.DOWNLOADING, State.VERIFYING, State.VALIDATING, State.SWAPPING,
 })
 _OUTCOMES: Mapping[State, str] = {State.FAILED: FAILED, State.ROLLED_BACK: ROLLED_BACK}
 # A device with several models shows the most telling of their states.

@@ -239,7 +239,7 @@ class Simulation:
             device.start()
         deadline = time.monotonic() + 60
         for device in devices:
-            connection = device.agent.updates.connection
+            connection = device.agent.session
             if not connection.wait_ready(max(0.1, deadline - time.monotonic())):
                 raise SimulationError(f"{device.device_id} did not connect to the broker "
                                       "within 60 s")
@@ -495,7 +495,7 @@ class Simulation:
 def _shared_network_loop() -> Any:
     """One selectors loop for every device's MQTT connection, when the agent has it."""
     try:
-        from edgeota.agent.mqtt_loop import SharedNetworkLoop
+        from edgeota.simulator.mqtt_loop import SharedNetworkLoop
     except ImportError:  # pragma: no cover - the loop ships with the agent
         return None
     return SharedNetworkLoop()

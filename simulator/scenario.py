@@ -117,8 +117,7 @@ SCENARIO_DIR = Path(__file__).parent / "scenarios"
 ACTIONS = frozenset({"publish", "deploy", "attacks", "wait"})
 WAITS = frozenset({"updated", "completed", "paused", "none"})
 # The journal states an update passes through: where a crash (power cut) can land.
-CRASH_STATES = ("checking", "downloading", "verifying", "validating", "staged", "swapping",
-                "probation")
+CRASH_STATES = ("downloading", "verifying", "validating", "swapping", "probation")
 DISCONNECT_STATES = frozenset({"downloading", "probation", "any"})
 TIMED_STARTS = frozenset({"start", "serving"})  # disk_full, clock_skew: when they begin
 # Per kind, the keys it takes besides ``kind`` and ``devices``.

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from edgeota.agent.journal import JournalRecord
-from edgeota.agent.mqtt_fetcher import DownloadStats
+from edgeota.agent.resumable import DownloadStats
 
 __all__ = ["StatusSnapshot", "read_status", "status_of"]
 
@@ -92,7 +92,7 @@ def status_of(device: Any) -> StatusSnapshot:
 def read_status(device: Any) -> StatusSnapshot:
     """Read a device stepped in this process (any thread), duck-typed.
 
-    It reads ``device.agent.updates.connection`` (``ready``, ``counters()``;
+    It reads ``device.agent.session`` (``ready``, ``counters()``;
     ``None`` for the HTTP transport: never offline then), ``device.serving()``,
     the agent's opened journals (``agent.journal_records()``: opening one
     from here while the device's worker opens it too would leave the agent
@@ -101,7 +101,7 @@ def read_status(device: Any) -> StatusSnapshot:
     tallies), ``device.restarts`` and ``device.download_stats()``.
     """
     agent = device.agent
-    connection = agent.updates.connection
+    connection = agent.session
     ready = True
     counts: dict[str, int] | None = None
     if connection is not None:

@@ -6,7 +6,7 @@ starts P of these with the "spawn" start method. Each gets a
 settings, timing, hardware emulation -- and builds the very same
 :class:`~edgeota.simulator.device.SimulatedDevice` s a simulation builds in
 its own process (:meth:`~edgeota.simulator.device.SimulatedDevice.from_spec`),
-with one :class:`~edgeota.agent.mqtt_loop.SharedNetworkLoop` for all their
+with one :class:`~edgeota.simulator.mqtt_loop.SharedNetworkLoop` for all their
 MQTT connections and one :class:`~edgeota.simulator.fleet.FleetRunner` (a few
 threads) stepping them: no thread per device, no second copy of the agent.
 
@@ -178,7 +178,7 @@ class Worker:
     """The devices of one :class:`WorkerSpec`, their network loop, runner and publisher."""
 
     def __init__(self, spec: WorkerSpec, messages: Connection) -> None:
-        from edgeota.agent.mqtt_loop import SharedNetworkLoop
+        from edgeota.simulator.mqtt_loop import SharedNetworkLoop
 
         self.spec = spec
         self._messages = messages
@@ -203,7 +203,7 @@ class Worker:
             device.start()
         deadline = time.monotonic() + self.spec.connect_timeout
         for device in self.devices.values():
-            connection = device.agent.updates.connection
+            connection = device.agent.session
             if connection is not None and not connection.wait_ready(
                     max(0.1, deadline - time.monotonic())):
                 raise WorkerError(f"{device.device_id} did not connect to the broker within "

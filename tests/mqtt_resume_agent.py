@@ -19,11 +19,8 @@ import json
 import os
 import signal
 import sys
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
-from edgeota.agent import mqtt_fetcher
 from edgeota.agent.config import AgentConfig
 from edgeota.agent.model_host import UnknownModelError
 from edgeota.agent.runner import Agent, AgentSettings
@@ -33,24 +30,15 @@ SETTINGS = AgentSettings(probation_seconds=0, probation_min_inferences=1, report
 READY_TIMEOUT = 20.0  # seconds for the MQTT connection
 
 
-def kill_mid_download(at: int, killed_file: Path) -> None:
-    """Wrap every ResumableDownload's progress callback: die once ``at`` bytes are in."""
-    original = mqtt_fetcher.ResumableDownload.__init__
+def kill_mid_download(agent: Agent, at: int, killed_file: Path) -> None:
+    """Die once the agent's resumable bundle download reaches ``at`` bytes (its public hook)."""
 
-    def init(self: mqtt_fetcher.ResumableDownload, *args: Any, **kwargs: Any) -> None:
-        inner: Callable[[int, int], None] | None = kwargs.get("on_progress")
+    def progress(offset: int, length: int) -> None:
+        if offset >= at:
+            killed_file.write_text(json.dumps({"offset": offset, "length": length}))
+            os.kill(os.getpid(), signal.SIGKILL)
 
-        def progress(offset: int, length: int) -> None:
-            if inner is not None:
-                inner(offset, length)
-            if offset >= at:
-                killed_file.write_text(json.dumps({"offset": offset, "length": length}))
-                os.kill(os.getpid(), signal.SIGKILL)
-
-        kwargs["on_progress"] = progress
-        original(self, *args, **kwargs)
-
-    mqtt_fetcher.ResumableDownload.__init__ = init  # type: ignore[method-assign]
+    agent.updates.on_download_progress = progress
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -59,15 +47,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--kill-at-bytes", type=int, default=None)
     parser.add_argument("--killed-file", type=Path, default=None)
     args = parser.parse_args(argv)
-    if args.kill_at_bytes is not None:
-        if args.killed_file is None:
-            parser.error("--kill-at-bytes needs --killed-file")
-        kill_mid_download(args.kill_at_bytes, args.killed_file)
+    if args.kill_at_bytes is not None and args.killed_file is None:
+        parser.error("--kill-at-bytes needs --killed-file")
 
     agent = Agent(AgentConfig.load(args.config), SETTINGS, transport="mqtt")
+    if args.kill_at_bytes is not None:
+        kill_mid_download(agent, args.kill_at_bytes, args.killed_file)
     try:
         agent.start()
-        connection = agent.updates.connection
+        connection = agent.session
         if connection is None or not connection.wait_ready(READY_TIMEOUT):
             raise SystemExit("not connected to the broker in time")
         outcome = agent.run_cycle()
@@ -80,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
                   "resumes": stats.resumes, "bytes_fetched": stats.bytes_fetched,
                   "completed": stats.completed}
     finally:
-        agent.updates.close()
+        agent.close()
     sys.stdout.write(json.dumps(result) + "\n")
     sys.stdout.flush()
     return 0

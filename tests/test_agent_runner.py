@@ -290,9 +290,9 @@ def test_expired_metadata_is_refused_and_changes_nothing(tmp_path: Path, db_url:
         deploy(server, "digits_v2", "2.0.0")
         outcome = agent.run_cycle()
         assert outcome.states == {"*": "failed"}
-        assert outcome.reasons == {"*": "ExpiredMetadataError"}
+        assert outcome.reasons == {"*": "expired_metadata"}
         assert agent.host.current_version("digits") == "1.0.0"
-        assert reported_state(server)["error"] == "ExpiredMetadataError"
+        assert reported_state(server)["error"] == "expired_metadata"
 
 
 def test_a_cycle_that_fails_in_transit_is_retried_sooner_with_backoff(

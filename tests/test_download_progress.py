@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from edgeota.agent.mqtt_fetcher import _SLOT, _SLOTS, _load_progress, _Record, saved_offset
+from edgeota.agent.resumable import _Record, _SLOT, _SLOTS, _load_progress, saved_offset
 
 LENGTH = 10_000
 DATA = os.urandom(LENGTH)
@@ -112,7 +112,7 @@ def test_an_empty_or_negative_offset_is_no_record(tmp_path: Path, offset: int) -
 
 
 def test_a_failed_durable_save_surfaces_at_the_next_save_or_flush(tmp_path: Path) -> None:
-    from edgeota.agent.mqtt_fetcher import _ProgressSaver
+    from edgeota.agent.resumable import _ProgressSaver
 
     fd = os.open(tmp_path / "x.partial", os.O_RDONLY | os.O_CREAT, 0o600)  # writes fail
     saver = _ProgressSaver(fd, LENGTH, timeout=5.0)
@@ -128,7 +128,7 @@ def test_a_failed_durable_save_surfaces_at_the_next_save_or_flush(tmp_path: Path
 
 
 def test_durable_saves_alternate_between_the_two_slots(tmp_path: Path) -> None:
-    from edgeota.agent.mqtt_fetcher import _ProgressSaver
+    from edgeota.agent.resumable import _ProgressSaver
 
     path = partial(tmp_path)
     fd = os.open(path, os.O_RDWR)

@@ -24,7 +24,8 @@ from typing import Any
 import pytest
 from server_support import RunningServer, running_mqtt_server, wait_for
 
-from edgeota.agent.mqtt_fetcher import DEFAULT_WINDOW, saved_offset
+from edgeota.agent.mqtt_fetcher import DEFAULT_WINDOW
+from edgeota.agent.resumable import saved_offset
 from edgeota.server import transport as server_transport
 from edgeota.server.mqtt_bridge import FetchBridge
 from edgeota.server.transport import MqttTransport

@@ -23,7 +23,7 @@ def test_device_installs_a_release_entirely_over_mqtt(mqtt_server) -> None:
                   transport="mqtt")
     try:
         agent.start()
-        assert agent.updates.connection.wait_ready(20)
+        assert agent.session.wait_ready(20)
         # A deployment notifies the device over MQTT: the agent's wake event is set.
         agent.wake.clear()
         assert server.cli("deploy", "digits@1.0.0", "--devices", "pi-1").code == 0
@@ -44,7 +44,7 @@ def test_device_installs_a_release_entirely_over_mqtt(mqtt_server) -> None:
 
         wait_for(reports_arrived, 20, "status, presence and telemetry in the database")
     finally:
-        agent.updates.close()
+        agent.close()
     # The agent reported over MQTT: signed, on its own status topic, into the database.
     fleet = server.cli("fleet", "status", "--json").out
     assert '"state": "probation"' in fleet

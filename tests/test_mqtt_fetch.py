@@ -28,15 +28,9 @@ from tuf.api.metadata import Metadata, Targets
 from tuf.ngclient import FetcherInterface, Updater
 
 from edgeota.agent.config import AgentConfig
-from edgeota.agent.mqtt_fetcher import (
-    MQTT_REPOSITORY_URL,
-    ConnectionLostError,
-    DeviceConnection,
-    FrameRejectedError,
-    MqttFetcher,
-    ResumableDownload,
-    repository_path,
-)
+from edgeota.agent.mqtt_fetcher import MQTT_REPOSITORY_URL, MqttFetcher, repository_path
+from edgeota.agent.mqtt_session import ConnectionLostError, DeviceConnection, FrameRejectedError
+from edgeota.agent.resumable import ResumableDownload
 from edgeota.protocol.fetch import (
     PIPELINE_DEPTH,
     ChunkFrame,

@@ -19,8 +19,9 @@ from pathlib import Path
 from mosquitto_support import MosquittoBroker
 from server_support import wait_for
 
-from edgeota.agent.mqtt_fetcher import DeviceConnection, MqttFetcher
-from edgeota.agent.mqtt_loop import SharedNetworkLoop
+from edgeota.agent.mqtt_fetcher import MqttFetcher
+from edgeota.agent.mqtt_session import DeviceConnection
+from edgeota.simulator.mqtt_loop import SharedNetworkLoop
 from edgeota.server.mqtt_bridge import FetchBridge
 from edgeota.server.repo.storage import RepoStore
 

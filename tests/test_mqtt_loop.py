@@ -28,8 +28,10 @@ import pytest
 from mosquitto_support import MosquittoBroker
 from mqtt_fleet_support import TlsFleetBroker, tls_mosquitto  # noqa: F401 (fixture)
 
-from edgeota.agent.mqtt_fetcher import DeviceConnection, MqttFetcher, ResumableDownload
-from edgeota.agent.mqtt_loop import SharedNetworkLoop
+from edgeota.agent.mqtt_fetcher import MqttFetcher
+from edgeota.agent.mqtt_session import DeviceConnection
+from edgeota.agent.resumable import ResumableDownload
+from edgeota.simulator.mqtt_loop import SharedNetworkLoop
 from edgeota.protocol.telemetry import presence_bytes
 from edgeota.protocol.topics import DeviceTopic
 from edgeota.server.mqtt_bridge import FetchBridge

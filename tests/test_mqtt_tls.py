@@ -37,7 +37,8 @@ from tuf.api.metadata import Metadata, Targets
 from tuf.ngclient import Updater
 
 from edgeota.agent.config import AgentConfig
-from edgeota.agent.mqtt_fetcher import MQTT_REPOSITORY_URL, DeviceConnection, MqttFetcher
+from edgeota.agent.mqtt_fetcher import MQTT_REPOSITORY_URL, MqttFetcher
+from edgeota.agent.mqtt_session import DeviceConnection
 from edgeota.protocol.fetch import MqttTls
 from edgeota.protocol.identity import SERVER_IDENTITY, DeviceIdentity
 from edgeota.protocol.reports import SignedReport, StatusReport

@@ -47,7 +47,7 @@ def test_replicas_split_fetches_and_ingest_each_report_once(tmp_path: Path,
             assert first.publish("digits_v1", "1.0.0").code == 0
             assert first.cli("deploy", "digits@1.0.0", "--devices", "pi-1").code == 0
             agent.start()
-            assert agent.updates.connection.wait_ready(WAIT)
+            assert agent.session.wait_ready(WAIT)
             assert agent.run_cycle().states == {"digits": "probation"}
             assert agent.check_probation() == {"digits": "committed"}
             assert agent.host.current_version("digits") == "1.0.0"
@@ -73,7 +73,7 @@ def test_replicas_split_fetches_and_ingest_each_report_once(tmp_path: Path,
             assert rejected == []
         finally:
             if agent is not None:
-                agent.updates.close()
+                agent.close()
             for transport in transports:
                 transport.stop()
             second.stop()

@@ -48,7 +48,7 @@ def fleet(tmp_path: Path, db_url: str) -> Iterator[tuple[RunningServer, list[Sim
             for device in devices:
                 device.start()
             for device in devices:
-                assert device.agent.updates.connection.wait_ready(20)
+                assert device.agent.session.wait_ready(20)
             with FleetRunner(devices, workers=4, tick_seconds=0.02):
                 yield server, devices
         finally:

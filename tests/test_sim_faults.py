@@ -320,7 +320,7 @@ def test_damaged_chunks_are_refused_refetched_and_never_installed(tmp_path: Path
         assert sim.faults is not None and sim.faults.corrupter is not None
         damaged = dict(sim.faults.corrupter.damaged)
         devices = list(sim.devices)
-        corrupt = {d.device_id: d.agent.updates.connection.counters().corrupt for d in devices}
+        corrupt = {d.device_id: d.agent.session.counters().corrupt for d in devices}
         stats = {d.device_id: d.download_stats() for d in devices}
         length = bundle_length(sim, "1.0.0")
     assert result.ok, result.problems
@@ -343,7 +343,7 @@ def test_damaged_chunks_are_refused_refetched_and_never_installed(tmp_path: Path
 
 @pytest.mark.parametrize(("seconds", "reason"), [
     (-86400 * 400, "clock_untrusted"),  # far behind the persisted time floor
-    (86400 * 400, "ExpiredMetadataError"),  # beyond every metadata expiry
+    (86400 * 400, "expired_metadata"),  # beyond every metadata expiry
 ])
 def test_a_skewed_clock_stops_updates_until_it_is_right(
         tmp_path: Path, seconds: int, reason: str) -> None:

@@ -24,7 +24,7 @@ def test_a_flaky_network_fleet_updates_completely_without_full_redownloads(
         result = sim.run(tmp_path / "report")
         lengths = {r["target_path"]: r["length"] for r in sim.client.get("/api/v1/releases")}
         stats = {d.device_id: d.download_stats() for d in sim.devices}
-        drops = sum(d.agent.updates.connection.counters().connections - 1 for d in sim.devices)
+        drops = sum(d.agent.session.counters().connections - 1 for d in sim.devices)
     assert result.ok, result.problems
     assert {v.get("digits") for v in result.serving.values()} == {"2.0.0"}
     assert len(result.serving) == 100

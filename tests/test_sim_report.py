@@ -54,7 +54,7 @@ class FakeJournal:
 
 class FakeAgent:
     def __init__(self) -> None:
-        self.updates = SimpleNamespace(connection=FakeConnection())
+        self.session = FakeConnection()
         self._journals: dict[str, FakeJournal] = {}
 
     def journal(self, name: str) -> FakeJournal:
@@ -87,14 +87,13 @@ class FakeDevice:
         journal = self.agent._journals.get(name)
         history = journal.current.history if journal else ()
         now = self._now()
-        target = None if state in (State.IDLE, State.CHECKING) else _ref(name, version)
+        target = None if state is State.IDLE else _ref(name, version)
         record = JournalRecord(state, entered_at=now, target=target, reason=reason,
                                history=(*history, (state, now))[-16:])
         self.agent._journals[name] = FakeJournal(record)
 
     def fail(self, state: State, reason: str, version: str = "2.0.0") -> None:
         """An outcome, reported at once: the journal is idle again (as in Agent._finish)."""
-        self.enter(State.CHECKING)
         self.enter(State.DOWNLOADING, version)
         if state is State.ROLLED_BACK:
             self.enter(State.PROBATION, version)
@@ -104,8 +103,7 @@ class FakeDevice:
             self.counters.reasons[MODEL] = reason
 
     def commit(self, version: str = "2.0.0", name: str = MODEL) -> None:
-        for state in (State.CHECKING, State.DOWNLOADING, State.PROBATION, State.COMMITTED,
-                      State.IDLE):
+        for state in (State.DOWNLOADING, State.PROBATION, State.COMMITTED, State.IDLE):
             self.enter(state, version, name=name)
         self.models[name] = version
 
@@ -133,21 +131,21 @@ def _times(wave: dict) -> tuple[float | None, ...]:
 def test_offline_when_the_connection_is_not_ready() -> None:
     device = FakeDevice("d")
     device.enter(State.DOWNLOADING)
-    device.agent.updates.connection.ready = False
+    device.agent.session.ready = False
     assert classify(device, TARGET) == "offline"
 
 
 def test_a_device_serving_its_target_is_updated_even_while_its_link_is_down() -> None:
     device = FakeDevice("d")
     device.commit("2.0.0")
-    device.agent.updates.connection.ready = False
+    device.agent.session.ready = False
     assert classify(device, TARGET) == "updated"
     assert classify(device, {}) == "offline"  # nothing to be updated to
 
 
 def test_no_connection_is_never_offline() -> None:
     device = FakeDevice("d")
-    device.agent.updates.connection = None
+    device.agent.session = None
     assert classify(device, TARGET) == "waiting"
 
 
@@ -157,8 +155,8 @@ def test_a_device_without_a_journal_for_the_model_is_waiting() -> None:
     assert classify(FakeDevice("d", serving=None), TARGET) == "waiting"
 
 
-@pytest.mark.parametrize("state", [State.CHECKING, State.DOWNLOADING, State.VERIFYING,
-                                   State.VALIDATING, State.STAGED, State.SWAPPING])
+@pytest.mark.parametrize("state", [State.DOWNLOADING, State.VERIFYING, State.VALIDATING,
+                                   State.SWAPPING])
 def test_update_in_progress_is_downloading(state: State) -> None:
     device = FakeDevice("d")
     device.enter(state)
@@ -207,7 +205,7 @@ def test_outcomes_before_the_wave_do_not_count() -> None:
     device.fail(State.ROLLED_BACK, "latency_regression")
     since = {MODEL: device.agent.journal(MODEL).current.history[-1]}
     assert classify(device, {MODEL: "3.0.0"}, since=since) == "waiting"
-    device.fail(State.FAILED, "ValidationError", version="3.0.0")
+    device.fail(State.FAILED, "vectors_mismatch", version="3.0.0")
     assert classify(device, {MODEL: "3.0.0"}, since=since) == "failed"
     # A ``since`` entry no longer in the bounded history: all of it is newer.
     assert classify(device, TARGET, since={MODEL: (State.IDLE, _BASE.isoformat())}) == "failed"
@@ -216,7 +214,7 @@ def test_outcomes_before_the_wave_do_not_count() -> None:
 def test_a_new_attempt_clears_the_failure() -> None:
     device = FakeDevice("d")
     device.fail(State.FAILED, "hash_mismatch")
-    device.enter(State.CHECKING)
+    device.enter(State.DOWNLOADING)
     assert classify(device, TARGET) == "downloading"
     device.enter(State.DOWNLOADING)
     device.enter(State.PROBATION)
@@ -253,7 +251,7 @@ def test_transitions_are_recorded_only_on_change() -> None:
     clock.t = 110
     recorder.set_targets(TARGET, "v2")  # waiting under the new targets too: no change
     clock.t = 112.5
-    devices[0].enter(State.CHECKING)
+    devices[0].enter(State.DOWNLOADING)
     recorder.sample()
     recorder.sample()
     clock.t = 114
@@ -423,7 +421,7 @@ def test_bytes_cpu_and_reconnects_per_wave() -> None:
                      ("dev-02", "metadata/1.root.json"): 200}
     bridge.bytes_sent = 1099 + 4200
     cpu[0] = 3.0
-    devices[1].agent.updates.connection.counts = SimpleNamespace(connections=4)
+    devices[1].agent.session.counts = SimpleNamespace(connections=4)
     for device in devices:
         device.commit("2.0.0")
     recorder.sample()
@@ -439,11 +437,11 @@ def test_bytes_cpu_and_reconnects_per_wave() -> None:
 def test_bytes_from_device_counters_without_a_bridge() -> None:
     devices = _fleet(2)
     for device in devices:
-        device.agent.updates.connection.counts = SimpleNamespace(connections=1,
+        device.agent.session.counts = SimpleNamespace(connections=1,
                                                                  bytes_received=10)
     recorder = FleetRecorder(devices, clock=FakeClock())
     recorder.set_targets(TARGET, "v2")
-    devices[0].agent.updates.connection.counts = SimpleNamespace(connections=1,
+    devices[0].agent.session.counts = SimpleNamespace(connections=1,
                                                                  bytes_received=510)
     wave = recorder.summary()["waves"][0]
     assert wave["bytes_sent_per_device"]["source"] == "device"
@@ -475,7 +473,7 @@ def _run(clock: FakeClock) -> tuple[FleetRecorder, list[FakeDevice]]:
         if i == 2:
             device.fail(State.ROLLED_BACK, "latency_regression")
         elif i == 3:
-            device.agent.updates.connection.ready = False
+            device.agent.session.ready = False
         else:
             device.commit("2.0.0")
         recorder.sample()

@@ -14,7 +14,8 @@ threaded mode needs 2-3 times the CPU to receive the same bytes.
 ``bench/mqtt_clients.py`` measures both. A fleet simulator runs hundreds to a
 thousand real agents per process, so their connections share this loop (which
 waits with epoll where there is one). A single agent keeps ``loop_start()``
-(``DeviceConnection`` without a loop), which behaves the same.
+(:class:`~edgeota.agent.mqtt_session.DeviceConnection` without a loop), which
+behaves the same. It lives in the simulator, its only user: a device runs one client.
 
 How: paho's external-event-loop interface, used as designed.
 
@@ -78,7 +79,6 @@ _MAX_SELECT = 1.0  # seconds: the loop never sleeps longer than this
 _WAKE_DRAIN = 4096  # bytes read from the wake socket at a time
 # paho has no public "the application asked to disconnect" accessor; loop_forever()
 # tests its private state against these two, and so do we (by name, paho >= 2.1).
-_DISCONNECT_STATES = frozenset({"MQTT_CS_DISCONNECTING", "MQTT_CS_DISCONNECTED"})
 
 
 class _State(enum.Enum):
@@ -113,7 +113,10 @@ class _Entry:
     on_connect_failed: ConnectFailed | None
     min_delay: float
     max_delay: float
-    saved: tuple[Any, Any, Any, Any]  # the client's own socket callbacks, restored on removal
+    saved: tuple[Any, Any, Any, Any, Any]  # the client's own callbacks, restored on removal
+    # paho said the last disconnect was the application's own (a success code):
+    # such a client is left disconnected, as loop_start() would leave it.
+    asked_to_disconnect: bool = False
     state: _State = _State.IDLE
     gen: int = 0  # bumped by every scheduled attempt and by removal: stale results are dropped
     sock: Any = None  # the socket registered in the selector
@@ -315,7 +318,8 @@ class SharedNetworkLoop:
         entry = _Entry(
             client, name or _client_name(client), on_connect_failed, low, high,
             saved=(client.on_socket_open, client.on_socket_close,
-                   client.on_socket_register_write, client.on_socket_unregister_write),
+                   client.on_socket_register_write, client.on_socket_unregister_write,
+                   client.on_disconnect),
         )
         with self._lock:
             if self._stopping or (self._started and self._thread is not None
@@ -417,8 +421,20 @@ class SharedNetworkLoop:
             if self._on_loop_thread() and entry.sock is sock:
                 self._set_events(entry, _READ)
 
+        own_disconnect = entry.saved[4]
+
+        def on_disconnect(client: mqtt.Client, userdata: Any, *args: Any) -> None:
+            # paho reports a disconnect the application asked for with a success
+            # code and a lost connection with a failure (callback API 1: an int).
+            code = args[1] if len(args) >= 2 else args[0]
+            failed = code.is_failure if hasattr(code, "is_failure") else code != 0
+            entry.asked_to_disconnect = not failed
+            if own_disconnect is not None:
+                own_disconnect(client, userdata, *args)
+
         entry.client.on_socket_open = on_open
         entry.client.on_socket_close = on_close
+        entry.client.on_disconnect = on_disconnect
         entry.client.on_socket_register_write = on_register_write
         entry.client.on_socket_unregister_write = on_unregister_write
 
@@ -426,7 +442,7 @@ class SharedNetworkLoop:
     def _restore_callbacks(entry: _Entry) -> None:
         client = entry.client
         (client.on_socket_open, client.on_socket_close, client.on_socket_register_write,
-         client.on_socket_unregister_write) = entry.saved
+         client.on_socket_unregister_write, client.on_disconnect) = entry.saved
 
     # -- cross-thread plumbing ------------------------------------------------------
 
@@ -554,6 +570,7 @@ class SharedNetworkLoop:
             else:
                 self._schedule(entry, 0.0)
         elif isinstance(command, _Connect):
+            entry.asked_to_disconnect = False
             if entry.removing is None and entry.state is not _State.CONNECTING:
                 self._unregister(entry)
                 self._schedule(entry, 0.0)
@@ -686,8 +703,7 @@ class SharedNetworkLoop:
         if entry.removing is not None:
             self._finish(entry)
             return
-        state = getattr(getattr(entry.client, "_state", None), "name", "")
-        if self._stopping or state in _DISCONNECT_STATES:
+        if self._stopping or entry.asked_to_disconnect:
             entry.state = _State.IDLE  # the application disconnected it, as loop_start() ends
             return
         self._schedule(entry, self._backoff(entry))
