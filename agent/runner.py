@@ -54,7 +54,6 @@ from edgeota.agent.model_host import HardwareEmulation, ModelHost, UnknownModelE
 from edgeota.agent.mqtt_session import DeviceConnection, NetworkLoop
 from edgeota.agent.update_cycle import TransferLimits, UpdateClient
 from edgeota.agent.uptane import InstallDecision, UptaneRefusal
-from edgeota.agent.validation import SessionSettings, ValidationError
 from edgeota.protocol.bundle import describe_payload
 from edgeota.protocol.errors import EdgeotaError
 from edgeota.protocol.files import atomic_write
@@ -64,6 +63,7 @@ from edgeota.protocol.reasons import TRANSIENT_REASONS, Reason
 from edgeota.protocol.reports import SignedReport, StatusReport
 from edgeota.protocol.telemetry import ModelTelemetry, Telemetry
 from edgeota.protocol.topics import DeviceTopic
+from edgeota.runtime.validation import SessionSettings, ValidationError
 
 __all__ = ["STEPS", "Agent", "AgentSettings", "CycleOutcome", "ModelIntegrityError",
            "run_forever"]
@@ -73,7 +73,7 @@ class ModelIntegrityError(EdgeotaError):
     """An installed model's files no longer match the digests its manifest pins."""
 
 MAX_CRASHES_PER_TARGET = 3
-#: Report sequence numbers reserved on disk per durable write (see ``Agent._next_seq``).
+#: Report sequence numbers reserved on disk per durable write (see ``Agent.next_report_seq``).
 SEQ_BLOCK = 32
 _CRASH_REASONS = {
     str(Reason.CRASH_DURING_SWAP): Reason.CRASH_DURING_SWAP_REPEATED,
@@ -560,7 +560,7 @@ class Agent:
 
     # -- reports -----------------------------------------------------------------
 
-    def _next_seq(self) -> int:
+    def next_report_seq(self) -> int:
         """A report sequence number never used before by this device, restarts included.
 
         Numbers are reserved on disk a block at a time (the file holds the
@@ -588,7 +588,7 @@ class Agent:
         """Send a signed status report; a failure to send is logged, never fatal."""
         with self._report_lock:
             report = StatusReport(
-                device_id=self.config.device_id, seq=self._next_seq(), state=str(state),
+                device_id=self.config.device_id, seq=self.next_report_seq(), state=str(state),
                 release=f"{name}@{version}" if version else None, error=error,
             )
             body = SignedReport.sign(report, self.identity).to_bytes()

@@ -20,7 +20,13 @@ process, minus the page cache):
   the moment the hooks are installed; ``--mode update`` with no kill reports
   the total as ``points``, which is the range the tests draw from.
 * ``--kill-at-state STATE`` -- die right after the journal saved a record in
-  ``STATE`` (after the write is on disk, before the work of the state starts).
+  ``STATE`` (after the write is on disk, before the work of the state starts),
+  through the agent's public ``on_journal_saved`` hook.
+* ``--kill-in-step STATE`` -- die inside the work of ``STATE`` (the agent's
+  ``on_step`` hook: the state is saved and its work has begun).
+
+``update`` also prints ``steps``: the journal states whose work the cycle ran,
+in order (a restart that goes on with an update shows where it went on).
 * ``--kill-after-seconds T`` -- a timer thread kills the process ``T`` seconds
   after the hooks are installed, wherever it is.
 """
@@ -37,7 +43,7 @@ import time
 from pathlib import Path
 
 from edgeota.agent.config import AgentConfig
-from edgeota.agent.journal import Journal, JournalRecord
+from edgeota.agent.journal import JournalRecord, State
 from edgeota.agent.model_host import UnknownModelError
 from edgeota.agent.runner import Agent, AgentSettings
 from edgeota.samples import load_test_split
@@ -80,16 +86,27 @@ class WriteCounter:
                 die()
 
 
-def kill_after_state(state: str) -> None:
-    """Wrap ``Journal._save``: die once a record in ``state`` is on disk."""
-    real_save = Journal._save
+def kill_after_state(agent: Agent, state: str) -> None:
+    """Die once the journal has saved a record in ``state`` (the agent's public hook)."""
 
-    def save(journal: Journal, record: JournalRecord) -> None:
-        real_save(journal, record)
+    def saved(_name: str, record: JournalRecord) -> None:
         if str(record.state) == state:
             die()
 
-    Journal._save = save  # type: ignore[method-assign]
+    agent.on_journal_saved = saved
+
+
+def watch_steps(agent: Agent, kill_in: str | None) -> list[str]:
+    """The states whose work the agent starts, in order; die inside ``kill_in``'s."""
+    steps: list[str] = []
+
+    def step(_name: str, state: State) -> None:
+        steps.append(str(state))
+        if str(state) == kill_in:
+            die()
+
+    agent.on_step = step
+    return steps
 
 
 def serving(agent: Agent) -> str | None:
@@ -118,14 +135,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--mode", choices=("update", "report"), default="update")
     parser.add_argument("--kill-at-write", type=int, default=None)
     parser.add_argument("--kill-at-state", default=None)
+    parser.add_argument("--kill-in-step", default=None)
     parser.add_argument("--kill-after-seconds", type=float, default=None)
     parser.add_argument("--inferences", type=int, default=5)
     args = parser.parse_args(argv)
 
     counter = WriteCounter(args.kill_at_write)
     counter.install()
-    if args.kill_at_state:
-        kill_after_state(args.kill_at_state)
     started = time.monotonic()
     if args.kill_after_seconds is not None:
         timer = threading.Timer(args.kill_after_seconds, die)
@@ -133,11 +149,15 @@ def main(argv: list[str] | None = None) -> int:
         timer.start()
 
     agent = Agent(AgentConfig.load(args.config), SETTINGS, transport="http")
+    if args.kill_at_state:
+        kill_after_state(agent, args.kill_at_state)
+    steps = watch_steps(agent, args.kill_in_step)
     agent.start()
     result: dict[str, object] = {"mode": args.mode, "after_start": serving(agent)}
     if args.mode == "update":
         outcome = agent.run_cycle()
         result["states"] = outcome.states
+        result["steps"] = list(steps)
         result["reasons"] = outcome.reasons
         if serving(agent) is not None:
             x, _ = load_test_split()

@@ -17,7 +17,8 @@ from server_support import RunningServer
 
 from edgeota.agent.config import AgentConfig
 from edgeota.agent.inference_server import InferenceServer
-from edgeota.agent.runner import SEQ_BLOCK, Agent, AgentSettings
+from edgeota.agent.journal import TERMINAL_STATES, JournalRecord, State
+from edgeota.agent.runner import SEQ_BLOCK, STEPS, Agent, AgentSettings
 from edgeota.samples import load_catalog, load_test_split
 
 SETTINGS = AgentSettings(probation_seconds=0, probation_min_inferences=5)
@@ -98,7 +99,8 @@ def test_agent_installs_probates_commits_and_survives_a_restart(server: RunningS
 def test_the_swap_serves_the_very_session_the_gate_validated(
         server: RunningServer, monkeypatch: pytest.MonkeyPatch) -> None:
     """One load per update: the session validated on the device is the one that goes live."""
-    from edgeota.agent import model_host, validation
+    from edgeota.agent import model_host
+    from edgeota.runtime import validation
 
     made: list[tuple[Path, object]] = []
     real = validation.create_session
@@ -127,15 +129,15 @@ def test_report_numbers_are_reserved_a_block_at_a_time_and_never_reused(
     config = AgentConfig.load(server.enroll("pi-1") / "agent.toml")
     seq_file = config.state_dir / "report-seq"
     agent = Agent(config, SETTINGS)
-    assert [agent._next_seq() for _ in range(SEQ_BLOCK)] == list(range(1, SEQ_BLOCK + 1))
+    assert [agent.next_report_seq() for _ in range(SEQ_BLOCK)] == list(range(1, SEQ_BLOCK + 1))
     assert int(seq_file.read_text()) == SEQ_BLOCK  # one durable write for the whole block
-    assert agent._next_seq() == SEQ_BLOCK + 1
+    assert agent.next_report_seq() == SEQ_BLOCK + 1
     assert int(seq_file.read_text()) == 2 * SEQ_BLOCK
 
     # A restart continues above everything reserved, even beside a live old instance.
     restarted = Agent(config, SETTINGS)
-    assert restarted._next_seq() == 2 * SEQ_BLOCK + 1
-    assert agent._next_seq() == SEQ_BLOCK + 2
+    assert restarted.next_report_seq() == 2 * SEQ_BLOCK + 1
+    assert agent.next_report_seq() == SEQ_BLOCK + 2
     assert int(seq_file.read_text()) == 3 * SEQ_BLOCK
 
 
@@ -323,23 +325,29 @@ class _PowerCut(BaseException):
 
 
 def test_an_agent_that_dies_before_the_swap_reopens_its_bundle_instead_of_refetching(
-        server: RunningServer, monkeypatch: pytest.MonkeyPatch) -> None:
+        server: RunningServer) -> None:
     config = AgentConfig.load(server.enroll("pi-1") / "agent.toml")
     agent = agent_serving_v1(server, config)
     deploy(server, "digits_v2", "2.0.0")
 
-    def power_cut(*_args: object, **_kwargs: object) -> None:
-        raise _PowerCut
+    def power_cut(_name: str, state: State) -> None:
+        if state is State.VALIDATING:
+            raise _PowerCut
 
-    monkeypatch.setattr(agent.host, "swap", power_cut)
+    agent.on_step = power_cut
     with pytest.raises(_PowerCut):
-        agent.run_cycle()  # downloaded, verified, validated: dies at the swap
+        agent.run_cycle()  # downloaded and verified: dies in the validation gate
+    assert agent.journal("digits").current.state is State.VALIDATING
     fetched = server.ctx.metrics.fetch_bytes.labels("http", "target")._value.get()
     assert fetched > 0
     rebooted = Agent(config, SETTINGS)
-    rebooted.start()  # the journal says swapping was never reached: serve 1.0.0, try again
+    steps: list[State] = []
+    rebooted.on_step = lambda _name, state: steps.append(state)
+    rebooted.start()  # the swap was never reached: serve 1.0.0, go on from verifying
     assert rebooted.host.current_version("digits") == "1.0.0"
+    assert rebooted.journal("digits").current.state is State.VERIFYING
     assert rebooted.run_cycle().states == {"digits": "probation"}
+    assert steps == [State.VERIFYING, State.VALIDATING, State.SWAPPING, State.PROBATION]
     assert rebooted.host.current_version("digits") == "2.0.0"
     # The bundle was opened (so verified) again from disk: not one byte fetched twice.
     assert server.ctx.metrics.fetch_bytes.labels("http", "target")._value.get() == fetched
@@ -348,3 +356,24 @@ def test_an_agent_that_dies_before_the_swap_reopens_its_bundle_instead_of_refetc
     downloads = config.state_dir / "downloads"
     assert not [p for p in downloads.rglob("*") if p.is_file() and "2.0.0" in p.name], \
         "the installed bundle was not deleted"
+
+
+def test_every_step_runs_with_its_state_already_on_disk(server: RunningServer) -> None:
+    """The runner follows the journal's table: each state of STEPS is saved before its work.
+
+    The hook runs between the save and the work; what it reads from disk is
+    what a power cut at that moment would leave.
+    """
+    config = AgentConfig.load(server.enroll("pi-1") / "agent.toml")
+    agent = Agent(config, SETTINGS)
+    agent.start()
+    journal_file = config.state_dir / "journal-digits.json"
+    on_disk: list[tuple[State, State]] = []
+    agent.on_step = lambda _name, state: on_disk.append(
+        (state, JournalRecord.from_json(journal_file.read_bytes()).state))
+    deploy(server, "digits_v1", "1.0.0")
+    assert agent.run_cycle().states == {"digits": "probation"}
+    assert [state for state, _ in on_disk] == list(STEPS)
+    assert all(state is saved for state, saved in on_disk), on_disk
+    # Every state with work is a state of the table, and every step is reached.
+    assert set(STEPS) == {s for s in State if s not in TERMINAL_STATES | {State.IDLE}}

@@ -131,6 +131,12 @@ def served_after_restart(journal: dict[str, Any]) -> str:
     return journal["previous"]["version"]
 
 
+def resumed_state(journal: dict[str, Any]) -> str:
+    """The journal state a restart leaves: an update before its swap stays to go on."""
+    return {"downloading": "downloading", "verifying": "verifying",
+            "validating": "verifying"}.get(journal["state"], "idle")
+
+
 def label(journal: dict[str, Any]) -> str:
     if journal["state"] == "idle":
         return f"idle({journal['previous']['version']})"
@@ -181,31 +187,47 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
 
 
 # (state the journal saved just before the kill, model served after the restart,
-#  outcome the restart reports as (state, error)).
+#  journal state after the restart, outcome the restart reports as (state, error) or
+#  None: it reports nothing (the device's last report stands), the steps the next
+#  cycle runs).
+UPDATE_STEPS = ["downloading", "verifying", "validating", "swapping", "probation"]
 STATE_CASES = [
-    # Before the swap the live model was never touched: the attempt is closed as
-    # failed(interrupted) and the next cycle starts it again from a fresh check.
-    ("checking", OLD, ("failed", "interrupted")),
-    ("downloading", OLD, ("failed", "interrupted")),
-    ("verifying", OLD, ("failed", "interrupted")),
-    ("validating", OLD, ("failed", "interrupted")),
-    ("staged", OLD, ("failed", "interrupted")),
+    # Before the swap the live model was never touched: the update stays where it
+    # was and the next cycle goes on with it -- the download resumes, a downloaded
+    # bundle is opened and verified again (never fetched again), and a crash while
+    # validating goes back to verifying (the unpacked files are not trusted).
+    ("downloading", OLD, "downloading", None, UPDATE_STEPS),
+    ("verifying", OLD, "verifying", None, UPDATE_STEPS[1:]),
+    ("validating", OLD, "verifying", None, UPDATE_STEPS[1:]),
     # From the swap on, a crash counts as a failed probation (the new model may be
     # what crashed the agent): rolled back to v1. Nothing marks v2 as refused, so
     # the next cycle installs v2 again while the director still assigns it.
-    ("swapping", OLD, ("rolled_back", "crash_during_swap")),
-    ("probation", OLD, ("rolled_back", "crash_during_probation")),
+    ("swapping", OLD, "idle", ("rolled_back", "crash_during_swap"), UPDATE_STEPS),
+    ("probation", OLD, "idle", ("rolled_back", "crash_during_probation"), UPDATE_STEPS),
     # Committed before the kill: the restart serves v2 and reports the outcome.
-    ("committed", NEW, ("committed", None)),
+    ("committed", NEW, "idle", ("committed", None), []),
     # The outcome was already reported; the restart has nothing left to do.
-    ("idle", NEW, ("committed", None)),
+    ("idle", NEW, "idle", ("committed", None), []),
 ]
 
 
-@pytest.mark.parametrize(("crash_state", "served", "reported"), STATE_CASES,
-                         ids=[case[0] for case in STATE_CASES])
+def test_the_state_cases_cover_every_journal_state_with_work() -> None:
+    """Every state whose work the runner does is killed in, and the table names them all."""
+    from edgeota.agent.journal import TERMINAL_STATES, State
+    from edgeota.agent.runner import STEPS
+
+    assert [str(s) for s in STEPS] == UPDATE_STEPS
+    killed = {case[0] for case in STATE_CASES}
+    assert {str(s) for s in STEPS} <= killed
+    # The other states are outcomes (one is killed in: committed) and idle.
+    assert {str(s) for s in State} - killed <= {str(s) for s in TERMINAL_STATES}
+
+
+@pytest.mark.parametrize(("crash_state", "served", "after_restart", "reported", "steps"),
+                         STATE_CASES, ids=[case[0] for case in STATE_CASES])
 def test_kill_right_after_each_journal_state(
-    fleet: Fleet, crash_state: str, served: str, reported: tuple[str, str | None]
+    fleet: Fleet, crash_state: str, served: str, after_restart: str,
+    reported: tuple[str, str | None] | None, steps: list[str],
 ) -> None:
     device = fleet.devices[0]
     device.reset()
@@ -216,21 +238,26 @@ def test_kill_right_after_each_journal_state(
     assert on_disk["state"] == crash_state
     if crash_state == "idle":
         assert on_disk["previous"]["version"] == NEW
+    before = fleet.reported(device)
 
     restarted = device.agent("--mode", "report")
     assert restarted.returncode == 0, restarted.describe()
     assert restarted.result is not None
     assert restarted.result["serving"] == served, restarted.describe()
-    assert restarted.result["journal"]["state"] == "idle", restarted.describe()
+    assert restarted.result["journal"]["state"] == after_restart, restarted.describe()
     state = fleet.reported(device)
-    assert (state["state"], state["error"]) == reported
+    if reported is None:
+        assert state == before  # nothing failed: the update goes on
+    else:
+        assert (state["state"], state["error"]) == reported
 
     finished = device.agent()
     assert_finished(finished, device)
     assert finished.result is not None
+    assert finished.result["steps"] == steps, finished.describe()
     if served == NEW:
         assert finished.result["states"] == {"digits": "current"}, finished.describe()
-    else:  # v2 is installed again from a fresh check and passes probation
+    else:  # v2's update goes on (or starts again) and passes probation
         assert finished.result["states"] == {"digits": "probation"}, finished.describe()
         assert finished.result["probation"] == {"digits": "committed"}, finished.describe()
         # Anti-rollback floor raised with the commit (the "committed" case: see below).
@@ -238,6 +265,24 @@ def test_kill_right_after_each_journal_state(
         state = fleet.reported(device)
         assert (state["state"], state["release"]) == ("committed", f"digits@{NEW}")
     assert fleet.reported(device)["state"] == "committed"
+
+
+@pytest.mark.parametrize("step", UPDATE_STEPS[:3])
+def test_kill_inside_each_step_before_the_swap_goes_on_from_it(fleet: Fleet, step: str) -> None:
+    """Killed while a step's work runs: the restart serves v1 and the next cycle goes on."""
+    device = fleet.devices[0]
+    device.reset()
+    killed = device.agent("--kill-in-step", step)
+    assert killed.returncode == SIGKILLED, killed.describe()
+    assert device.journal()["state"] == step
+    restarted = device.agent("--mode", "report")
+    assert restarted.returncode == 0 and restarted.result is not None, restarted.describe()
+    assert restarted.result["serving"] == OLD
+    finished = device.agent()
+    assert_finished(finished, device)
+    assert finished.result is not None
+    expected = UPDATE_STEPS[UPDATE_STEPS.index(min(step, "verifying", key=UPDATE_STEPS.index)):]
+    assert finished.result["steps"] == expected, finished.describe()
 
 
 def test_release_floor_survives_a_kill_right_after_commit(fleet: Fleet) -> None:
@@ -314,7 +359,11 @@ def crash_and_restart(device: Device, draw: Draw) -> Outcome:
     assert served in {OLD, NEW}, f"{where}: serves neither model: {restarted.describe()}"
     assert served == expected, (
         f"{where}: journal {label(journal)} says serve {expected}: {restarted.describe()}")
-    assert restarted.result["journal"]["state"] == "idle", f"{where}: {restarted.describe()}"
+    # An update cut before its swap waits for the next cycle to go on; anything
+    # else is over once the restart has recovered it.
+    left = restarted.result["journal"]["state"]
+    assert left == resumed_state(journal), (
+        f"{where}: {restarted.describe()}")
 
     finished = device.agent()
     try:

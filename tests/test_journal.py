@@ -53,23 +53,16 @@ START = datetime(2025, 3, 1, 12, 0, tzinfo=UTC)
 # Written out by hand on purpose: the test is that the module's table is
 # exactly this design, not a copy of itself.
 EXPECTED_TRANSITIONS: dict[tuple[State, Event], State] = {
-    (S.IDLE, E.CHECK_STARTED): S.CHECKING,
-    (S.CHECKING, E.NO_UPDATE): S.IDLE,
-    (S.CHECKING, E.UPDATE_FOUND): S.DOWNLOADING,
-    (S.CHECKING, E.FAILURE): S.FAILED,
-    (S.CHECKING, E.RECOVERED): S.CHECKING,
+    (S.IDLE, E.UPDATE_FOUND): S.DOWNLOADING,
     (S.DOWNLOADING, E.DOWNLOAD_DONE): S.VERIFYING,
     (S.DOWNLOADING, E.FAILURE): S.FAILED,
     (S.DOWNLOADING, E.RECOVERED): S.DOWNLOADING,
     (S.VERIFYING, E.VERIFIED): S.VALIDATING,
     (S.VERIFYING, E.FAILURE): S.FAILED,
     (S.VERIFYING, E.RECOVERED): S.VERIFYING,
-    (S.VALIDATING, E.VALID): S.STAGED,
+    (S.VALIDATING, E.VALID): S.SWAPPING,
     (S.VALIDATING, E.FAILURE): S.FAILED,
     (S.VALIDATING, E.RECOVERED): S.VERIFYING,
-    (S.STAGED, E.SWAP_STARTED): S.SWAPPING,
-    (S.STAGED, E.FAILURE): S.FAILED,
-    (S.STAGED, E.RECOVERED): S.STAGED,
     (S.SWAPPING, E.SWAPPED): S.PROBATION,
     (S.SWAPPING, E.FAILURE): S.ROLLED_BACK,
     (S.SWAPPING, E.RECOVERED): S.ROLLED_BACK,
@@ -84,11 +77,9 @@ EXPECTED_TRANSITIONS: dict[tuple[State, Event], State] = {
 
 EXPECTED_RECOVERY: dict[State, RecoveryAction] = {
     S.IDLE: A.NONE,
-    S.CHECKING: A.RESUME_CHECK,
     S.DOWNLOADING: A.RESUME_DOWNLOAD,
     S.VERIFYING: A.REVERIFY_DOWNLOAD,
     S.VALIDATING: A.REVERIFY_DOWNLOAD,
-    S.STAGED: A.REVERIFY_STAGED,
     S.SWAPPING: A.REVERT_TO_PREVIOUS,
     S.PROBATION: A.REVERT_TO_PREVIOUS,
     S.COMMITTED: A.NONE,
@@ -98,17 +89,15 @@ EXPECTED_RECOVERY: dict[State, RecoveryAction] = {
 
 Step = tuple[Event, dict[str, Any]]
 HAPPY: list[Step] = [
-    (E.CHECK_STARTED, {}),
     (E.UPDATE_FOUND, {"target": NEW}),
     (E.DOWNLOAD_DONE, {}),
     (E.VERIFIED, {}),
     (E.VALID, {"target": replace(NEW, model_dir="/models/digits/2.0.0")}),
-    (E.SWAP_STARTED, {}),
     (E.SWAPPED, {}),
     (E.PROBATION_PASSED, {}),
 ]
-HAPPY_STATES = [S.CHECKING, S.DOWNLOADING, S.VERIFYING, S.VALIDATING, S.STAGED, S.SWAPPING,
-                S.PROBATION, S.COMMITTED]
+HAPPY_STATES = [S.DOWNLOADING, S.VERIFYING, S.VALIDATING, S.SWAPPING, S.PROBATION,
+                S.COMMITTED]
 
 
 class FakeClock:
@@ -150,7 +139,7 @@ def run(journal: Journal, steps: list[Step]) -> JournalRecord:
 
 def record_in(state: State) -> JournalRecord:
     """A valid record in ``state``, with the fields that state requires."""
-    has_target = state not in (S.IDLE, S.CHECKING)
+    has_target = state is not S.IDLE
     return JournalRecord(
         state,
         entered_at=START.isoformat(),
@@ -182,7 +171,7 @@ def test_tables_are_immutable() -> None:
     with pytest.raises(TypeError):
         TRANSITIONS[(S.IDLE, E.SWAPPED)] = S.COMMITTED  # type: ignore[index]
     with pytest.raises(TypeError):
-        RECOVERY[S.IDLE] = A.RESUME_CHECK  # type: ignore[index]
+        RECOVERY[S.IDLE] = A.RESUME_DOWNLOAD  # type: ignore[index]
 
 
 def test_every_state_is_reachable_and_every_non_terminal_state_can_fail() -> None:
@@ -253,7 +242,7 @@ def test_happy_path_walks_every_state_and_commits(path: Path) -> None:
 @pytest.mark.parametrize("outcome", [E.PROBATION_FAILED, E.FAILURE])
 def test_reporting_a_revert_keeps_the_previous_model(path: Path, outcome: Event) -> None:
     journal = open_journal(path)
-    run(journal, HAPPY[:7])
+    run(journal, HAPPY[:5])
     assert journal.transition(outcome, reason="latency").state is S.ROLLED_BACK
     idle = journal.transition(E.REPORTED)
     assert (idle.target, idle.previous, idle.reason) == (None, OLD, None)
@@ -261,35 +250,35 @@ def test_reporting_a_revert_keeps_the_previous_model(path: Path, outcome: Event)
 
 def test_failure_needs_a_reason_and_other_states_refuse_one(path: Path) -> None:
     journal = open_journal(path)
-    journal.transition(E.CHECK_STARTED)
+    journal.begin(NEW)
     with pytest.raises(IllegalTransitionError):
         journal.transition(E.FAILURE)
     with pytest.raises(IllegalTransitionError):
-        journal.transition(E.NO_UPDATE, reason="nothing")
+        journal.transition(E.DOWNLOAD_DONE, reason="nothing")
     with pytest.raises(ValueError, match="reason code"):
         journal.transition(E.FAILURE, reason="not a code!")
     assert journal.transition(E.FAILURE, reason="below_floor").reason == "below_floor"
 
 
-def test_known_good_model_is_declared_only_when_a_cycle_starts(tmp_path: Path) -> None:
+def test_known_good_model_is_declared_only_when_an_update_begins(tmp_path: Path) -> None:
     journal = Journal(tmp_path / "journal.json", clock=FakeClock())
     journal.load()
-    assert journal.transition(E.CHECK_STARTED, previous=OLD).previous == OLD
-    journal.begin(NEW)
+    assert journal.begin(NEW, previous=OLD).previous == OLD
     with pytest.raises(IllegalTransitionError, match="previous"):
         journal.transition(E.DOWNLOAD_DONE, previous=NEW)
     assert journal.current.previous == OLD
 
 
-def test_idle_and_checking_take_no_target(path: Path) -> None:
+def test_idle_takes_no_target(path: Path) -> None:
     journal = open_journal(path)
+    journal.begin(NEW)
+    journal.transition(E.FAILURE, reason="disk_full")
     with pytest.raises(IllegalTransitionError, match="no target"):
-        journal.transition(E.CHECK_STARTED, target=NEW)
+        journal.transition(E.REPORTED, target=NEW)
 
 
 def test_update_found_needs_a_target(path: Path) -> None:
     journal = open_journal(path)
-    journal.transition(E.CHECK_STARTED)
     with pytest.raises(IllegalTransitionError):
         journal.transition(E.UPDATE_FOUND)
 
@@ -298,7 +287,6 @@ def test_begin_issues_a_new_update_id_and_resets_saves(path: Path) -> None:
     journal = open_journal(path)
     ids = []
     for _ in range(2):
-        journal.transition(E.CHECK_STARTED)
         record = journal.begin(NEW)
         assert (record.state, record.target, record.saves) == (S.DOWNLOADING, NEW, 1)
         assert len(record.update_id) == 32
@@ -309,11 +297,13 @@ def test_begin_issues_a_new_update_id_and_resets_saves(path: Path) -> None:
     assert ids[0] != ids[1]
 
 
-def test_check_without_update_has_no_update_id(path: Path) -> None:
+def test_idle_has_no_update_id(path: Path) -> None:
     journal = open_journal(path)
-    record = journal.transition(E.CHECK_STARTED)
-    assert (record.update_id, record.saves, record.target) == ("", 1, None)
-    assert journal.transition(E.NO_UPDATE).state is S.IDLE
+    journal.begin(NEW)
+    journal.transition(E.FAILURE, reason="disk_full")
+    record = journal.transition(E.REPORTED)
+    assert (record.state, record.update_id, record.saves, record.target) == (
+        S.IDLE, "", 0, None)
 
 
 def test_missing_file_is_idle_and_not_written(tmp_path: Path) -> None:
@@ -322,21 +312,21 @@ def test_missing_file_is_idle_and_not_written(tmp_path: Path) -> None:
     record = journal.load()
     assert (record.state, record.target, record.previous, record.saves) == (S.IDLE, None, None, 0)
     assert not p.exists()
-    journal.transition(E.CHECK_STARTED)
-    assert JournalRecord.from_json(p.read_bytes()).state is S.CHECKING
+    journal.begin(NEW)
+    assert JournalRecord.from_json(p.read_bytes()).state is S.DOWNLOADING
 
 
 def test_current_before_load_is_a_caller_mistake(path: Path) -> None:
     journal = Journal(path, clock=FakeClock())
     with pytest.raises(RuntimeError, match="load"):
-        journal.transition(E.CHECK_STARTED)
+        journal.begin(NEW)
 
 
 def test_naive_clock_is_refused(path: Path) -> None:
     journal = Journal(path, clock=lambda: datetime(2025, 1, 1))
     journal.load()
     with pytest.raises(ValueError, match="timezone"):
-        journal.transition(E.CHECK_STARTED)
+        journal.begin(NEW)
 
 
 # --- atomic writes ---------------------------------------------------------
@@ -376,18 +366,16 @@ def test_crash_during_the_write_keeps_the_old_record(
 # (case, events leading to the crash state, recovery action, state saved on restart, reason)
 CRASH_CASES: list[tuple[str, list[Step], RecoveryAction, State, str | None]] = [
     ("idle", [], A.NONE, S.IDLE, None),
-    ("checking", HAPPY[:1], A.RESUME_CHECK, S.CHECKING, None),
-    ("downloading", HAPPY[:2], A.RESUME_DOWNLOAD, S.DOWNLOADING, None),
-    ("verifying", HAPPY[:3], A.REVERIFY_DOWNLOAD, S.VERIFYING, None),
+    ("downloading", HAPPY[:1], A.RESUME_DOWNLOAD, S.DOWNLOADING, None),
+    ("verifying", HAPPY[:2], A.REVERIFY_DOWNLOAD, S.VERIFYING, None),
     # Unpacked files from before the crash are not trusted: back to verifying.
-    ("validating", HAPPY[:4], A.REVERIFY_DOWNLOAD, S.VERIFYING, None),
-    ("staged", HAPPY[:5], A.REVERIFY_STAGED, S.STAGED, None),
-    ("swapping", HAPPY[:6], A.REVERT_TO_PREVIOUS, S.ROLLED_BACK, REASON_CRASH_IN_SWAP),
-    ("probation", HAPPY[:7], A.REVERT_TO_PREVIOUS, S.ROLLED_BACK, REASON_CRASH_IN_PROBATION),
+    ("validating", HAPPY[:3], A.REVERIFY_DOWNLOAD, S.VERIFYING, None),
+    ("swapping", HAPPY[:4], A.REVERT_TO_PREVIOUS, S.ROLLED_BACK, REASON_CRASH_IN_SWAP),
+    ("probation", HAPPY[:5], A.REVERT_TO_PREVIOUS, S.ROLLED_BACK, REASON_CRASH_IN_PROBATION),
     ("committed", HAPPY, A.NONE, S.COMMITTED, None),
-    ("rolled_back", [*HAPPY[:7], (E.PROBATION_FAILED, {"reason": "error_rate"})],
+    ("rolled_back", [*HAPPY[:5], (E.PROBATION_FAILED, {"reason": "error_rate"})],
      A.NONE, S.ROLLED_BACK, "error_rate"),
-    ("failed", [*HAPPY[:3], (E.FAILURE, {"reason": "sealed_digest"})],
+    ("failed", [*HAPPY[:2], (E.FAILURE, {"reason": "sealed_digest"})],
      A.NONE, S.FAILED, "sealed_digest"),
 ]
 
@@ -417,7 +405,7 @@ def test_crash_right_after_entering_a_state(
 
 
 def test_crash_loop_ends_in_state_loop_failure(path: Path) -> None:
-    run(open_journal(path, max_saves_per_update=8), HAPPY[:2])  # downloading, saves == 1
+    run(open_journal(path, max_saves_per_update=8), HAPPY[:1])  # downloading, saves == 1
     restarts = 0
     while True:
         journal = open_journal(path, max_saves_per_update=8)
@@ -438,7 +426,7 @@ def test_crash_loop_ends_in_state_loop_failure(path: Path) -> None:
 
 def test_save_cap_applies_in_process_too(path: Path) -> None:
     journal = open_journal(path, max_saves_per_update=3)
-    run(journal, HAPPY[:4])  # begin resets: downloading 1, verifying 2, validating 3
+    run(journal, HAPPY[:3])  # begin resets: downloading 1, verifying 2, validating 3
     with pytest.raises(StateLoopError) as caught:
         journal.transition(E.VALID)
     assert caught.value.record.state is S.FAILED
@@ -448,9 +436,9 @@ def test_save_cap_applies_in_process_too(path: Path) -> None:
 
 
 def test_crash_in_probation_past_the_cap_still_reverts(path: Path) -> None:
-    journal = open_journal(path, max_saves_per_update=6)
-    run(journal, HAPPY[:7])  # probation at saves 6
-    action, record = open_journal(path, max_saves_per_update=6).recover()
+    journal = open_journal(path, max_saves_per_update=5)
+    run(journal, HAPPY[:5])  # probation at saves 5
+    action, record = open_journal(path, max_saves_per_update=5).recover()
     assert (action, record.state) == (A.REVERT_TO_PREVIOUS, S.ROLLED_BACK)
 
 
@@ -458,7 +446,7 @@ def test_crash_in_probation_past_the_cap_still_reverts(path: Path) -> None:
 
 
 def good_doc() -> dict[str, Any]:
-    return json.loads(record_in(S.STAGED).to_json())
+    return json.loads(record_in(S.VALIDATING).to_json())
 
 
 def mutated(**changes: Any) -> bytes:
@@ -547,8 +535,9 @@ def test_load_or_reset_of_a_good_journal_is_load(path: Path) -> None:
 def test_history_is_bounded(path: Path) -> None:
     journal = open_journal(path)
     for _ in range(HISTORY_LIMIT):
-        journal.transition(E.CHECK_STARTED)
-        journal.transition(E.NO_UPDATE)
+        journal.begin(NEW)
+        journal.transition(E.FAILURE, reason="disk_full")
+        journal.transition(E.REPORTED)
     record = journal.current
     assert len(record.history) == HISTORY_LIMIT
     assert record.history[-1] == (S.IDLE, record.entered_at)
