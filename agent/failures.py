@@ -15,9 +15,9 @@ from tuf.api import exceptions as tuf_exceptions
 
 from edgeota.agent.update_cycle import InstallError
 from edgeota.agent.uptane import UptaneRefusal
-from edgeota.agent.validation import ValidationError
 from edgeota.protocol import errors
 from edgeota.protocol.reasons import Reason
+from edgeota.runtime.validation import ValidationError
 
 __all__ = ["REASONS_BY_TYPE", "reason_for"]
 

@@ -59,8 +59,8 @@ from edgeota.agent.model_host import (
     Prediction,
     UnknownModelError,
 )
-from edgeota.agent.validation import NUMPY_TYPES, numpy_to_datatype
 from edgeota.protocol.errors import EdgeotaError
+from edgeota.runtime.validation import NUMPY_TYPES, numpy_to_datatype
 
 __all__ = [
     "DEFAULT_MAX_BODY_BYTES",

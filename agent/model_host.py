@@ -66,7 +66,9 @@ from typing import Literal
 import numpy as np
 import onnxruntime as ort
 
-from edgeota.agent.validation import (
+from edgeota.protocol.errors import EdgeotaError
+from edgeota.protocol.manifest import Manifest, Tensor, TensorSpec
+from edgeota.runtime.validation import (
     SessionLoadError,
     SessionSettings,
     check_memory,
@@ -74,8 +76,6 @@ from edgeota.agent.validation import (
     numpy_to_datatype,
     tensor_to_numpy,
 )
-from edgeota.protocol.errors import EdgeotaError
-from edgeota.protocol.manifest import Manifest, Tensor, TensorSpec
 
 __all__ = [
     "DEFAULT_DRAIN_TIMEOUT_S",

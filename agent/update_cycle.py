@@ -54,23 +54,23 @@ from tuf.api.metadata import Metadata, TargetFile, Targets
 from tuf.ngclient import FetcherInterface, Updater
 
 from edgeota.agent.config import AgentConfig
-from edgeota.agent.http_fetcher import HttpFetcher, HttpFetcherConfig
 from edgeota.agent.mqtt_fetcher import MQTT_REPOSITORY_URL, MqttFetcher
 from edgeota.agent.mqtt_session import DeviceConnection
 from edgeota.agent.resumable import DownloadStats, ResumableDownload
 from edgeota.agent.uptane import DeviceFacts, InstallDecision, decide
-from edgeota.agent.validation import (
-    DEFAULT_SETTINGS,
-    SessionSettings,
-    ValidationReport,
-    load_validated,
-)
 from edgeota.protocol.bundle import OpenedBundle, open_bundle
 from edgeota.protocol.errors import EdgeotaError, ManifestError
 from edgeota.protocol.fetch import MAX_OFFSET, ChunkFrame
 from edgeota.protocol.identity import DeviceIdentity
 from edgeota.protocol.keywrap import unwrap_content_key
 from edgeota.protocol.reasons import Reason
+from edgeota.runtime.http_fetcher import HttpFetcher, HttpFetcherConfig
+from edgeota.runtime.validation import (
+    DEFAULT_SETTINGS,
+    SessionSettings,
+    ValidationReport,
+    load_validated,
+)
 
 if TYPE_CHECKING:
     import onnxruntime as ort

@@ -162,8 +162,8 @@ def _child_install(args: list[str]) -> dict[str, object]:
     sealed_sha256, plaintext_sha256 = args[3], args[4]
     import numpy as np
 
-    from edgeota.agent.validation import SessionSettings, create_session
     from edgeota.protocol.bundle import open_bundle
+    from edgeota.runtime.validation import SessionSettings, create_session
 
     imported = proc_status()["VmRSS"]
     start = time.perf_counter()
@@ -193,7 +193,7 @@ def _child_session_reference(args: list[str]) -> dict[str, object]:
     model = Path(args[0])
     import numpy as np
 
-    from edgeota.agent.validation import SessionSettings, create_session
+    from edgeota.runtime.validation import SessionSettings, create_session
 
     imported = proc_status()["VmRSS"]
     start = time.perf_counter()

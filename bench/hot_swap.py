@@ -85,8 +85,8 @@ import numpy as np
 import onnxruntime as ort
 
 from edgeota.agent.model_host import ModelHost, SwapResult
-from edgeota.agent.validation import SessionSettings
 from edgeota.protocol.manifest import Manifest
+from edgeota.runtime.validation import SessionSettings
 from edgeota.samples import load_catalog, load_test_split
 from edgeota.server.manifest_builder import build_manifest
 

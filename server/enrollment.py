@@ -14,7 +14,6 @@ from pathlib import Path
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from edgeota.agent.config import AgentConfig
 from edgeota.protocol.files import atomic_write, make_private_dir, write_private_file
 from edgeota.protocol.identity import (
     CA_CERT_FILE,
@@ -24,6 +23,7 @@ from edgeota.protocol.identity import (
     validate_device_id,
 )
 from edgeota.protocol.keywrap import KemSuite
+from edgeota.runtime.agent_config import AgentConfig
 from edgeota.server.client import OperatorClient
 from edgeota.server.config import ConfigError, OperatorConfig
 

@@ -1,15 +1,16 @@
 """Build a release manifest from an ONNX file and the operator's vector files.
 
 The I/O signature and opset are read from the model itself, never typed by a
-person, so the manifest cannot disagree with the model it describes. Runs on
-the operator's machine (``release publish``) and in the demo.
+person, so the manifest cannot disagree with the model it describes; the
+reading is :func:`edgeota.runtime.model_signature.read_model_signature`, the
+same one the validation gate compares sessions with. Runs on the operator's
+machine (``release publish``) and in the demo.
 """
 
 from __future__ import annotations
 
 import json
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -17,64 +18,13 @@ from edgeota.protocol.bundle import describe_payload
 from edgeota.protocol.errors import ManifestError
 from edgeota.protocol.manifest import (
     MAX_MANIFEST_SIZE,
-    ONNXRUNTIME_TYPES,
     GoldenSet,
     Manifest,
-    TensorSpec,
     ValidationVectors,
 )
+from edgeota.runtime.model_signature import ModelLoadError, read_model_signature
 
-__all__ = ["ModelSignature", "build_manifest", "datatype_for_onnx_type", "read_model_signature"]
-
-
-
-class ModelLoadError(ManifestError):
-    """The file is not an ONNX model onnxruntime can load."""
-
-
-def datatype_for_onnx_type(ort_type: str) -> str:
-    """Map an onnxruntime type string such as ``tensor(float)`` to ``FP32``."""
-    try:
-        return ONNXRUNTIME_TYPES[ort_type]
-    except KeyError as e:
-        raise ManifestError(
-            f"unsupported tensor type {ort_type!r} (sequences and maps are not "
-            "served; export with zipmap disabled)"
-        ) from e
-
-
-@dataclass(frozen=True)
-class ModelSignature:
-    """What a model declares: its inputs, outputs and default-domain opset."""
-
-    inputs: tuple[TensorSpec, ...]
-    outputs: tuple[TensorSpec, ...]
-    opset: int
-
-
-def read_model_signature(model: Path) -> ModelSignature:
-    """Load ``model`` in onnxruntime (as a device would) and read its signature."""
-    import onnx
-    import onnxruntime as ort
-
-    try:
-        session = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])
-        proto = onnx.load(str(model), load_external_data=False)
-    except Exception as e:
-        raise ModelLoadError(f"{model}: onnxruntime cannot load it: {e}") from e
-
-    def spec(node: ort.NodeArg) -> TensorSpec:
-        shape = tuple(d if isinstance(d, int) else None for d in node.shape)
-        return TensorSpec(node.name, datatype_for_onnx_type(node.type), shape)
-
-    opsets = [o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")]
-    if not opsets:
-        raise ModelLoadError(f"{model}: declares no default-domain opset")
-    return ModelSignature(
-        inputs=tuple(spec(n) for n in session.get_inputs()),
-        outputs=tuple(spec(n) for n in session.get_outputs()),
-        opset=opsets[0],
-    )
+__all__ = ["build_manifest", "external_data_files"]
 
 
 def external_data_files(model: Path) -> dict[str, Path]:

@@ -25,8 +25,6 @@ from typing import Any
 from tuf.api.metadata import Metadata, TargetFile, Targets
 from tuf.ngclient import Updater
 
-from edgeota.agent.http_fetcher import HttpFetcher
-from edgeota.agent.validation import check_compatible, validate_model
 from edgeota.protocol.bundle import generate_content_key, seal_bundle
 from edgeota.protocol.errors import EdgeotaError
 from edgeota.protocol.identity import SERVER_IDENTITY
@@ -34,6 +32,8 @@ from edgeota.protocol.keywrap import KemPublicKey, wrap_content_key
 from edgeota.protocol.manifest import Manifest
 from edgeota.protocol.stream import AeadSuite
 from edgeota.protocol.targets_custom import ImageTargetCustom, target_path_for
+from edgeota.runtime.http_fetcher import HttpFetcher
+from edgeota.runtime.validation import check_compatible, validate_model
 from edgeota.server.client import ApiError, OperatorClient
 from edgeota.server.config import KeyRef, OperatorConfig
 from edgeota.server.keystore import load_public_key, load_signer

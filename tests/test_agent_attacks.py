@@ -409,7 +409,7 @@ def test_slow_retrieval_of_metadata_is_cut_too(victim: Victim) -> None:
 def test_slow_retrieval_over_http_is_cut_by_the_minimum_rate() -> None:
     """The HTTP transport faces the same trickle: one byte every tenth of a second, well
     inside the read timeout. Fetcher level: the real server never trickles."""
-    from edgeota.agent.http_fetcher import HttpFetcher, HttpFetcherConfig
+    from edgeota.runtime.http_fetcher import HttpFetcher, HttpFetcherConfig
 
     stop = threading.Event()
     listener = socket.create_server(("127.0.0.1", 0))

@@ -27,8 +27,8 @@ from edgeota.agent.inference_server import (
     _parse_infer,
 )
 from edgeota.agent.model_host import ModelHost, Prediction
-from edgeota.agent.validation import SessionSettings, create_session
 from edgeota.protocol.manifest import Manifest
+from edgeota.runtime.validation import SessionSettings, create_session
 from edgeota.samples import SampleModel
 from edgeota.server.manifest_builder import build_manifest
 

@@ -11,8 +11,9 @@ import pytest
 
 from edgeota.protocol.errors import ManifestError
 from edgeota.protocol.manifest import MAX_MANIFEST_SIZE, Manifest, Tensor, TensorSpec
+from edgeota.runtime.model_signature import read_model_signature
 from edgeota.samples import load_catalog, sample_path
-from edgeota.server.manifest_builder import build_manifest, read_model_signature
+from edgeota.server.manifest_builder import build_manifest
 
 
 @pytest.fixture(scope="module")

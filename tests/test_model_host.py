@@ -36,9 +36,9 @@ from edgeota.agent.model_host import (
     UnknownModelError,
     _find_malloc_trim,
 )
-from edgeota.agent.validation import SessionSettings, create_session
 from edgeota.protocol.errors import EdgeotaError
 from edgeota.protocol.manifest import Manifest
+from edgeota.runtime.validation import SessionSettings, create_session
 from edgeota.samples import SampleModel
 from edgeota.server.manifest_builder import build_manifest
 
@@ -647,7 +647,7 @@ import json, sys
 from pathlib import Path
 import numpy as np
 from edgeota.agent.model_host import ModelHost
-from edgeota.agent.validation import SessionSettings
+from edgeota.runtime.validation import SessionSettings
 from edgeota.server.manifest_builder import build_manifest
 
 model, weights, feed_name = Path(sys.argv[1]), sys.argv[2], sys.argv[3]

@@ -38,13 +38,15 @@ def test_top_level_folders_map_into_one_namespace() -> None:
     mapping = PYPROJECT["tool"]["setuptools"]["package-dir"]
     assert mapping == {
         "edgeota.protocol": "protocol",
+        "edgeota.runtime": "runtime",
         "edgeota.server": "server",
         "edgeota.agent": "agent",
         "edgeota.simulator": "simulator",
+        "edgeota.cli": "cli",
         "edgeota.samples": "firmware_samples",
     }
     for folder in ("server", "agent", "keys", "firmware_samples", "tests", "simulator",
-                   "protocol", "bench", "docs"):
+                   "protocol", "runtime", "cli", "bench", "docs"):
         assert (ROOT / folder).is_dir(), folder
 
 

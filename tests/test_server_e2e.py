@@ -18,8 +18,8 @@ from tuf.api import exceptions as tuf_errors
 from tuf.ngclient import Updater
 
 from edgeota.agent.config import AgentConfig
-from edgeota.agent.http_fetcher import HttpFetcher, HttpFetcherConfig
 from edgeota.protocol.targets_custom import DirectorTargetCustom, ImageTargetCustom
+from edgeota.runtime.http_fetcher import HttpFetcher, HttpFetcherConfig
 from edgeota.server.db.models import AuditEntry, Release
 from edgeota.server.home import HomeOptions
 from edgeota.server.tokens import Role

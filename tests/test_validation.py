@@ -23,7 +23,16 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from edgeota.agent.model_host import warmup_feeds
-from edgeota.agent.validation import (
+from edgeota.protocol.errors import EdgeotaError
+from edgeota.protocol.manifest import (
+    DATATYPES,
+    GoldenSet,
+    Manifest,
+    Tensor,
+    TensorSpec,
+    ValidationVectors,
+)
+from edgeota.runtime.validation import (
     CHECK_NAMES,
     MEMORY_FACTOR,
     CheckResult,
@@ -40,15 +49,6 @@ from edgeota.agent.validation import (
     read_mem_available,
     tensor_to_numpy,
     validate_model,
-)
-from edgeota.protocol.errors import EdgeotaError
-from edgeota.protocol.manifest import (
-    DATATYPES,
-    GoldenSet,
-    Manifest,
-    Tensor,
-    TensorSpec,
-    ValidationVectors,
 )
 from edgeota.samples import SampleModel, load_catalog, sample_path
 from edgeota.server.manifest_builder import build_manifest
@@ -489,12 +489,16 @@ def test_numpy_strings_are_bytes_and_unknown_dtypes_refused() -> None:
         numpy_to_datatype(np.array([1 + 2j]))
 
 
-def test_agent_module_stays_in_the_device_install() -> None:
-    """The agent extra has no onnx, scikit-learn or server code: importing must not need it."""
+def test_gate_stays_in_the_device_install() -> None:
+    """The agent extra has no onnx, scikit-learn or server code: importing must not need it.
+
+    The gate is shared (``edgeota.runtime``), so it must not pull the device
+    package either: the server runs it too.
+    """
     code = (
-        "import json, sys, edgeota.agent.validation\n"
+        "import json, sys, edgeota.runtime.validation, edgeota.runtime.model_signature\n"
         "print(json.dumps(sorted(m for m in sys.modules if m.split('.')[0] in "
-        "('onnx', 'sklearn', 'skl2onnx') or m.startswith('edgeota.server'))))"
+        "('onnx', 'sklearn', 'skl2onnx') or m.startswith(('edgeota.server', 'edgeota.agent')))))"
     )
     out = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60

@@ -24,18 +24,18 @@ from pathlib import Path
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from edgeota.agent.validation import (
-    IncompatibleSignatureError,
-    ValidationError,
-    check_compatible,
-    validate_model,
-)
 from edgeota.protocol.bundle import open_bundle
 from edgeota.protocol.errors import ProtocolError
 from edgeota.protocol.identity import SERVER_IDENTITY
 from edgeota.protocol.keywrap import unwrap_content_key
 from edgeota.protocol.manifest import Manifest
 from edgeota.protocol.targets_custom import ImageTargetCustom, target_path_for
+from edgeota.runtime.validation import (
+    IncompatibleSignatureError,
+    ValidationError,
+    check_compatible,
+    validate_model,
+)
 from edgeota.server import audit
 from edgeota.server.api.schemas import ReleaseOut, ReleaseSubmit
 from edgeota.server.context import ServerContext

@@ -9,6 +9,10 @@ otherwise), and bounds every wait: a socket silent for ``read_timeout``, and a
 server that trickles bytes just fast enough to dodge it (slow retrieval), which
 fails once the transfer's average rate stays below ``min_rate`` after
 ``grace`` seconds.
+
+Devices fetch their repositories with it; ``release publish`` refreshes the
+image repository through it (without a token) before signing on top of it, so
+it lives in ``edgeota.runtime``, below the agent and the server.
 """
 
 from __future__ import annotations

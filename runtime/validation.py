@@ -15,9 +15,11 @@ first failure:
 6. ``latency``: is the p95 of single-row inferences within the budget?
 
 The same code runs on the device (before a hot swap) and on the server (before
-a release is published), so both judge a model by one rule. This module is part
-of the small device install: it imports onnxruntime, numpy and
-``edgeota.protocol`` only, never ``onnx``, scikit-learn or server code.
+a release is published), so both judge a model by one rule; that is why it lives
+in ``edgeota.runtime``, below both. It is part of the small device install: it
+imports onnxruntime, numpy, ``edgeota.protocol`` and
+:mod:`edgeota.runtime.model_signature` only, never ``onnx``, scikit-learn,
+server or agent code.
 
 It is also the one place inference sessions are created (:func:`create_session`),
 so the model host serves with exactly the options the gate validated with.
@@ -37,7 +39,8 @@ import onnxruntime as ort
 
 from edgeota.protocol.errors import EdgeotaError
 from edgeota.protocol.files import drop_cached_pages
-from edgeota.protocol.manifest import ONNXRUNTIME_TYPES, Manifest, Tensor, TensorSpec
+from edgeota.protocol.manifest import Manifest, Tensor, TensorSpec
+from edgeota.runtime.model_signature import UnsupportedTensorError, tensor_spec
 
 __all__ = [
     "CHECK_NAMES",
@@ -361,12 +364,10 @@ def check_memory(
 
 def _session_spec(node: ort.NodeArg) -> TensorSpec | str:
     """A NodeArg as a TensorSpec, or a description of why it cannot be one."""
-    datatype = ONNXRUNTIME_TYPES.get(node.type)
-    if datatype is None:
-        return f"{node.name!r} has type {node.type}, which is not served (maps, sequences)"
-    shape = node.shape if isinstance(node.shape, Sequence) else ()
-    dims = tuple(d if isinstance(d, int) and d >= 0 else None for d in shape)
-    return TensorSpec(node.name, datatype, dims)
+    try:
+        return tensor_spec(node)
+    except UnsupportedTensorError as e:
+        return str(e)
 
 
 def _shape_text(shape: Sequence[int | None]) -> str:
