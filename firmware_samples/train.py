@@ -162,7 +162,7 @@ def _opsets(onx: onnx.ModelProto) -> dict[str, int]:
 
 def export_onnx(model: BaseEstimator, spec: ModelSpec) -> onnx.ModelProto:
     """Convert a fitted classifier to the sample contract and stamp name/version into it."""
-    onx = convert_sklearn(
+    onx: onnx.ModelProto = convert_sklearn(  # skl2onnx is untyped; it returns a ModelProto
         model,
         initial_types=[(INPUT_NAME, FloatTensorType([None, N_FEATURES]))],
         options={id(_final_estimator(model)): {"zipmap": False}},

@@ -23,8 +23,11 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 
+# The x25519 key classes by name: inside KemPublicKey and KemPrivateKey the
+# field `x25519` (the raw bytes) would shadow a module of that name in annotations.
 from cryptography.hazmat.primitives import hpke
-from cryptography.hazmat.primitives.asymmetric import mlkem, x25519
+from cryptography.hazmat.primitives.asymmetric import mlkem
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 
 from edgeota.protocol.encoding import b64decode_field, b64encode
 from edgeota.protocol.errors import KeyUnwrapError, MalformedKeyError, UnsupportedSuiteError
@@ -105,9 +108,9 @@ class KemPublicKey:
         key._crypto_key()  # refuse a malformed key now, not at wrap time
         return key
 
-    def _crypto_key(self) -> x25519.X25519PublicKey | hpke.MLKEM768X25519PublicKey:
+    def _crypto_key(self) -> X25519PublicKey | hpke.MLKEM768X25519PublicKey:
         try:
-            classic = x25519.X25519PublicKey.from_public_bytes(self.x25519)
+            classic = X25519PublicKey.from_public_bytes(self.x25519)
             if self.suite is KemSuite.X25519:
                 return classic
             pq = mlkem.MLKEM768PublicKey.from_public_bytes(self.mlkem768)
@@ -126,14 +129,14 @@ class KemPrivateKey:
 
     @classmethod
     def generate(cls, suite: KemSuite = KemSuite.X25519) -> KemPrivateKey:
-        classic = x25519.X25519PrivateKey.generate().private_bytes_raw()
+        classic = X25519PrivateKey.generate().private_bytes_raw()
         if suite is KemSuite.X25519:
             return cls(suite, classic)
         seed = mlkem.MLKEM768PrivateKey.generate().private_bytes_raw()
         return cls(suite, classic, seed)
 
     def public_key(self) -> KemPublicKey:
-        classic = x25519.X25519PrivateKey.from_private_bytes(self.x25519).public_key()
+        classic = X25519PrivateKey.from_private_bytes(self.x25519).public_key()
         classic_raw = classic.public_bytes_raw()
         if self.suite is KemSuite.X25519:
             return KemPublicKey(self.suite, classic_raw)
@@ -159,9 +162,9 @@ class KemPrivateKey:
     def __repr__(self) -> str:  # never print key material by accident
         return f"KemPrivateKey(suite={self.suite.value}, <secret>)"
 
-    def _crypto_key(self) -> x25519.X25519PrivateKey | hpke.MLKEM768X25519PrivateKey:
+    def _crypto_key(self) -> X25519PrivateKey | hpke.MLKEM768X25519PrivateKey:
         try:
-            classic = x25519.X25519PrivateKey.from_private_bytes(self.x25519)
+            classic = X25519PrivateKey.from_private_bytes(self.x25519)
             if self.suite is KemSuite.X25519:
                 return classic
             pq = mlkem.MLKEM768PrivateKey.from_seed_bytes(self.mlkem768_seed)

@@ -115,7 +115,8 @@ def _str(
     data: Mapping[str, Any], key: str, where: str, pattern: re.Pattern[str] | None = None
 ) -> str:
     value = data[key]
-    _require(isinstance(value, str), f"{where}.{key} must be a string")
+    if not isinstance(value, str):
+        raise ManifestError(f"{where}.{key} must be a string")
     if pattern is not None:
         _require(
             pattern.fullmatch(value) is not None,
@@ -125,10 +126,8 @@ def _str(
 
 
 def _int(value: Any, where: str, minimum: int = 0) -> int:
-    _require(
-        isinstance(value, int) and not isinstance(value, bool) and value >= minimum,
-        f"{where} must be an integer >= {minimum}",
-    )
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+        raise ManifestError(f"{where} must be an integer >= {minimum}")
     return value
 
 
@@ -144,7 +143,8 @@ def _float(value: Any, where: str, minimum: float = 0.0) -> float:
 
 
 def _list(value: Any, where: str, limit: int) -> list[Any]:
-    _require(isinstance(value, list), f"{where} must be a list")
+    if not isinstance(value, list):
+        raise ManifestError(f"{where} must be a list")
     _require(len(value) <= limit, f"{where} has {len(value)} entries (limit {limit})")
     return value
 
@@ -268,7 +268,7 @@ class ValidationVectors:
             _require(data["format"] == VECTORS_FORMAT, f"{where}.format must be {VECTORS_FORMAT}")
         inputs = _tensors(data["inputs"], f"{where}.inputs")
         outputs = _tensors(data["outputs"], f"{where}.outputs")
-        _require(inputs and outputs, f"{where} needs at least one input and one output")
+        _require(bool(inputs) and bool(outputs), f"{where} needs at least one input and one output")
         return cls(
             inputs,
             outputs,

@@ -19,9 +19,10 @@ from __future__ import annotations
 
 import base64
 import binascii
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from edgeota.protocol.errors import ProtocolError
 from edgeota.protocol.manifest import HARDWARE_PATTERN, NAME_PATTERN, SEMVER_PATTERN, TensorSpec
@@ -48,13 +49,17 @@ def target_path_for(name: str, version: str) -> str:
     return f"models/{name}/{version}.eotb"
 
 
+_T = TypeVar("_T")
+
+
 def _section(custom: Mapping[str, Any] | None, where: str) -> Mapping[str, Any]:
-    if not isinstance(custom, Mapping) or not isinstance(custom.get(CUSTOM_KEY), Mapping):
+    section = custom.get(CUSTOM_KEY) if isinstance(custom, Mapping) else None
+    if not isinstance(section, Mapping):
         raise MalformedCustomError(f"{where}: target has no custom.{CUSTOM_KEY} object")
-    return custom[CUSTOM_KEY]
+    return section
 
 
-def _get(data: Mapping[str, Any], key: str, kind: type, where: str) -> Any:
+def _get(data: Mapping[str, Any], key: str, kind: type[_T], where: str) -> _T:
     value = data.get(key)
     if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
         raise MalformedCustomError(f"{where}: custom.{CUSTOM_KEY}.{key} must be {kind.__name__}")
@@ -68,7 +73,7 @@ def _counter(data: Mapping[str, Any], where: str) -> int:
     return value
 
 
-def _matches(pattern: Any, value: str, field: str, where: str) -> str:
+def _matches(pattern: re.Pattern[str], value: str, field: str, where: str) -> str:
     if not pattern.fullmatch(value):
         raise MalformedCustomError(f"{where}: {field} {value!r} does not match {pattern.pattern}")
     return value

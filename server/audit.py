@@ -40,9 +40,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from types import MappingProxyType
-from typing import Any
+from typing import Any, Protocol
 
-from sqlalchemy import Row, select
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from edgeota.protocol.errors import EdgeotaError
@@ -159,7 +159,26 @@ def _check_field(name: str, value: str) -> None:
         raise ValueError(f"audit {name} must not contain NUL characters")
 
 
-def _hash_of(entry: AuditEntry | Row[Any]) -> str:
+class _HashedFields(Protocol):
+    """What the chain hash covers: an :class:`AuditEntry`, or a plain row of its columns."""
+
+    @property
+    def id(self) -> int: ...
+    @property
+    def recorded_at(self) -> str: ...
+    @property
+    def actor(self) -> str: ...
+    @property
+    def action(self) -> str: ...
+    @property
+    def subject(self) -> str: ...
+    @property
+    def detail(self) -> str: ...
+    @property
+    def prev_hash(self) -> str: ...
+
+
+def _hash_of(entry: _HashedFields) -> str:
     return entry_hash(
         entry_id=entry.id,
         recorded_at=entry.recorded_at,

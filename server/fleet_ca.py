@@ -208,9 +208,9 @@ class FleetCA:
         every agent that trusts it, would be orphaned.
         """
         folder = make_private_dir(Path(folder))
-        for name in (CA_KEY_FILE, CA_CERT_FILE):
-            if (folder / name).exists():
-                raise FleetCAError(f"a fleet CA already exists in {folder} ({name})")
+        for filename in (CA_KEY_FILE, CA_CERT_FILE):
+            if (folder / filename).exists():
+                raise FleetCAError(f"a fleet CA already exists in {folder} ({filename})")
         start = _utcnow(now)
         key = ec.generate_private_key(ec.SECP256R1())
         public = key.public_key()

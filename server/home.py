@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
+from securesystemslib.signer import Signer
+
 from edgeota.protocol.files import atomic_write, make_private_dir, write_private_file
 from edgeota.protocol.keywrap import KemPrivateKey, KemSuite
 from edgeota.server.config import (
@@ -67,7 +69,7 @@ def _ref(key: RoleKey, folder: Path, name: str) -> KeyRef:
     return KeyRef(uri=key.uri, public_key=folder / f"{name}.pub.json")
 
 
-def _signer(key: RoleKey):
+def _signer(key: RoleKey) -> Signer:
     return load_signer(key.uri, key.public_key)
 
 

@@ -256,7 +256,7 @@ def _load_file_signer(uri: str, public_key: Key) -> CryptoSigner:
             f"private key file {path} is not an unencrypted PKCS8 PEM private key"
         ) from e
     try:
-        return CryptoSigner(private_key, public_key)  # type: ignore[arg-type]
+        return CryptoSigner(private_key, public_key)
     except KeyMismatchError as e:
         raise KeystoreError(
             f"private key file {path} does not match public key {public_key.keyid}"

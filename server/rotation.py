@@ -86,8 +86,11 @@ def rotate_key(
                 version = image.rotate_online_key(short, key.public_key,
                                                   load_key_signer(_ref(key.uri, online, name)),
                                                   image_roots)
-                field = f"image_{short}_key"
-                dataclasses.replace(server, **{field: _ref(key.uri, online, name)}).save()
+                ref = _ref(key.uri, online, name)
+                if role is RotatableRole.IMAGE_SNAPSHOT:
+                    dataclasses.replace(server, image_snapshot_key=ref).save()
+                else:
+                    dataclasses.replace(server, image_timestamp_key=ref).save()
                 return RotationResult(role, version, key.uri, restart_server=True)
             if role is RotatableRole.DIRECTOR:
                 name = _fresh_name(online, "director")

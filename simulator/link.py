@@ -29,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import functools
 import logging
 import socket
 import threading
@@ -303,7 +304,7 @@ class LinkEmulator:
     async def _open(self) -> None:
         for name, shape in self._shapes.items():
             server = await asyncio.start_server(
-                lambda r, w, name=name, shape=shape: self._accept(name, shape, r, w),
+                functools.partial(self._accept, name, shape),
                 self._host, 0)
             self._servers.append(server)
             self._ports[name] = server.sockets[0].getsockname()[1]

@@ -214,10 +214,10 @@ def _model_status(status: StatusSnapshot, name: str, wanted: str, served: str | 
         if entry != since:
             return DeviceStatus(_OUTCOMES[state], reason=record.reason, outcome=entry)
         return DeviceStatus(WAITING)
-    entry = _outcome_after(record, since)
-    if entry is not None:
-        return DeviceStatus(_OUTCOMES[entry[0]], reason=status.reasons.get(name),
-                            outcome=entry)
+    later = _outcome_after(record, since)
+    if later is not None:
+        return DeviceStatus(_OUTCOMES[later[0]], reason=status.reasons.get(name),
+                            outcome=later)
     return DeviceStatus(WAITING)
 
 
@@ -398,8 +398,8 @@ class FleetRecorder:
                     errors += 1
             for old, missing in behind:
                 for device_id in missing:
-                    look = looks.get(device_id)
-                    if look is not None and _updated_for(look, old.targets):
+                    seen = looks.get(device_id)
+                    if seen is not None and _updated_for(seen, old.targets):
                         late.append((old, device_id))
             t = self.now()
             with self._lock:

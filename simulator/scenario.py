@@ -89,9 +89,12 @@ from __future__ import annotations
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from edgeota.protocol.errors import EdgeotaError
+
+if TYPE_CHECKING:
+    from _typeshed import DataclassInstance  # any dataclass type (has __dataclass_fields__)
 
 __all__ = [
     "CRASH_STATES",
@@ -245,9 +248,13 @@ class Scenario:
         return result
 
 
+def _fail(source: str, where: str, why: str) -> NoReturn:
+    raise ScenarioError(f"{source}: {where} {why}")
+
+
 def _check(ok: bool, source: str, where: str, why: str) -> None:
     if not ok:
-        raise ScenarioError(f"{source}: {where} {why}")
+        _fail(source, where, why)
 
 
 def _only(table: dict[str, Any], allowed: set[str], source: str, where: str) -> None:
@@ -263,14 +270,18 @@ def _number(value: Any, source: str, where: str, low: float, high: float) -> flo
 
 
 def _release(value: Any, source: str, where: str) -> str:
-    _check(isinstance(value, str) and value.count("@") == 1 and all(value.split("@")),
-           source, where, "must be NAME@VERSION, e.g. digits@2.0.0")
+    # An if, not _check: the isinstance must narrow `value` for the return.
+    if not (isinstance(value, str) and value.count("@") == 1 and all(value.split("@"))):
+        _fail(source, where, "must be NAME@VERSION, e.g. digits@2.0.0")
     return value
 
 
-def _dataclass_from(cls: type, table: Any, source: str, where: str) -> Any:
-    _check(isinstance(table, dict), source, where, "must be a table")
-    fields = {f for f in cls.__dataclass_fields__}
+def _dataclass_from(
+    cls: type[DataclassInstance], table: Any, source: str, where: str
+) -> dict[str, Any]:
+    if not isinstance(table, dict):
+        _fail(source, where, "must be a table")
+    fields = set(cls.__dataclass_fields__)
     _only(table, fields, source, where)
     return table
 
@@ -302,8 +313,8 @@ def parse_scenario(data: dict[str, Any], source: str) -> Scenario:
         where = f"fleet[{index}]"
         table = _dataclass_from(HardwareClass, table, source, where)
         hardware = table.get("hardware")
-        _check(isinstance(hardware, str) and hardware.isascii() and 0 < len(hardware) <= 64,
-               source, f"{where}.hardware", "must be a hardware id like rpi4")
+        if not (isinstance(hardware, str) and hardware.isascii() and 0 < len(hardware) <= 64):
+            _fail(source, f"{where}.hardware", "must be a hardware id like rpi4")
         tags = table.get("tags", {})
         _check(isinstance(tags, dict) and all(isinstance(v, str) for v in tags.values()),
                source, f"{where}.tags", "must be a table of strings")
@@ -406,7 +417,7 @@ def _step(table: Any, source: str, where: str) -> Step:
         _check(isinstance(table.get("sample"), str), source, f"{where}.sample",
                "must name a sample model, e.g. digits_v2")
     phases = table.get("phases", [100])
-    _check(isinstance(phases, list) and phases and all(
+    _check(isinstance(phases, list) and bool(phases) and all(
         isinstance(p, int) and not isinstance(p, bool) for p in phases),
         source, f"{where}.phases", "must be a list of percentages ending at 100")
     wait = table.get("wait", "updated" if action == "deploy" else "none")

@@ -85,7 +85,8 @@ def status_of(device: Any) -> StatusSnapshot:
         return device
     snapshot = getattr(device, "snapshot", None)
     if callable(snapshot):
-        return snapshot()
+        taken: StatusSnapshot = snapshot()  # a device's snapshot() returns one
+        return taken
     return read_status(device)
 
 
