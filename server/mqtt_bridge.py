@@ -54,6 +54,14 @@ retain flag set): if the handler has a ``retained`` method, those replays go
 there instead, so it can tell "the device's last word, kept by the broker"
 from "the device said this now" (:class:`~edgeota.server.mqtt_ingest.DeviceMessageSink`
 does not move ``last_seen`` for a replay).
+
+Interception (fault injection, the attack suite's man-in-the-middle) goes
+through one public seam, :class:`FrameFilter`, installed with
+:meth:`FetchBridge.add_filter`: a filter sees each accepted window before the
+bridge serves it (and may answer it itself, with :meth:`FetchBridge.send`,
+or drop it), and each encoded chunk frame before it is published (and may
+change its bytes or drop it). With no filter installed each of the two
+points costs one attribute test.
 """
 
 from __future__ import annotations
@@ -73,7 +81,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Hashable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, Protocol
 
 import paho.mqtt.client as mqtt
 
@@ -105,6 +113,7 @@ __all__ = [
     "BridgeError",
     "DeviceMessageHandler",
     "FetchBridge",
+    "FrameFilter",
     "file_identity",
 ]
 
@@ -134,6 +143,37 @@ DeviceMessageHandler = Callable[[str, DeviceTopic, bytes], None]
 
 class BridgeError(EdgeotaError):
     """The bridge could not start (broker unreachable, subscription refused) or stop in time."""
+
+
+class FrameFilter(Protocol):
+    """An interception point on what the bridge serves: fault injection and attack labs.
+
+    Installed with :meth:`FetchBridge.add_filter`, removed with
+    :meth:`FetchBridge.remove_filter`; both methods are called on the bridge's
+    worker threads (several at once) and must not block for long. A class
+    that subclasses this protocol inherits the pass-through defaults and
+    overrides only the point it needs.
+    """
+
+    def on_request(self, device_id: str, request: FetchRequest) -> bool:
+        """One accepted window, before the bridge serves it; ``True``: the filter handled it.
+
+        Handled means answered (with :meth:`FetchBridge.send`) or dropped (the
+        device times out and asks again); ``False`` lets the bridge serve it
+        (or the next filter see it). Cancels, duplicates and requests refused
+        for a bound never get here.
+        """
+        return False
+
+    def on_chunk(self, device_id: str, path: str, frame: bytearray, payload: int) -> bool:
+        """One encoded chunk frame before it is published; ``False`` drops it and ends the window.
+
+        ``frame`` is the wire bytes (header, then ``payload`` bytes of file
+        data at its end) and may be changed in place: the CRC in the header
+        was computed before, so a flipped payload bit reaches the device as
+        a damaged chunk.
+        """
+        return True
 
 
 @dataclass(frozen=True)
@@ -365,6 +405,8 @@ class FetchBridge:
         self._max_unacked = max_queued_frames
         self._send_timeout = send_timeout
         self._stopping = False
+        # Replaced whole (never mutated) under _lock, so the hot path reads it without one.
+        self._filters: tuple[FrameFilter, ...] = ()
 
         self._client = mqtt.Client(
             mqtt.CallbackAPIVersion.VERSION2, client_id=client_id, clean_session=True,
@@ -481,6 +523,37 @@ class FetchBridge:
         with self._lock:
             return sum(state.windows for fetches in self._active.values()
                        for state in fetches.values())
+
+    def add_filter(self, frame_filter: FrameFilter) -> None:
+        """Install ``frame_filter`` after those already installed (see :class:`FrameFilter`)."""
+        with self._lock:
+            if any(f is frame_filter for f in self._filters):
+                raise ValueError("this filter is already installed")
+            self._filters = (*self._filters, frame_filter)
+
+    def remove_filter(self, frame_filter: FrameFilter) -> None:
+        """Uninstall ``frame_filter``; a window it is handling right now runs to its end.
+
+        Raises:
+            ValueError: it is not installed.
+        """
+        with self._lock:
+            kept = tuple(f for f in self._filters if f is not frame_filter)
+            if len(kept) == len(self._filters):
+                raise ValueError("this filter is not installed")
+            self._filters = kept
+
+    def send(self, device_id: str, frame: Frame, *, path: str = "") -> bool:
+        """Publish ``frame`` on the device's ``rx`` topic, as the bridge's own frames go.
+
+        What a :class:`FrameFilter` answers a window with. Chunk frames are
+        counted as served for ``(device_id, path)``, pass the installed
+        filters' :meth:`~FrameFilter.on_chunk` and wait for room in the
+        outgoing queue (call this from a worker thread, as ``on_request``
+        is); error frames never wait. ``False``: the frame could not be
+        queued (or a filter dropped it).
+        """
+        return self._send(device_id, frame, path=path)
 
     def notify(self, device_id: str) -> None:
         """Tell a device its director metadata changed (QoS 1; it checks on its own schedule)."""
@@ -630,7 +703,10 @@ class FetchBridge:
         job: _Job | None = None
         while job is not None or (job := self._queue.get()) is not None:
             try:
-                self._serve(job.device_id, job.request)
+                filters = self._filters
+                if not filters or not any(f.on_request(job.device_id, job.request)
+                                          for f in filters):
+                    self._serve(job.device_id, job.request)
             except Exception:
                 # A worker must survive any one request; the device sees a 503 and retries.
                 logger.exception("serving %s to %s failed", job.request.path, job.device_id)
@@ -731,7 +807,7 @@ class FetchBridge:
         return opened
 
     def _serve(self, device_id: str, request: FetchRequest) -> None:
-        """Send one window of ``request`` (an override point for fault-injecting subclasses)."""
+        """Send one window of ``request`` from the store (interception: :class:`FrameFilter`)."""
         rid = request.request_id
         if not self._authorized(device_id, request.path):
             self._send(device_id, ErrorFrame(rid, ErrorCode.FORBIDDEN, "not this device's file"))
@@ -796,8 +872,11 @@ class FetchBridge:
                     payload: int) -> bool:
         """Publish one encoded data frame, waiting for room; ``False`` ends the window.
 
-        An override point too: tests corrupt or drop frames here.
+        Installed filters see (and may change or drop) the frame first.
         """
+        filters = self._filters
+        if filters and not all(f.on_chunk(device_id, path, frame, payload) for f in filters):
+            return False
         # Counted before publishing: once a device holds the frame, the counters show it.
         self._counters.chunk(device_id, path, payload, len(frame))
         if self._publish(topic, frame, wait=True):

@@ -40,14 +40,15 @@ update cycles itself; devices stepped by a
 duration (their ``step`` runs only the cycles the lab asks for, on the
 runner's own thread).
 
-The freeze attack moves the devices' clock forward, which for ngclient is the
-process clock (:func:`device_clock_ahead`): nothing else in the process may
-verify TUF metadata while it runs.
+The freeze attack moves the devices' clock forward (:func:`device_clock_ahead`),
+the clock each agent's update client judges metadata expiry by: only the lab's
+devices see the time pass.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import logging
@@ -57,21 +58,20 @@ import shutil
 import tempfile
 import threading
 import time
-import types
 from collections import Counter
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, ClassVar
 
 from rich.table import Table
 from sqlalchemy import select
-from tuf.api.metadata import TargetFile
+from tuf.api.metadata import Metadata, MetaFile, Snapshot, TargetFile, Targets, Timestamp
 
 from edgeota.agent.journal import CorruptJournalError, JournalRecord, State, model_to_serve
 from edgeota.agent.runner import CycleOutcome
-from edgeota.agent.update_cycle import TransferLimits
+from edgeota.agent.update_cycle import TransferLimits, UpdateClient
 from edgeota.protocol.bundle import generate_content_key, seal_bundle
 from edgeota.protocol.errors import EdgeotaError
 from edgeota.protocol.fetch import MAX_PAYLOAD, ChunkFrame, ErrorCode, ErrorFrame, FetchRequest
@@ -83,8 +83,10 @@ from edgeota.protocol.keywrap import (
     wrap_content_key,
 )
 from edgeota.protocol.targets_custom import DirectorTargetCustom
-from edgeota.server.context import ServerContext
+from edgeota.server.context import ServerContext, expiry_policy, load_key_signer
 from edgeota.server.db.models import Device, Release, ReleaseStatus
+from edgeota.server.mqtt_bridge import FetchBridge, FrameFilter
+from edgeota.server.repo.image import next_version, sign
 from edgeota.server.services.deployments import model_name_of
 from edgeota.simulator.device import SimulatedDevice
 
@@ -404,49 +406,45 @@ class _Gate:
 
 # -- the device clock ------------------------------------------------------------------
 
-_clock_lock = threading.Lock()
-
-
 @contextlib.contextmanager
-def device_clock_ahead(delta: timedelta) -> Iterator[None]:
-    """Move the clock ngclient checks expiry against forward by ``delta`` (process-wide).
+def device_clock_ahead(clients: Iterable[UpdateClient], delta: timedelta) -> Iterator[None]:
+    """Move the clock these devices judge metadata expiry by forward by ``delta``.
 
-    ngclient reads the system clock when it builds its trusted metadata set;
-    a device whose clock moved on by ``delta`` sees exactly this. Not
-    re-entrant; nothing else in the process may verify TUF metadata meanwhile.
+    Through each agent's public :attr:`~edgeota.agent.update_cycle.UpdateClient.clock`
+    (read whenever a check starts ngclient on a repository): a device whose
+    clock moved on by ``delta`` sees exactly this. Each clock is put back on
+    exit; a device restarted meanwhile has a new client with its own clock.
     """
-    from tuf.ngclient._internal import trusted_metadata_set
-
-    class _Ahead(datetime):
-        @classmethod
-        def now(cls, tz: Any = None) -> datetime:  # type: ignore[override]
-            return datetime.now(tz) + delta
-
-    if not _clock_lock.acquire(blocking=False):
-        raise LabError("the device clock is already moved")
-    real = trusted_metadata_set.datetime
-    trusted_metadata_set.datetime = types.SimpleNamespace(  # type: ignore[assignment]
-        datetime=_Ahead, timezone=timezone)
+    saved = [(client, client.clock) for client in clients]
     try:
+        for client, clock in saved:
+            client.clock = _moved(clock, delta)
         yield
     finally:
-        trusted_metadata_set.datetime = real
-        _clock_lock.release()
+        for client, clock in saved:
+            client.clock = clock
+
+
+def _moved(clock: Callable[[], datetime] | None, delta: timedelta) -> Callable[[], datetime]:
+    """``clock`` (``None``: the system clock, as ngclient's default) plus ``delta``."""
+    base = clock or (lambda: datetime.now(UTC))
+    return lambda: base() + delta
 
 
 # -- the man-in-the-middle -------------------------------------------------------------
 
 
-_Rule = Callable[["BrokerMitm", str, FetchRequest], None]
+_Rule = Callable[[str, FetchRequest], None]  # (device id, request): answers one window
 
 
-class BrokerMitm:
+class BrokerMitm(FrameFilter):
     """Decides what devices receive for chosen repository paths; the rest passes honestly.
 
-    Interposes on the running :class:`~edgeota.server.mqtt_bridge.FetchBridge`
-    through its ``_serve`` override point (set on the instance, removed on
-    exit), and sends its own frames with the bridge's ``_send``: the frames
-    cross the real broker to the real device. Rules are set before entering.
+    A :class:`~edgeota.server.mqtt_bridge.FrameFilter` on the running
+    :class:`~edgeota.server.mqtt_bridge.FetchBridge` (installed on entering,
+    removed on exit): it answers the requests its rules name with its own
+    frames, sent with the bridge's :meth:`~edgeota.server.mqtt_bridge.FetchBridge.send`,
+    so they cross the real broker to the real device. Rules are set before entering.
 
     On exit the MITM stops its own frames and, while the lab still waits for a
     device's cycle (one the attack stalled), drops every request of the lab's
@@ -466,25 +464,22 @@ class BrokerMitm:
 
     def substitute(self, path: str, data: bytes, *, device_id: str | None = None) -> None:
         """Serve ``data`` in place of the file at ``path`` (replay, rewrite, mix)."""
-        self._rules[(device_id, path)] = lambda mitm, dev, request: mitm._send_bytes(
-            dev, request, data)
+        self._rules[(device_id, path)] = functools.partial(self._send_bytes, data=data)
 
     def inflate(self, path: str, *, device_id: str | None = None) -> None:
         """Answer ``path`` with a file that claims :data:`_ENDLESS` bytes and never ends."""
-        self._rules[(device_id, path)] = lambda mitm, dev, request: mitm._send_endless(
-            dev, request)
+        self._rules[(device_id, path)] = self._send_endless
 
     def trickle(self, path: str, data: bytes, *, piece: int, interval: float,
                 device_id: str | None = None) -> None:
         """Serve the honest ``data`` of ``path`` ``piece`` bytes every ``interval`` seconds."""
-        self._rules[(device_id, path)] = lambda mitm, dev, request: mitm._send_bytes(
-            dev, request, data, piece=piece, interval=interval)
+        self._rules[(device_id, path)] = functools.partial(
+            self._send_bytes, data=data, piece=piece, interval=interval)
 
     # -- interposition ----------------------------------------------------------------
 
     def __enter__(self) -> BrokerMitm:
-        self._original = self._bridge._serve
-        self._bridge._serve = self._serve  # type: ignore[method-assign]
+        self._bridge.add_filter(self)
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -494,22 +489,23 @@ class BrokerMitm:
                 self._silent.set()
                 self._lab.wait_for_cycles(self._lab.drain_timeout)
         finally:
-            vars(self._bridge).pop("_serve", None)
+            self._bridge.remove_filter(self)
 
-    def _serve(self, device_id: str, request: FetchRequest) -> None:
+    def on_request(self, device_id: str, request: FetchRequest) -> bool:
+        """Answer (or drop) what a rule names; everything else the bridge serves honestly."""
         if self._silent.is_set() and device_id in self._devices:
-            return  # dropped: the device's fetch times out
+            return True  # dropped: the device's fetch times out
         rule = self._rules.get((device_id, request.path)) or self._rules.get(
             (None, request.path))
         if rule is None or self._stop.is_set():
-            self._original(device_id, request)
-            return
-        rule(self, device_id, request)
+            return False
+        rule(device_id, request)
+        return True
 
     def _send(self, device_id: str, frame: ChunkFrame | ErrorFrame, path: str) -> bool:
-        return self._bridge._send(device_id, frame, path=path)
+        return bool(self._bridge.send(device_id, frame, path=path))
 
-    def _send_bytes(self, device_id: str, request: FetchRequest, data: bytes, *,
+    def _send_bytes(self, device_id: str, request: FetchRequest, *, data: bytes,
                     piece: int = MAX_PAYLOAD, interval: float = 0.0) -> None:
         """One window of ``data`` as the bridge would send it (or slower)."""
         file_id, content_id = _file_id(request.path, data)
@@ -612,8 +608,8 @@ class AttackLab:
                    limits=SIMULATION_LIMITS, stepped_externally=True)
 
     @property
-    def bridge(self) -> Any:
-        bridge = self.transport.bridge
+    def bridge(self) -> FetchBridge:
+        bridge: FetchBridge | None = self.transport.bridge
         if bridge is None:
             raise LabError("the MQTT transport is not running")
         return bridge
@@ -810,6 +806,43 @@ class AttackLab:
         targets[target.path] = target
         self.ctx.director.assign(device_id, targets)
 
+    def sign_director_targets_unchecked(self, device_id: str,
+                                        targets: Mapping[str, TargetFile]) -> None:
+        """Make ``targets`` the device's director targets, signed with the online key, unchecked.
+
+        What a compromised server can sign: the director code would refuse
+        these (a custom naming another device, say), so the lab writes the
+        device's next targets, snapshot and timestamp itself, through the
+        store, with the director's online key and expiry periods.
+        """
+        repo = f"director/{device_id}"
+        store = self.ctx.store
+        signer = load_key_signer(self.ctx.config.director_key)
+        expiry = expiry_policy(self.ctx.config.expiry)
+        now = self.ctx.clock()
+        with store.lock(repo):
+            versions = store.latest_versions(repo)
+            current = Metadata[Targets].from_bytes(
+                store.read_metadata(repo, "targets", versions["targets"]))
+            forged = next_version(current, expires=now + expiry.director_targets)
+            forged.signed.targets = dict(targets)
+            snapshot = Metadata(Snapshot(
+                version=versions["snapshot"] + 1, expires=now + expiry.director_snapshot,
+                meta={"targets.json": MetaFile(forged.signed.version)}))
+            sign(forged, signer)
+            sign(snapshot, signer)
+            snapshot_bytes = snapshot.to_bytes()
+            timestamp = Metadata(Timestamp(
+                version=versions["timestamp"] + 1, expires=now + expiry.director_timestamp,
+                snapshot_meta=MetaFile.from_data(snapshot.signed.version, snapshot_bytes,
+                                                 ["sha256"])))
+            sign(timestamp, signer)
+            store.write_metadata_set(repo, [
+                ("targets", forged.signed.version, forged.to_bytes()),
+                ("snapshot", snapshot.signed.version, snapshot_bytes),
+                ("timestamp", timestamp.signed.version, timestamp.to_bytes()),
+            ])
+
     def assign(self, device_id: str, release: ReleaseFacts, *,
                wrap_for: tuple[str, KemPublicKey] | None = None) -> None:
         """Assign a published release to a device, as the director does."""
@@ -994,7 +1027,7 @@ class Freeze(Attack):
         with lab.mitm() as mitm:
             for path, data in frozen.items():
                 mitm.substitute(path, data)
-            with device_clock_ahead(ahead):
+            with device_clock_ahead([d.agent.updates for d in lab.devices], ahead):
                 yield
 
 

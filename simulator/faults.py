@@ -43,6 +43,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
+from edgeota.server.mqtt_bridge import FetchBridge, FrameFilter
 from edgeota.simulator.device import POWER_LOSS_STATES, FleetDevice
 from edgeota.simulator.scenario import Scenario
 from edgeota.simulator.snapshot import status_of
@@ -55,40 +56,40 @@ TICK_SECONDS = 0.1  # how often the fault thread looks at the fleet
 TARGETS_PREFIX = "image/targets/"  # bundles: the resumable downloads
 
 
-class ChunkCorrupter:
+class ChunkCorrupter(FrameFilter):
     """Damages a share of the bundle chunk frames the fetch bridge sends to chosen devices.
 
-    It interposes on the running :class:`~edgeota.server.mqtt_bridge.FetchBridge`
-    the way the attack suite's man-in-the-middle does (an override set on the
-    instance by :meth:`install`, removed by :meth:`remove`), at
-    ``_send_chunk`` -- the bridge's override point for frames in transit, which
-    holds each data frame already encoded: one payload bit is flipped and the
-    frame goes on through the real broker with a CRC that no longer matches.
-    Metadata frames pass untouched (a damaged metadata fetch fails the whole
-    check until the next poll; bundle downloads are what resume chunk by chunk).
+    A :class:`~edgeota.server.mqtt_bridge.FrameFilter` on the running
+    :class:`~edgeota.server.mqtt_bridge.FetchBridge` (installed by
+    :meth:`install`, removed by :meth:`remove`), the seam the attack suite's
+    man-in-the-middle uses too. Its ``on_chunk`` holds each data frame already
+    encoded: one payload bit is flipped and the frame goes on through the real
+    broker with a CRC that no longer matches. Metadata frames pass untouched
+    (a damaged metadata fetch fails the whole check until the next poll;
+    bundle downloads are what resume chunk by chunk).
     """
 
-    def __init__(self, bridge: Any, devices: dict[str, float], *, seed: int) -> None:
+    def __init__(self, bridge: FetchBridge, devices: dict[str, float], *, seed: int) -> None:
         self._bridge = bridge
         self._ratio = dict(devices)  # device id -> share of its chunk frames damaged
         self._rng = random.Random(seed)  # noqa: S311 - fault draws, not secrets
         self._lock = threading.Lock()
         self.damaged: Counter[str] = Counter()  # device id -> frames damaged
-        self._original: Any = None
+        self._installed = False
 
     def install(self) -> None:
-        if self._original is not None:
+        if self._installed:
             raise RuntimeError("already installed")
-        self._original = self._bridge._send_chunk
-        self._bridge._send_chunk = self._send_chunk
+        self._bridge.add_filter(self)
+        self._installed = True
 
     def remove(self) -> None:
-        if self._original is not None:
-            vars(self._bridge).pop("_send_chunk", None)
-            self._original = None
+        if self._installed:
+            self._bridge.remove_filter(self)
+            self._installed = False
 
-    def _send_chunk(self, device_id: str, topic: str, path: str, frame: bytearray,
-                    payload: int) -> bool:
+    def on_chunk(self, device_id: str, path: str, frame: bytearray, payload: int) -> bool:
+        """Flip one payload bit of the frame, for the chosen devices' bundles, at their ratio."""
         ratio = self._ratio.get(device_id)
         if ratio is not None and payload > 0 and path.startswith(TARGETS_PREFIX):
             with self._lock:
@@ -99,7 +100,7 @@ class ChunkCorrupter:
                     self.damaged[device_id] += 1
             if hit:
                 frame[len(frame) - payload + position] ^= 1 << bit
-        return self._original(device_id, topic, path, frame, payload)
+        return True
 
 
 @dataclass
@@ -135,7 +136,7 @@ class FaultInjector:
     """
 
     def __init__(self, scenario: Scenario, devices: Sequence[FleetDevice], *,
-                 rng: random.Random, recorder: Any = None, bridge: Any = None,
+                 rng: random.Random, recorder: Any = None, bridge: FetchBridge | None = None,
                  stop: threading.Event | None = None) -> None:
         self.scenario = scenario
         self.devices = list(devices)

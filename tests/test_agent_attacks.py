@@ -255,7 +255,7 @@ def test_a_director_target_for_another_device_is_refused(victim: Victim) -> None
         current = lab.ctx.director.current_targets(device_id).signed.targets
         forged = {p: t for p, t in current.items() if not p.startswith("models/digits/")}
         forged[target.path] = target
-        lab.ctx.director._assign(device_id, lambda _current: forged, None, check=False)
+        lab.sign_director_targets_unchecked(device_id, forged)
         refused_in_check(agent, "wrong_device")
         with pytest.raises(UptaneRefusal) as caught:
             agent.updates.check(agent.release_floor())
@@ -311,7 +311,7 @@ def test_freeze_is_refused_once_the_frozen_metadata_expires(victim: Victim) -> N
     lab.ctx.image.refresh(now=lab.ctx.clock() + ahead)
     lab.ctx.director.refresh_all(now=lab.ctx.clock() + ahead)
     before = OnDisk.of(agent)
-    with device_clock_ahead(ahead):
+    with device_clock_ahead([agent.updates], ahead):
         with lab.mitm() as mitm:
             for path, data in frozen.items():
                 mitm.substitute(path, data)

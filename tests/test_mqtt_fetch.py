@@ -42,7 +42,7 @@ from edgeota.protocol.fetch import (
     encode_request,
 )
 from edgeota.protocol.topics import DeviceTopic, Topics
-from edgeota.server.mqtt_bridge import FetchBridge
+from edgeota.server.mqtt_bridge import FetchBridge, FrameFilter
 from edgeota.server.repo.storage import RepoStore
 
 CHUNK = 16 * 1024  # small chunks: many frames from little data
@@ -86,12 +86,12 @@ BridgeFactory = Callable[..., FetchBridge]
 def make_bridge(mosquitto: MosquittoBroker) -> Iterator[BridgeFactory]:
     bridges: list[FetchBridge] = []
 
-    def make(store: RepoStore, cls: type[FetchBridge] = FetchBridge, **kw: Any) -> FetchBridge:
+    def make(store: RepoStore, **kw: Any) -> FetchBridge:
         options: dict[str, Any] = {"chunk_size": CHUNK, "max_window": 8,
                                    "reconnect_min_delay": 0.02, "reconnect_max_delay": 0.2}
         options.update(kw)
-        bridge = cls(store, host=mosquitto.host, port=mosquitto.port,
-                     client_id=f"edgeota-server-{len(bridges)}", **options)
+        bridge = FetchBridge(store, host=mosquitto.host, port=mosquitto.port,
+                             client_id=f"edgeota-server-{len(bridges)}", **options)
         bridge.start(timeout=TIMEOUT)
         bridges.append(bridge)
         return bridge
@@ -298,24 +298,25 @@ def test_download_resumes_after_the_agent_is_killed_and_restarted(
     assert bridge.counters().served_bytes("pi-a", repo.target) == served
 
 
-class CorruptOnceBridge(FetchBridge):
+class CorruptOnce(FrameFilter):
     """Damages the payload of one frame in transit (CRC no longer matches)."""
 
-    corrupt_offset = 5 * CHUNK
+    def __init__(self, offset: int) -> None:
+        self.offset: int | None = offset
 
-    def _send_chunk(self, device_id: str, topic: str, path: str, frame: bytearray,
-                    payload: int) -> bool:
+    def on_chunk(self, device_id: str, path: str, frame: bytearray, payload: int) -> bool:
         decoded = decode_frame(bytes(frame))
-        if isinstance(decoded, ChunkFrame) and decoded.offset == self.corrupt_offset:
-            type(self).corrupt_offset = -1
+        if isinstance(decoded, ChunkFrame) and decoded.offset == self.offset:
+            self.offset = None
             frame[-1] ^= 0x01
-        return super()._send_chunk(device_id, topic, path, frame, payload)
+        return True
 
 
 def test_a_damaged_chunk_is_refused_and_only_it_is_fetched_again(
         repo: Repo, make_bridge: BridgeFactory, connect: ConnectionFactory,
         tmp_path: Path) -> None:
-    bridge = make_bridge(repo.store, cls=CorruptOnceBridge)
+    bridge = make_bridge(repo.store)
+    bridge.add_filter(CorruptOnce(5 * CHUNK))
     connection = connect("pi-a")
     download = ResumableDownload(connection, tmp_path / "dl", timeout=TIMEOUT, window=WINDOW)
     path = download.download(repo.target, length=TARGET_SIZE, sha256=repo.sha256)
@@ -642,23 +643,23 @@ def test_error_frames_from_the_server_keep_their_code(
         fake.close()
 
 
-class BlockingBridge(FetchBridge):
+class HoldRequests(FrameFilter):
     """Holds every request until ``release`` is set, so requests pile up deterministically."""
 
-    def __init__(self, *args: Any, **kw: Any) -> None:
-        super().__init__(*args, **kw)
+    def __init__(self) -> None:
         self.release = threading.Event()
 
-    def _serve(self, device_id: str, request: FetchRequest) -> None:
+    def on_request(self, device_id: str, request: FetchRequest) -> bool:
         assert self.release.wait(TIMEOUT)
-        super()._serve(device_id, request)
+        return False  # then the bridge serves it
 
 
 def test_the_bridge_bounds_requests_per_device_and_ignores_duplicates(
         repo: Repo, mosquitto: MosquittoBroker, make_bridge: BridgeFactory,
         connect: ConnectionFactory) -> None:
-    bridge = make_bridge(repo.store, cls=BlockingBridge, workers=1, max_requests_per_device=1)
-    assert isinstance(bridge, BlockingBridge)
+    bridge = make_bridge(repo.store, workers=1, max_requests_per_device=1)
+    hold = HoldRequests()
+    bridge.add_filter(hold)
     fetcher = MqttFetcher(connect("pi-a"), timeout=TIMEOUT, window=WINDOW)
     results: list[bytes] = []
     thread = threading.Thread(
@@ -681,7 +682,7 @@ def test_the_bridge_bounds_requests_per_device_and_ignores_duplicates(
     finally:
         raw.disconnect()
         raw.loop_stop()
-    bridge.release.set()
+    hold.release.set()
     thread.join(TIMEOUT)
     assert results == [repo.data]
     wait_for(lambda: bridge.counters().served_bytes("pi-b", repo.target) == CHUNK, TIMEOUT,
@@ -769,3 +770,15 @@ def test_a_complete_download_with_the_wrong_hash_is_refused_and_discarded(
     assert not download.partial_path(repo.sha256).exists()
     assert not download.progress_path(repo.sha256).exists()
     assert not (tmp_path / "dl" / repo.sha256).exists()
+
+
+def test_a_frame_filter_is_installed_once_and_removed_once(repo: Repo) -> None:
+    """The interception seam refuses a double install or removal instead of hiding the slip."""
+    bridge = FetchBridge(repo.store, host="127.0.0.1", port=1, client_id="unstarted")
+    hold = HoldRequests()
+    bridge.add_filter(hold)
+    with pytest.raises(ValueError, match="already installed"):
+        bridge.add_filter(hold)
+    bridge.remove_filter(hold)
+    with pytest.raises(ValueError, match="not installed"):
+        bridge.remove_filter(hold)
