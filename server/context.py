@@ -108,5 +108,11 @@ class ServerContext:
             metrics=ServerMetrics(sessions),
         )
 
+    def set_clock(self, clock: Clock) -> None:
+        """Judge time by ``clock`` from now on: the context's and both repositories' signing."""
+        self.clock = clock
+        self.image.clock = clock
+        self.director.clock = clock
+
     def close(self) -> None:
         self.engine.dispose()

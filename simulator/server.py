@@ -217,6 +217,11 @@ class ServerProcess(SimServer):
             time.sleep(0.1)  # polling a child process's readiness, bounded by the deadline
         self._connect_client()
 
+    @property
+    def process(self) -> subprocess.Popen[bytes] | None:
+        """The child ``edgeota serve`` (``None`` before :meth:`start` and after :meth:`stop`)."""
+        return self._process
+
     def stop(self) -> None:
         if self.client is not None:
             self.client.close()

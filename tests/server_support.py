@@ -155,7 +155,7 @@ def running_server(
         yield server
     finally:
         server.stop()
-        server._embedded.sock.close()
+        server.sock.close()
 
 
 @pytest.fixture

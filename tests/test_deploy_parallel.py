@@ -12,7 +12,7 @@ from __future__ import annotations
 import hashlib
 import secrets
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -21,13 +21,12 @@ import pytest
 from repo_support import BASE, StoreFetcher
 from securesystemslib.signer import Signer
 from sqlalchemy import select
-from tuf.api.metadata import Metadata, Root, Targets
+from tuf.api.metadata import Metadata, Root, TargetFile, Targets
 from tuf.ngclient import Updater
 
 from edgeota.protocol.identity import SERVER_IDENTITY, DevicePublicIdentity
 from edgeota.protocol.keywrap import KemPrivateKey, unwrap_content_key, wrap_content_key
 from edgeota.protocol.targets_custom import DirectorTargetCustom
-from edgeota.server.api.schemas import DeployRequest, DeployResponse
 from edgeota.server.config import load_server_config
 from edgeota.server.context import ServerContext
 from edgeota.server.db.models import (
@@ -42,6 +41,7 @@ from edgeota.server.home import HomeOptions, init_home
 from edgeota.server.repo import director as director_module
 from edgeota.server.repo.image import SigningError
 from edgeota.server.services import deployments, rollouts
+from edgeota.server.services.types import DeploymentRequest, DeployResult
 
 DEVICES = 40
 BARRIER_TIMEOUT = 10.0  # seconds two director threads wait for each other
@@ -113,8 +113,8 @@ def fleet(tmp_path: Path, db_url: str) -> Iterator[Fleet]:
         ctx.close()
 
 
-def deploy(fleet: Fleet) -> DeployResponse:
-    request = DeployRequest(name="digits", version="1.0.0", tags={"fleet": "lab"})
+def deploy(fleet: Fleet) -> DeployResult:
+    request = DeploymentRequest(name="digits", version="1.0.0", tags={"fleet": "lab"})
     with fleet.ctx.sessions() as session, session.begin():
         return deployments.deploy(fleet.ctx, session, "test", request)
 
@@ -248,10 +248,22 @@ def test_stale_targets_handed_to_assign_are_read_again(fleet: Fleet) -> None:
     fresh = director.current_targets("dev-00")
     assert fresh.signed.version == stale.signed.version + 1
     with fleet.ctx.sessions() as session:
-        device = session.get(Device, "dev-00")
         release = session.scalars(select(Release)).one()
-        job = deployments._DirectorJob.of(device, release, CONTENT_KEY, stale)
-    deployments._write_director(fleet.ctx, job)
+    custom = DirectorTargetCustom(
+        device_id="dev-00", hardware_id="rpi4", release_counter=release.release_counter,
+        wrapped_key=wrap_content_key(CONTENT_KEY, fleet.keys["dev-00"].public_key(), "dev-00"))
+    target = TargetFile(length=release.length, hashes={"sha256": release.sha256},
+                        path=release.target_path,
+                        unrecognized_fields={"custom": custom.to_custom()})
+    seen: list[dict[str, TargetFile]] = []
+
+    def change(current: Mapping[str, TargetFile]) -> dict[str, TargetFile]:
+        seen.append(dict(current))
+        return {**current, target.path: target}
+
+    # What the deploy's pool does with the targets it read on the request thread.
+    director.assign_with("dev-00", change, stale)
+    assert seen == [fresh.signed.targets]
     assert director.current_targets("dev-00").signed.version == fresh.signed.version + 1
 
 
@@ -270,7 +282,7 @@ def test_a_rollback_runs_on_the_pool_and_skips_a_device_whose_metadata_failed(
     fleet.told.arrivals = 2  # the barrier has proved parallelism elsewhere
     deploy(fleet)
     with fleet.ctx.sessions() as session, session.begin():
-        second = deployments.deploy(fleet.ctx, session, "test", DeployRequest(
+        second = deployments.deploy(fleet.ctx, session, "test", DeploymentRequest(
             name="digits", version="1.1.0", tags={"fleet": "lab"}))
     broken = "dev-05"
     monkeypatch.setattr(director_module, "sign", signing_fails_for(broken, "injected: KMS"))

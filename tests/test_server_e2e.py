@@ -525,9 +525,7 @@ def test_expiring_online_metadata_is_re_signed(server: RunningServer, tmp_path: 
     before_device = server.ctx.store.latest_version("director/pi-1", "timestamp")
     assert refresh_expiring_metadata(server.ctx) == []  # nothing is close to expiry yet
     later = server.ctx.clock() + timedelta(hours=20)  # past half of the 1-day timestamp period
-    server.ctx.clock = lambda: later
-    server.ctx.image._clock = server.ctx.clock
-    server.ctx.director._clock = server.ctx.clock
+    server.ctx.set_clock(lambda: later)
     refreshed = refresh_expiring_metadata(server.ctx)
     assert "image/timestamp" in refreshed
     assert server.ctx.store.latest_version("image", "timestamp") == before_image + 1

@@ -55,13 +55,13 @@ class FakeJournal:
 class FakeAgent:
     def __init__(self) -> None:
         self.session = FakeConnection()
-        self._journals: dict[str, FakeJournal] = {}
+        self.journals: dict[str, FakeJournal] = {}
 
     def journal(self, name: str) -> FakeJournal:
-        return self._journals[name]  # a KeyError here: the classifier created a journal
+        return self.journals[name]  # a KeyError here: the classifier created a journal
 
     def journal_records(self) -> dict[str, JournalRecord]:
-        return {name: journal.current for name, journal in self._journals.items()}
+        return {name: journal.current for name, journal in self.journals.items()}
 
 
 class FakeDevice:
@@ -84,13 +84,13 @@ class FakeDevice:
 
     def enter(self, state: State, version: str = "2.0.0", reason: str | None = None,
               name: str = MODEL) -> None:
-        journal = self.agent._journals.get(name)
+        journal = self.agent.journals.get(name)
         history = journal.current.history if journal else ()
         now = self._now()
         target = None if state is State.IDLE else _ref(name, version)
         record = JournalRecord(state, entered_at=now, target=target, reason=reason,
                                history=(*history, (state, now))[-16:])
-        self.agent._journals[name] = FakeJournal(record)
+        self.agent.journals[name] = FakeJournal(record)
 
     def fail(self, state: State, reason: str, version: str = "2.0.0") -> None:
         """An outcome, reported at once: the journal is idle again (as in Agent._finish)."""

@@ -40,7 +40,7 @@ def test_a_server_in_a_child_process_reports_its_cpu_per_update(tmp_path: Path) 
         result = sim.run()
         server = sim.server
         assert isinstance(server, ServerProcess)
-        process = server._process
+        process = server.process
         assert process is not None and process.poll() is None
     assert result.ok, result.problems
     assert all(serving == {"digits": "1.0.0"} for serving in result.serving.values())

@@ -86,7 +86,9 @@ class DirectorRepository:
         self._store = store
         self._signer = online_signer
         self._expiry = expiry or ExpiryPolicy()
-        self._clock = clock
+        # Read at every signing: public, so a server whose clock is set (tests, the
+        # simulator) moves its repositories with it (ServerContext.set_clock).
+        self.clock = clock
         # (version, parsed root): root files never change once written, so a
         # parsed version stays valid; which version is current is listed anew
         # on every use (another replica may have rotated it).
@@ -180,7 +182,7 @@ class DirectorRepository:
             raise UnknownDeviceError(f"device {device_id!r} has no director metadata") from e
 
     def _now(self) -> datetime:
-        return _utc(self._clock())
+        return _utc(self.clock())
 
     def _trusted_signer(self, root: Root) -> Signer:
         for role in DIRECTOR_ROLES:

@@ -392,7 +392,9 @@ class ImageRepository:
     ) -> None:
         self._store = store
         self._expiry = expiry or ExpiryPolicy()
-        self._clock = clock
+        # Read at every signing: public, so a server whose clock is set (tests, the
+        # simulator) moves its repositories with it (ServerContext.set_clock).
+        self.clock = clock
         self._signers: dict[str, Signer] = {
             "snapshot": snapshot_signer,
             "timestamp": timestamp_signer,
@@ -500,7 +502,7 @@ class ImageRepository:
             ) from e
 
     def _now(self) -> datetime:
-        return _utc(self._clock())
+        return _utc(self.clock())
 
     # -- bins from release managers -------------------------------------------
 
