@@ -57,7 +57,6 @@ from tuf.api.metadata import Metadata, MetaFile, Snapshot, TargetFile, Targets, 
 from edgeota.protocol.identity import SERVER_IDENTITY, DevicePublicIdentity
 from edgeota.protocol.keywrap import KemPrivateKey, wrap_content_key
 from edgeota.protocol.targets_custom import DirectorTargetCustom
-from edgeota.server.api.schemas import DeployRequest
 from edgeota.server.config import load_server_config
 from edgeota.server.context import ServerContext, load_key_signer
 from edgeota.server.db.models import Device, Release, ReleaseStatus
@@ -65,6 +64,7 @@ from edgeota.server.home import HomeOptions, init_home
 from edgeota.server.repo.image import sign
 from edgeota.server.services import deployments
 from edgeota.server.services.deployments import deploy
+from edgeota.server.services.types import DeploymentRequest
 
 HARDWARE = "rpi4"
 MODEL = "bench"
@@ -156,7 +156,7 @@ def reference_signing(ctx: ServerContext, count: int) -> float:
 
 def one_deploy(ctx: ServerContext, devices: list[str], version: str, told: Notifications,
                profile: bool) -> dict[str, Any]:
-    request = DeployRequest(name=MODEL, version=version, tags={"fleet": "bench"})
+    request = DeploymentRequest(name=MODEL, version=version, tags={"fleet": "bench"})
     profiler = cProfile.Profile() if profile else None
     told.reset()
     if profiler is not None:

@@ -20,6 +20,7 @@ from server_support import RunningServer, running_mqtt_server, wait_for
 
 from edgeota.agent.config import AgentConfig
 from edgeota.agent.runner import AgentSettings
+from edgeota.server.api.schemas import DeploymentOut
 from edgeota.server.db.models import Device
 from edgeota.server.services import rollouts
 from edgeota.server.services.deployments import phase_of_ranks, rank_devices
@@ -64,7 +65,8 @@ def deploy(server: RunningServer, release: str, *args: str) -> dict:
 
 def detail(server: RunningServer, deployment_id: int) -> dict:
     with server.ctx.sessions() as session:
-        return rollouts.get_deployment(session, deployment_id).model_dump(mode="json")
+        view = rollouts.get_deployment(session, deployment_id)
+        return DeploymentOut.model_validate(view).model_dump(mode="json")
 
 
 def serving(devices: list[SimulatedDevice]) -> dict[str, str | None]:

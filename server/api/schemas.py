@@ -1,7 +1,10 @@
 """Request and response bodies of the ``/api/v1`` API (pydantic).
 
 Parsed at the boundary: FastAPI answers 422 with the field and the reason for
-anything malformed, so services only ever see typed, bounded values.
+anything malformed, so services only ever see typed, bounded values. The
+schemas are the HTTP layer's own: request bodies become the services' request
+types (``to_request``), and the services' views become responses through
+``model_validate(view)`` (``from_attributes``); services never import this module.
 """
 
 from __future__ import annotations
@@ -11,6 +14,13 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from edgeota.server.services.types import (
+    DeploymentRequest,
+    EnrolmentRequest,
+    ReleaseSubmission,
+    RolloutPolicy,
+)
+
 _ID = r"^[a-z0-9-]{1,64}$"
 _NAME = r"^[a-z0-9][a-z0-9._-]{0,63}$"
 _SHA256 = r"^[0-9a-f]{64}$"
@@ -18,7 +28,15 @@ _TAG_KEY = r"^[A-Za-z0-9_.-]{1,64}$"
 
 
 class Strict(BaseModel):
+    """A request body: unknown fields are refused."""
+
     model_config = ConfigDict(extra="forbid")
+
+
+class View(BaseModel):
+    """A response body, read from a service's view dataclass."""
+
+    model_config = ConfigDict(from_attributes=True)
 
 
 class EnrollRequest(Strict):
@@ -28,8 +46,13 @@ class EnrollRequest(Strict):
     identity: dict[str, Any]
     tls_public_key_pem: str = Field(max_length=4096)
 
+    def to_request(self) -> EnrolmentRequest:
+        return EnrolmentRequest(device_id=self.device_id, hardware=self.hardware,
+                                identity=self.identity, tls_public_key_pem=self.tls_public_key_pem,
+                                tags=dict(self.tags))
 
-class EnrollResponse(BaseModel):
+
+class EnrollResponse(View):
     device_id: str
     token: str
     certificate_pem: str
@@ -40,7 +63,7 @@ class EnrollResponse(BaseModel):
     mqtt_url: str | None = None
 
 
-class DeviceOut(BaseModel):
+class DeviceOut(View):
     id: str
     hardware: str
     tags: dict[str, str]
@@ -60,12 +83,15 @@ class ReleaseSubmit(Strict):
     wrapped_content_key: str = Field(max_length=8192)  # base64, wrapped to the server's key
     allow_breaking: bool = False
 
+    def to_request(self) -> ReleaseSubmission:
+        return ReleaseSubmission(**self.model_dump())
+
 
 class ReleaseSignature(Strict):
     bin_metadata: dict[str, Any]
 
 
-class ReleaseOut(BaseModel):
+class ReleaseOut(View):
     id: int
     name: str
     version: str
@@ -98,6 +124,9 @@ class RolloutOptions(Strict):
     gate_min_inferences: int = Field(default=20, ge=1, le=10_000_000)
     auto_rollback: bool = False
 
+    def to_policy(self) -> RolloutPolicy:
+        return RolloutPolicy(**self.model_dump())
+
 
 class DeployRequest(Strict):
     name: str = Field(pattern=_NAME)
@@ -108,8 +137,13 @@ class DeployRequest(Strict):
     phases: list[int] = Field(default_factory=lambda: [100], min_length=1, max_length=20)
     options: RolloutOptions = Field(default_factory=RolloutOptions)
 
+    def to_request(self) -> DeploymentRequest:
+        return DeploymentRequest(name=self.name, version=self.version,
+                                 devices=tuple(self.devices), tags=dict(self.tags),
+                                 phases=tuple(self.phases), options=self.options.to_policy())
 
-class DeployResponse(BaseModel):
+
+class DeployResponse(View):
     deployment_id: int
     release: str
     target_path: str
@@ -123,7 +157,7 @@ class DeployResponse(BaseModel):
     failed: dict[str, str] = Field(default_factory=dict)
 
 
-class AssignmentOut(BaseModel):
+class AssignmentOut(View):
     device_id: str
     hardware: str
     phase: int
@@ -134,7 +168,7 @@ class AssignmentOut(BaseModel):
     finished_at: datetime | None
 
 
-class PhaseOut(BaseModel):
+class PhaseOut(View):
     index: int
     percent: int
     started: bool
@@ -142,14 +176,14 @@ class PhaseOut(BaseModel):
     devices: list[AssignmentOut]
 
 
-class DeploymentEventOut(BaseModel):
+class DeploymentEventOut(View):
     at: datetime
     kind: str
     actor: str
     detail: dict[str, Any]
 
 
-class DeploymentOut(BaseModel):
+class DeploymentOut(View):
     id: int
     release: str
     model_name: str
@@ -169,7 +203,7 @@ class DeploymentOut(BaseModel):
     events: list[DeploymentEventOut] = Field(default_factory=list)
 
 
-class RolloutActionOut(BaseModel):
+class RolloutActionOut(View):
     deployment_id: int
     action: str
     status: str

@@ -57,7 +57,6 @@ from edgeota.protocol.identity import SERVER_IDENTITY
 from edgeota.protocol.keywrap import KemPublicKey, unwrap_content_key, wrap_content_key
 from edgeota.protocol.targets_custom import DirectorTargetCustom
 from edgeota.server import audit
-from edgeota.server.api.schemas import DeployRequest, DeployResponse
 from edgeota.server.context import ServerContext
 from edgeota.server.db.models import (
     Assignment,
@@ -72,6 +71,7 @@ from edgeota.server.db.models import (
 from edgeota.server.db.session import lock
 from edgeota.server.repo.director import UnknownDeviceError
 from edgeota.server.services.errors import ConflictError, InvalidRequestError, NotFoundError
+from edgeota.server.services.types import DeploymentRequest, DeployResult
 
 __all__ = [
     "MAX_DIRECTOR_WORKERS",
@@ -174,7 +174,7 @@ def eligibility_problem(release: Release, device: Device) -> str | None:
     return None
 
 
-def _select_devices(session: Session, request: DeployRequest) -> list[Device]:
+def _select_devices(session: Session, request: DeploymentRequest) -> list[Device]:
     if bool(request.devices) == bool(request.tags):
         raise InvalidRequestError("name the devices either by id (--devices) or by tag (--tag)")
     if request.devices:
@@ -624,8 +624,8 @@ def _add_assignments(
 
 
 def deploy(
-    ctx: ServerContext, session: Session, actor: str, request: DeployRequest
-) -> DeployResponse:
+    ctx: ServerContext, session: Session, actor: str, request: DeploymentRequest
+) -> DeployResult:
     """Create a phased deployment, supersede older ones for its devices, start phase 0."""
     phases = check_phases(request.phases)
     options = request.options
@@ -652,9 +652,10 @@ def deploy(
     deployment = Deployment(
         release_id=release.id,
         model_name=model_name,
-        selector={"devices": request.devices} if request.devices else {"tags": request.tags},
+        selector=({"devices": list(request.devices)} if request.devices
+                  else {"tags": dict(request.tags)}),
         phases=phases,
-        options=options.model_dump(),
+        options=options.to_stored(),
         created_by=actor,
         created_at=now,
         current_phase=0,
@@ -694,9 +695,9 @@ def deploy(
         detail={"deployment_id": deployment.id, "devices": ranked, "phases": phases,
                 "first_phase": first, "failed": started.failed, "skipped": skipped,
                 "superseded": sorted(superseded),
-                "options": options.model_dump()},
+                "options": options.to_stored()},
     )
-    return DeployResponse(
+    return DeployResult(
         deployment_id=deployment.id,
         release=f"{release.name}@{release.version}",
         target_path=release.target_path,

@@ -9,19 +9,19 @@ from sqlalchemy.orm import Session
 from edgeota.protocol.errors import ProtocolError
 from edgeota.protocol.identity import DevicePublicIdentity
 from edgeota.server import audit
-from edgeota.server.api.schemas import DeviceOut, EnrollRequest, EnrollResponse
 from edgeota.server.context import ServerContext
 from edgeota.server.db.models import Assignment, AssignmentState, Device, Release
 from edgeota.server.fleet_ca import FleetCAError, certificate_pem
 from edgeota.server.services.errors import ConflictError, InvalidRequestError, NotFoundError
+from edgeota.server.services.types import DeviceView, Enrolment, EnrolmentRequest
 from edgeota.server.tokens import Role, issue_token
 
 __all__ = ["device_view", "enroll_device", "get_device", "list_devices"]
 
 
 def enroll_device(
-    ctx: ServerContext, session: Session, actor: str, request: EnrollRequest
-) -> EnrollResponse:
+    ctx: ServerContext, session: Session, actor: str, request: EnrolmentRequest
+) -> Enrolment:
     """Register a device, issue its broker certificate and API token, open its director repo.
 
     The private keys never reach the server: the operator's CLI generated
@@ -71,7 +71,7 @@ def enroll_device(
         subject=request.device_id,
         detail={"hardware": request.hardware, "tags": dict(request.tags)},
     )
-    return EnrollResponse(
+    return Enrolment(
         device_id=request.device_id,
         token=token,
         certificate_pem=cert_pem,
@@ -98,8 +98,8 @@ def _current_assignments(session: Session, device_ids: list[str]) -> dict[str, d
     return result
 
 
-def device_view(device: Device, assigned: dict[str, str]) -> DeviceOut:
-    return DeviceOut(
+def device_view(device: Device, assigned: dict[str, str]) -> DeviceView:
+    return DeviceView(
         id=device.id,
         hardware=device.hardware,
         tags=device.tags,
@@ -111,13 +111,13 @@ def device_view(device: Device, assigned: dict[str, str]) -> DeviceOut:
     )
 
 
-def list_devices(session: Session) -> list[DeviceOut]:
+def list_devices(session: Session) -> list[DeviceView]:
     devices = list(session.scalars(select(Device).order_by(Device.id)))
     assigned = _current_assignments(session, [d.id for d in devices])
     return [device_view(d, assigned.get(d.id, {})) for d in devices]
 
 
-def get_device(session: Session, device_id: str) -> DeviceOut:
+def get_device(session: Session, device_id: str) -> DeviceView:
     device = session.get(Device, device_id)
     if device is None:
         raise NotFoundError(f"no device {device_id!r}")

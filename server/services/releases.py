@@ -37,7 +37,6 @@ from edgeota.runtime.validation import (
     validate_model,
 )
 from edgeota.server import audit
-from edgeota.server.api.schemas import ReleaseOut, ReleaseSubmit
 from edgeota.server.context import ServerContext
 from edgeota.server.db.models import Release, ReleaseStatus
 from edgeota.server.db.session import lock
@@ -49,6 +48,7 @@ from edgeota.server.services.errors import (
     NotFoundError,
     ReleaseRefusedError,
 )
+from edgeota.server.services.types import ReleaseSubmission, ReleaseView
 
 __all__ = [
     "add_signature",
@@ -85,7 +85,7 @@ def _decode_bin(bin_metadata: dict) -> bytes:
 def _check_and_open(
     ctx: ServerContext,
     session: Session,
-    request: ReleaseSubmit,
+    request: ReleaseSubmission,
     upload: Path,
     bin_bytes: bytes,
 ) -> tuple[object, ImageTargetCustom, Manifest, bytes]:
@@ -179,8 +179,8 @@ def _publish(ctx: ServerContext, release: Release, upload: Path, bin_bytes: byte
 
 
 def submit_release(
-    ctx: ServerContext, session: Session, actor: str, request: ReleaseSubmit
-) -> ReleaseOut:
+    ctx: ServerContext, session: Session, actor: str, request: ReleaseSubmission
+) -> ReleaseView:
     started = time.perf_counter()
     lock(session, "image")
     duplicate = session.scalars(
@@ -238,7 +238,7 @@ def submit_release(
 
 def add_signature(
     ctx: ServerContext, session: Session, actor: str, release_id: int, bin_metadata: dict
-) -> ReleaseOut:
+) -> ReleaseView:
     """Merge another release manager's signature into a pending release (k-of-n)."""
     lock(session, "image")
     release = session.get(Release, release_id)
@@ -275,8 +275,8 @@ def release_view(
     signatures: int | None = None,
     threshold: int | None = None,
     detail: bool = False,
-) -> ReleaseOut:
-    return ReleaseOut(
+) -> ReleaseView:
+    return ReleaseView(
         id=release.id,
         name=release.name,
         version=release.version,
@@ -300,14 +300,14 @@ def release_view(
     )
 
 
-def list_releases(session: Session, name: str | None = None) -> list[ReleaseOut]:
+def list_releases(session: Session, name: str | None = None) -> list[ReleaseView]:
     query = select(Release).order_by(Release.id)
     if name is not None:
         query = query.where(Release.name == name)
     return [release_view(r) for r in session.scalars(query)]
 
 
-def get_release(session: Session, release_id: int) -> ReleaseOut:
+def get_release(session: Session, release_id: int) -> ReleaseView:
     release = session.get(Release, release_id)
     if release is None:
         raise NotFoundError(f"no release {release_id}")

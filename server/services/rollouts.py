@@ -38,14 +38,6 @@ from sqlalchemy.orm import Session
 
 from edgeota.protocol.reports import StatusReport
 from edgeota.server import audit
-from edgeota.server.api.schemas import (
-    AssignmentOut,
-    DeploymentEventOut,
-    DeploymentOut,
-    PhaseOut,
-    RolloutActionOut,
-    RolloutOptions,
-)
 from edgeota.server.context import ServerContext
 from edgeota.server.db.models import (
     Assignment,
@@ -69,6 +61,14 @@ from edgeota.server.services.deployments import (
     start_phase,
 )
 from edgeota.server.services.errors import ConflictError, NotFoundError
+from edgeota.server.services.types import (
+    AssignmentView,
+    DeploymentEventView,
+    DeploymentView,
+    PhaseView,
+    RolloutActionResult,
+    RolloutPolicy,
+)
 
 __all__ = [
     "ENGINE_ACTOR",
@@ -213,11 +213,9 @@ def record_report(session: Session, device: Device, report: StatusReport,
 # -- the engine ------------------------------------------------------------------------
 
 
-def _options(deployment: Deployment) -> RolloutOptions:
+def _options(deployment: Deployment) -> RolloutPolicy:
     # options also carries the engine's own notes (excused_devices): not operator settings.
-    stored = deployment.options or {}
-    return RolloutOptions.model_validate(
-        {k: v for k, v in stored.items() if k in RolloutOptions.model_fields})
+    return RolloutPolicy.from_stored(deployment.options or {})
 
 
 def _started(session: Session, deployment: Deployment) -> list[Assignment]:
@@ -530,15 +528,15 @@ def _locked(session: Session, deployment_id: int, allowed: tuple[DeploymentStatu
 
 
 def pause(ctx: ServerContext, session: Session, actor: str,
-          deployment_id: int) -> RolloutActionOut:
+          deployment_id: int) -> RolloutActionResult:
     deployment = _locked(session, deployment_id, (DeploymentStatus.ACTIVE,), ", not active")
     _pause(session, deployment, ctx.clock(), actor, f"paused by {actor}")
-    return RolloutActionOut(deployment_id=deployment_id, action="pause",
-                            status=str(deployment.status))
+    return RolloutActionResult(deployment_id=deployment_id, action="pause",
+                               status=str(deployment.status))
 
 
 def resume(ctx: ServerContext, session: Session, actor: str,
-           deployment_id: int) -> RolloutActionOut:
+           deployment_id: int) -> RolloutActionResult:
     """Continue a paused deployment; failures and gate findings so far are acknowledged."""
     deployment = _locked(session, deployment_id, (DeploymentStatus.PAUSED,), ", not paused")
     now = ctx.clock()
@@ -550,12 +548,12 @@ def resume(ctx: ServerContext, session: Session, actor: str,
     record_event(session, deployment, "resumed", actor, now, excused=excused)
     audit.append(session, actor=actor, action="rollout.resume", subject=str(deployment_id),
                  detail={"excused": excused})
-    return RolloutActionOut(deployment_id=deployment_id, action="resume",
-                            status=str(deployment.status))
+    return RolloutActionResult(deployment_id=deployment_id, action="resume",
+                               status=str(deployment.status))
 
 
 def cancel(ctx: ServerContext, session: Session, actor: str,
-           deployment_id: int) -> RolloutActionOut:
+           deployment_id: int) -> RolloutActionResult:
     """Stop: devices not yet started never get the release; started ones keep it."""
     deployment = _locked(session, deployment_id,
                          (DeploymentStatus.ACTIVE, DeploymentStatus.PAUSED), "")
@@ -566,12 +564,12 @@ def cancel(ctx: ServerContext, session: Session, actor: str,
     record_event(session, deployment, "cancelled", actor, now)
     audit.append(session, actor=actor, action="rollout.cancel", subject=str(deployment_id),
                  detail={})
-    return RolloutActionOut(deployment_id=deployment_id, action="cancel",
-                            status=str(deployment.status))
+    return RolloutActionResult(deployment_id=deployment_id, action="cancel",
+                               status=str(deployment.status))
 
 
 def rollback(ctx: ServerContext, session: Session, actor: str,
-             deployment_id: int) -> RolloutActionOut:
+             deployment_id: int) -> RolloutActionResult:
     """Give every started device of the deployment its previous release and cancel the rest."""
     lock(session, "director")
     deployment = _deployment(session, deployment_id)
@@ -595,8 +593,9 @@ def rollback(ctx: ServerContext, session: Session, actor: str,
                  automatic=False)
     audit.append(session, actor=actor, action="rollout.rollback", subject=str(deployment_id),
                  detail={"devices": done, "skipped": skipped})
-    return RolloutActionOut(deployment_id=deployment_id, action="rollback",
-                            status=str(deployment.status), devices=done, skipped=skipped)
+    return RolloutActionResult(deployment_id=deployment_id, action="rollback",
+                               status=str(deployment.status), devices=done,
+                               skipped=skipped)
 
 
 # -- views ---------------------------------------------------------------------------------
@@ -609,11 +608,11 @@ def _counts(assignments: Iterable[Assignment]) -> dict[str, int]:
     return dict(sorted(counts.items()))
 
 
-def _view(session: Session, deployment: Deployment, *, detail: bool) -> DeploymentOut:
+def _view(session: Session, deployment: Deployment, *, detail: bool) -> DeploymentView:
     assignments = list(session.scalars(
         select(Assignment).where(Assignment.deployment_id == deployment.id)
         .order_by(Assignment.phase, Assignment.device_id)))
-    out = DeploymentOut(
+    out = DeploymentView(
         id=deployment.id,
         release=f"{deployment.release.name}@{deployment.release.version}",
         model_name=deployment.model_name, selector=deployment.selector,
@@ -628,17 +627,17 @@ def _view(session: Session, deployment: Deployment, *, detail: bool) -> Deployme
         return out
     for index, percent in enumerate(deployment.phases):
         members = [a for a in assignments if a.phase == index]
-        out.phase_detail.append(PhaseOut(
+        out.phase_detail.append(PhaseView(
             index=index, percent=percent,
             started=index <= deployment.current_phase
             and deployment.phase_started_at is not None,
             counts=_counts(members),
-            devices=[AssignmentOut(
+            devices=[AssignmentView(
                 device_id=a.device_id, hardware=a.device.hardware, phase=a.phase,
                 state=str(a.state), detail=a.detail,
                 previous_version=a.previous_release.version if a.previous_release else None,
                 assigned_at=a.assigned_at, finished_at=a.finished_at) for a in members]))
-    out.events = [DeploymentEventOut(at=e.at, kind=e.kind, actor=e.actor, detail=e.detail)
+    out.events = [DeploymentEventView(at=e.at, kind=e.kind, actor=e.actor, detail=e.detail)
                   for e in session.scalars(
                       select(DeploymentEvent).where(
                           DeploymentEvent.deployment_id == deployment.id)
@@ -646,10 +645,10 @@ def _view(session: Session, deployment: Deployment, *, detail: bool) -> Deployme
     return out
 
 
-def get_deployment(session: Session, deployment_id: int) -> DeploymentOut:
+def get_deployment(session: Session, deployment_id: int) -> DeploymentView:
     return _view(session, _deployment(session, deployment_id), detail=True)
 
 
-def list_deployments(session: Session, limit: int = 100) -> list[DeploymentOut]:
+def list_deployments(session: Session, limit: int = 100) -> list[DeploymentView]:
     rows = session.scalars(select(Deployment).order_by(Deployment.id.desc()).limit(limit))
     return [_view(session, d, detail=False) for d in rows]

@@ -27,45 +27,50 @@ Viewer = Annotated[Principal, Depends(require(Role.VIEWER))]
 def deploy(body: DeployRequest, ctx: ContextDep, session: SessionDep,
            principal: Operator) -> DeployResponse:
     """Create a phased deployment by device id or tag; its first phase is assigned at once."""
-    return service.deploy(ctx, session, principal.name, body)
+    return DeployResponse.model_validate(
+        service.deploy(ctx, session, principal.name, body.to_request()))
 
 
 @router.get("")
 def list_deployments(session: SessionDep, _: Viewer,
                      limit: Annotated[int, Query(ge=1, le=1000)] = 100) -> list[DeploymentOut]:
     """Deployments, newest first, with device counts per state."""
-    return rollouts.list_deployments(session, limit)
+    return [DeploymentOut.model_validate(d) for d in rollouts.list_deployments(session, limit)]
 
 
 @router.get("/{deployment_id}")
 def get_deployment(deployment_id: int, session: SessionDep, _: Viewer) -> DeploymentOut:
     """One deployment: each phase's devices and states with reasons, and its history."""
-    return rollouts.get_deployment(session, deployment_id)
+    return DeploymentOut.model_validate(rollouts.get_deployment(session, deployment_id))
 
 
 @router.post("/{deployment_id}/pause")
 def pause(deployment_id: int, ctx: ContextDep, session: SessionDep,
           principal: Operator) -> RolloutActionOut:
     """Stop starting new phases (devices already assigned carry on)."""
-    return rollouts.pause(ctx, session, principal.name, deployment_id)
+    return RolloutActionOut.model_validate(
+        rollouts.pause(ctx, session, principal.name, deployment_id))
 
 
 @router.post("/{deployment_id}/resume")
 def resume(deployment_id: int, ctx: ContextDep, session: SessionDep,
            principal: Operator) -> RolloutActionOut:
     """Continue a paused deployment; the failures and gate findings so far are accepted."""
-    return rollouts.resume(ctx, session, principal.name, deployment_id)
+    return RolloutActionOut.model_validate(
+        rollouts.resume(ctx, session, principal.name, deployment_id))
 
 
 @router.post("/{deployment_id}/cancel")
 def cancel(deployment_id: int, ctx: ContextDep, session: SessionDep,
            principal: Operator) -> RolloutActionOut:
     """End the deployment: waiting devices never get the release; others keep it."""
-    return rollouts.cancel(ctx, session, principal.name, deployment_id)
+    return RolloutActionOut.model_validate(
+        rollouts.cancel(ctx, session, principal.name, deployment_id))
 
 
 @router.post("/{deployment_id}/rollback")
 def rollback(deployment_id: int, ctx: ContextDep, session: SessionDep,
              principal: Operator) -> RolloutActionOut:
     """Assign every started device its previous release and end the deployment."""
-    return rollouts.rollback(ctx, session, principal.name, deployment_id)
+    return RolloutActionOut.model_validate(
+        rollouts.rollback(ctx, session, principal.name, deployment_id))

@@ -24,21 +24,22 @@ def enroll(
     principal: Annotated[Principal, Depends(require(Role.OPERATOR))],
 ) -> EnrollResponse:
     """Register a device; answers its certificate, API token and bootstrap roots once."""
-    return service.enroll_device(ctx, session, principal.name, body)
+    return EnrollResponse.model_validate(
+        service.enroll_device(ctx, session, principal.name, body.to_request()))
 
 
 @router.get("")
 def list_devices(
     session: SessionDep, _: Annotated[Principal, Depends(require(Role.VIEWER))]
 ) -> list[DeviceOut]:
-    return service.list_devices(session)
+    return [DeviceOut.model_validate(d) for d in service.list_devices(session)]
 
 
 @router.get("/{device_id}")
 def get_device(
     device_id: str, session: SessionDep, _: Annotated[Principal, Depends(require(Role.VIEWER))]
 ) -> DeviceOut:
-    return service.get_device(session, device_id)
+    return DeviceOut.model_validate(service.get_device(session, device_id))
 
 
 @router.post("/{device_id}/reports", status_code=202)

@@ -59,7 +59,8 @@ def submit(body: ReleaseSubmit, ctx: ContextDep, principal: ReleaseManager) -> R
     """Verify, re-validate and publish a signed release (or hold it for more signatures)."""
     try:
         with ctx.sessions() as session, session.begin():
-            return service.submit_release(ctx, session, principal.name, body)
+            return ReleaseOut.model_validate(
+                service.submit_release(ctx, session, principal.name, body.to_request()))
     except ReleaseRefusedError as e:
         # The release's transaction has rolled back; the refusal is recorded on its own.
         with ctx.sessions() as audit_session, audit_session.begin():
@@ -77,14 +78,15 @@ def sign(
     principal: ReleaseManager,
 ) -> ReleaseOut:
     """Add another release manager's signature to a pending release (k-of-n)."""
-    return service.add_signature(ctx, session, principal.name, release_id, body.bin_metadata)
+    return ReleaseOut.model_validate(
+        service.add_signature(ctx, session, principal.name, release_id, body.bin_metadata))
 
 
 @router.get("/releases")
 def list_releases(session: SessionDep, _: Viewer, name: str | None = None) -> list[ReleaseOut]:
-    return service.list_releases(session, name)
+    return [ReleaseOut.model_validate(r) for r in service.list_releases(session, name)]
 
 
 @router.get("/releases/{release_id}")
 def get_release(release_id: int, session: SessionDep, _: Viewer) -> ReleaseOut:
-    return service.get_release(session, release_id)
+    return ReleaseOut.model_validate(service.get_release(session, release_id))
