@@ -82,7 +82,6 @@ __all__ = [
     "LATENCY_WINDOW",
     "WARMUP_RUNS",
     "ActivationError",
-    "HardwareEmulation",
     "InferenceError",
     "InvalidInputError",
     "LoadedModel",
@@ -92,6 +91,7 @@ __all__ = [
     "ModelUnavailableError",
     "NoPreviousModelError",
     "Prediction",
+    "RunHook",
     "SwapMode",
     "SwapResult",
     "UnknownModelError",
@@ -205,20 +205,11 @@ class Prediction:
     latency_ms: float
 
 
-@dataclass
-class HardwareEmulation:
-    """How the simulator makes emulated hardware treat a model version.
-
-    Keys are ``"name@version"``. ``extra_latency_s`` is really waited inside
-    the measured run (the host's latency figures, probation and telemetry
-    see it as they would a slower chip); a version in ``failing`` raises
-    :class:`InferenceError` as a model that is wrong on this hardware would.
-    Only the fleet simulator and tests set this: a real device has none.
-    Mutable on purpose, so a scenario can change behaviour mid-run.
-    """
-
-    extra_latency_s: dict[str, float] = field(default_factory=dict)
-    failing: set[str] = field(default_factory=set)
+#: Called as ``hook(name, version)`` inside the measured run of every request,
+#: after onnxruntime returned: what it waits counts as the model's latency and
+#: what it raises as the model's error. A device has none; the fleet simulator
+#: emulates slower or faulty hardware with it.
+RunHook = Callable[[str, str], None]
 
 
 @dataclass(frozen=True)
@@ -349,7 +340,7 @@ class ModelHost:
         clock: Callable[[], float] = time.monotonic,
         latency_window: int = LATENCY_WINDOW,
         drain_timeout_s: float = DEFAULT_DRAIN_TIMEOUT_S,
-        emulation: HardwareEmulation | None = None,
+        run_hook: RunHook | None = None,
     ) -> None:
         if latency_window < 1:
             raise ValueError(f"latency_window must be at least 1, not {latency_window}")
@@ -360,7 +351,7 @@ class ModelHost:
         self._clock = clock
         self._window = latency_window
         self._drain_timeout_s = drain_timeout_s
-        self._emulation = emulation
+        self._run_hook = run_hook
         self._trim = _find_malloc_trim()
         # One lock for references and counters; the condition wakes a draining swap.
         self._lock = threading.Condition(threading.Lock())
@@ -548,8 +539,8 @@ class ModelHost:
             start = self._clock()
             try:
                 values = model.session.run(list(names), feeds)
-                if self._emulation is not None:
-                    self._emulate(name, model.version)
+                if self._run_hook is not None:
+                    self._run_hook(name, model.version)
             except Exception as e:  # onnxruntime's errors derive from Exception only
                 metrics.error()
                 raise InferenceError(f"model {name!r} version {model.version} failed: {e}") from e
@@ -566,16 +557,6 @@ class ModelHost:
                 self._release_later(box)
 
     # ----------------------------------------------------------------- internals
-
-    def _emulate(self, name: str, version: str) -> None:
-        emulation = self._emulation
-        assert emulation is not None
-        key = f"{name}@{version}"
-        delay = emulation.extra_latency_s.get(key, 0.0)
-        if delay > 0:
-            time.sleep(delay)  # a slower chip: the measured run really takes longer
-        if key in emulation.failing:
-            raise RuntimeError(f"emulated hardware fault for {key}")
 
     def _slot(self, name: str) -> _Slot:
         with self._lock:

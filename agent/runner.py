@@ -50,7 +50,7 @@ from edgeota.agent.journal import (
     StateLoopError,
     model_to_serve,
 )
-from edgeota.agent.model_host import HardwareEmulation, ModelHost, UnknownModelError
+from edgeota.agent.model_host import ModelHost, RunHook, UnknownModelError
 from edgeota.agent.mqtt_session import DeviceConnection, NetworkLoop
 from edgeota.agent.update_cycle import TransferLimits, UpdateClient
 from edgeota.agent.uptane import InstallDecision, UptaneRefusal
@@ -145,7 +145,7 @@ class Agent:
         transport: str = "http",
         network: NetworkLoop | None = None,
         limits: TransferLimits | None = None,
-        emulation: HardwareEmulation | None = None,
+        run_hook: RunHook | None = None,
     ) -> None:
         """``transport`` is ``http`` or ``mqtt``: over MQTT the agent opens the device's
         session (driven by ``network`` when many devices share a process) and
@@ -169,7 +169,7 @@ class Agent:
         #: notify go through it, and the update client fetches over it.
         self.session: DeviceConnection | None = update_client.connection
         self.host = ModelHost(self.settings.session, memory_available=memory_available,
-                              emulation=emulation)
+                              run_hook=run_hook)
         self.floor = TimeFloor(config.state_dir / "time-floor.json", clock=self._clock)
         self._journals: dict[str, Journal] = {}
         self._probation_started: dict[str, datetime] = {}

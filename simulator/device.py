@@ -8,7 +8,7 @@ change or the poll interval passed, the probation check, telemetry on its
 interval. Besides, it sends inference traffic to the served models (the
 manifest's validation inputs), because probation and the server's
 model-aware gates judge a release by the requests it serves; and
-:class:`~edgeota.agent.model_host.HardwareEmulation` lets a scenario make a
+:class:`HardwareEmulation` (the model host's run hook) lets a scenario make a
 release slow or failing on this device's hardware.
 
 ``step`` never blocks without a bound and never raises for a bad update (the
@@ -58,7 +58,7 @@ import numpy as np
 from edgeota.agent.clock import EPOCH
 from edgeota.agent.config import AgentConfig
 from edgeota.agent.journal import JournalRecord, State
-from edgeota.agent.model_host import HardwareEmulation, ModelHostError, warmup_feeds
+from edgeota.agent.model_host import ModelHostError, warmup_feeds
 from edgeota.agent.mqtt_session import NetworkLoop
 from edgeota.agent.resumable import DownloadStats
 from edgeota.agent.runner import Agent, AgentSettings
@@ -70,6 +70,7 @@ __all__ = [
     "DeviceSpec",
     "DeviceTiming",
     "FleetDevice",
+    "HardwareEmulation",
     "SimulatedDevice",
     "SimulatedPowerLoss",
 ]
@@ -81,6 +82,29 @@ POWER_LOSS_STATES: tuple[str, ...] = tuple(str(s) for s in (
     State.DOWNLOADING, State.VERIFYING, State.VALIDATING, State.SWAPPING, State.PROBATION))
 
 logger = logging.getLogger(__name__)
+
+
+@dataclass
+class HardwareEmulation:
+    """How emulated hardware treats a model version (the model host's run hook).
+
+    Keys are ``"name@version"``. ``extra_latency_s`` is really waited inside
+    the measured run (the host's latency figures, probation and telemetry
+    see it as they would a slower chip); a version in ``failing`` raises as a
+    model that is wrong on this hardware would. Mutable on purpose, so a
+    scenario can change behaviour mid-run.
+    """
+
+    extra_latency_s: dict[str, float] = field(default_factory=dict)
+    failing: set[str] = field(default_factory=set)
+
+    def __call__(self, name: str, version: str) -> None:
+        key = f"{name}@{version}"
+        delay = self.extra_latency_s.get(key, 0.0)
+        if delay > 0:
+            time.sleep(delay)  # a slower chip: the measured run really takes longer
+        if key in self.failing:
+            raise RuntimeError(f"emulated hardware fault for {key}")
 
 
 @dataclass(frozen=True)
@@ -226,7 +250,7 @@ class SimulatedDevice:
         """An agent on this device's folder, with the simulator's hooks installed."""
         agent = Agent(self.config, self._settings, transport=self._transport,
                       network=self._network, limits=self._limits,
-                      emulation=self.emulation, clock=self.now)
+                      run_hook=self.emulation, clock=self.now)
         agent.on_journal_saved = self._journal_saved
         agent.updates.on_download_progress = self._download_progress
         agent.updates.disk_free = self._disk_free

@@ -47,10 +47,15 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from edgeota.agent.config import AgentConfig
-from edgeota.agent.model_host import HardwareEmulation
 from edgeota.agent.runner import AgentSettings
 from edgeota.protocol.errors import EdgeotaError
-from edgeota.simulator.device import DeviceSpec, DeviceTiming, FleetDevice, SimulatedDevice
+from edgeota.simulator.device import (
+    DeviceSpec,
+    DeviceTiming,
+    FleetDevice,
+    HardwareEmulation,
+    SimulatedDevice,
+)
 from edgeota.simulator.faults import FaultInjector
 from edgeota.simulator.fleet import FleetRunner
 from edgeota.simulator.link import LinkEmulator, LinkShape

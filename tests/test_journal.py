@@ -508,6 +508,17 @@ def test_load_or_reset_keeps_the_previous_model_when_it_parses(path: Path) -> No
     assert journal.transition(E.REPORTED).previous == OLD
 
 
+@pytest.mark.parametrize("old_state", ["checking", "staged"])
+def test_a_journal_in_a_state_this_version_dropped_keeps_the_known_good_model(
+        path: Path, old_state: str) -> None:
+    """Earlier versions saved ``checking`` and ``staged``; such a record is unreadable here."""
+    path.write_bytes(mutated(state=old_state))
+    record = Journal(path, clock=FakeClock()).load_or_reset()
+    assert (record.state, record.reason, record.previous) == (
+        S.FAILED, REASON_CORRUPT_JOURNAL, OLD)
+    assert model_to_serve(record) == OLD
+
+
 @pytest.mark.parametrize("data", [b"garbage", mutated(previous={"name": "x"})])
 def test_load_or_reset_without_a_salvageable_previous(path: Path, data: bytes) -> None:
     path.write_bytes(data)
