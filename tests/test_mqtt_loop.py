@@ -31,11 +31,11 @@ from mqtt_fleet_support import TlsFleetBroker, tls_mosquitto  # noqa: F401 (fixt
 from edgeota.agent.mqtt_fetcher import MqttFetcher
 from edgeota.agent.mqtt_session import DeviceConnection
 from edgeota.agent.resumable import ResumableDownload
-from edgeota.simulator.mqtt_loop import SharedNetworkLoop
 from edgeota.protocol.telemetry import presence_bytes
 from edgeota.protocol.topics import DeviceTopic
 from edgeota.server.mqtt_bridge import FetchBridge
 from edgeota.server.repo.storage import RepoStore
+from edgeota.simulator.mqtt_loop import SharedNetworkLoop
 
 WAIT = 10.0  # seconds: the bound on every wait for something that must happen
 WORKERS = 2  # connector threads of the loops under test
@@ -82,7 +82,7 @@ class Fleet:
         client.on_connect = lambda c, _u, _f, _rc, _p: c.subscribe(self.topics[i], 1)
         client.on_subscribe = lambda *_: self._count(self.subscribed, i)
         client.on_disconnect = lambda *_: self._count(self.disconnects, i)
-        client.on_message = self._message
+        client.on_message = self.on_message
         return client
 
     def _count(self, counter: collections.Counter[int], i: int) -> None:
@@ -93,7 +93,7 @@ class Fleet:
     def _failed(self, client: mqtt.Client, _error: BaseException) -> None:
         self._count(self.failures, client.user_data_get())
 
-    def _message(self, client: mqtt.Client, i: int, message: mqtt.MQTTMessage) -> None:
+    def on_message(self, client: mqtt.Client, i: int, message: mqtt.MQTTMessage) -> None:
         assert message.topic == self.topics[i]
         with self.cond:
             self.received[i].append(message.payload)
@@ -201,7 +201,7 @@ def test_a_client_that_raises_is_reconnected_and_the_others_carry_on(
     raised = threading.Event()
 
     def explode(_c: mqtt.Client, _u: Any, _m: mqtt.MQTTMessage) -> None:
-        broken.on_message = fleet._message  # only once
+        broken.on_message = fleet.on_message  # only once
         raised.set()
         raise RuntimeError("bug in a message handler")
 
@@ -386,9 +386,7 @@ def test_a_device_connection_fetches_and_resumes_the_same_on_either_loop(
         assert connection.active_requests() == 0
         # The connection cut without a goodbye: the broker publishes the last will
         # ("offline"), the device comes back by itself and says "online" again.
-        sock = connection._client.socket()
-        assert sock is not None
-        sock.shutdown(socket.SHUT_RDWR)
+        assert connection.drop()
         offline = ("pi-1", DeviceTopic.ONLINE, presence_bytes(online=False))
         with arrived:
             assert arrived.wait_for(lambda: messages[-2:] == [offline, online], WAIT)
@@ -404,3 +402,25 @@ def test_a_device_connection_fetches_and_resumes_the_same_on_either_loop(
     assert not connection.ready
     if network is not None:
         assert len(network) == 0
+
+
+def test_a_client_the_application_disconnects_stays_disconnected_a_dropped_one_returns(
+        mosquitto: MosquittoBroker, make_loop: Callable[..., SharedNetworkLoop]) -> None:
+    """Told apart by paho's own disconnect reason (success for the application's own)."""
+    loop = make_loop(min_delay=0.02, max_delay=0.1)
+    fleet = Fleet(loop, mosquitto, 2)
+    fleet.wait(fleet.all_at_least(fleet.subscribed, 1), "the subscriptions")
+    left, dropped = fleet.clients
+    left.disconnect()
+    fleet.wait(lambda: fleet.disconnects[0] >= 1, "the application's disconnect")
+    sock = dropped.socket()
+    assert sock is not None
+    sock.shutdown(socket.SHUT_RDWR)  # a network fault: no DISCONNECT sent
+    fleet.wait(lambda: fleet.subscribed[1] >= 2, "the dropped client's return")
+    # By then the disconnected client would have come back too (same backoff bounds).
+    with fleet.cond:
+        assert not fleet.cond.wait_for(lambda: fleet.subscribed[0] >= 2, 0.5)
+    assert not left.is_connected() and dropped.is_connected()
+    # Connecting it again through the loop works as before.
+    loop.connect(left, mosquitto.host, mosquitto.port, keepalive=30)
+    fleet.wait(lambda: fleet.subscribed[0] >= 2, "the reconnect asked for")
