@@ -10,30 +10,41 @@ every ``{prefix}/devices/#`` topic; device X may only publish on
 ``devices/X/{notify,rx}``. ``tests/test_broker_acl.py`` runs one suite
 against both brokers.
 
-amqtt (0.12) needs four things from us for that:
+amqtt (0.12) needs five things from us for that, the first three through its
+public API, the last two through internals (``pyproject.toml`` pins the amqtt
+version they were written for; ``tests/test_dependency_pins.py`` fails, naming
+the internal, when an upgrade moves one, and :meth:`EmbeddedBroker.start`
+refuses to run without them):
 
+* **TLS that requires a client certificate.** amqtt's own listeners ask for
+  one but accept connections without (``CERT_OPTIONAL``), so the broker
+  listens on an amqtt *external* listener: :meth:`EmbeddedBroker.start` runs
+  its own asyncio TLS server (``CERT_REQUIRED``, TLS 1.2 or later) and hands
+  each verified connection to ``Broker.external_connected``.
 * **Its stock ACL plugin is static** (a fixed topic list per user name), so
   :class:`CertificateAclPlugin` -- one amqtt auth plugin and topic plugin --
   decides with :class:`BrokerAcl`, a pure policy with no I/O.
-* **The plugin API has no "peer certificate"**, but every ``Session`` carries
-  ``ssl_object``: amqtt sets it at CONNECT from the stream writer's
-  ``get_extra_info("ssl_object")`` (``amqtt/mqtt/protocol/broker_handler.py``),
-  and ``SSLObject.getpeercert(binary_form=True)`` gives the DER certificate
-  the TLS layer verified. The CN is read from that, never from the user name
-  or client id the client sends.
-* **Some of its behaviour is unsafe for us**, fixed in :class:`_EdgeotaBroker`:
-  its TLS context asks for client certificates but accepts connections
-  without one (``CERT_OPTIONAL``); when a client resumes a persistent session
-  the old session object keeps the *previous* connection's ``ssl_object``
-  (so a reconnect would be judged by someone else's certificate); and
-  retained messages are sent on SUBSCRIBE and at connect -- the latter for
-  every filter *any* client holds -- without the RECEIVE check that live
-  messages get. The subclass overrides exactly those three methods, and
-  :meth:`EmbeddedBroker.start` refuses to run if an amqtt upgrade moved them.
-* **Its subscription table is iterated while it changes**: a client that
-  subscribes during a broadcast ends that broadcast ("dictionary changed size
-  during iteration") and the message is lost; the table is replaced by one
-  that iterates over a snapshot (:class:`_SnapshotSubscriptions`).
+* **The identity is this connection's certificate.** The plugin API has no
+  "peer certificate", and the ``ssl_object`` amqtt keeps on a ``Session``
+  is the *first* connection's when a client resumes a persistent session (a
+  reconnect would be judged by someone else's certificate). The CN the TLS
+  layer verified is put in a context variable by the connection's task
+  before amqtt reads the CONNECT; amqtt awaits the auth plugins from that
+  task (``asyncio.ensure_future`` copies the context), so the plugin reads
+  exactly this connection's identity -- never the user name or client id the
+  client sends. If amqtt ever ran them elsewhere the variable would be unset
+  and every connection refused: fails closed.
+* **Retained messages skip the RECEIVE check** (an internal): amqtt sends them on
+  SUBSCRIBE and at connect -- the latter for every filter *any* client holds
+  -- without the check live messages get. :class:`_EdgeotaBroker` overrides
+  ``_publish_retained_messages_for_subscription`` (no public hook exists)
+  and otherwise uses only the broker's public properties.
+* **Its subscription table is iterated while it changes** (an internal): a
+  client that subscribes during a broadcast ends that broadcast ("dictionary
+  changed size during iteration") and the message is lost; the table
+  (``Broker._subscriptions``, also what the public ``subscriptions``
+  returns) is replaced by one that iterates over a snapshot
+  (:class:`_SnapshotSubscriptions`).
 
 Differences from Mosquitto 2.0 that remain, none of which lets data through:
 a SUBSCRIBE whose filter can never match a topic the client may read is
@@ -50,16 +61,19 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
+import functools
 import logging
 import shutil
 import ssl
 import tempfile
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from amqtt.adapters import StreamReaderAdapter, StreamWriterAdapter
 from amqtt.broker import Broker
 from amqtt.contexts import Action, BaseContext
 from amqtt.plugins.base import BaseAuthPlugin, BaseTopicPlugin
@@ -78,6 +92,8 @@ from edgeota.protocol.topics import DEFAULT_PREFIX, DEVICE_PUBLISHES, DEVICE_REC
 from edgeota.server.fleet_ca import CA_CERT_FILE, FleetCA, certificate_pem, private_key_pem
 
 __all__ = [
+    "AMQTT_ATTRIBUTES",
+    "AMQTT_OVERRIDES",
     "START_TIMEOUT",
     "AclGrants",
     "BrokerAcl",
@@ -94,16 +110,21 @@ logger = logging.getLogger(__name__)
 START_TIMEOUT = 10.0  # seconds, for start and for stop
 _IDENTITY_ATTRIBUTE = "edgeota.identity"  # Session.attributes key: the certificate CN
 _SHARE_PREFIX = "$share/"
-# amqtt Broker internals _EdgeotaBroker overrides or calls: if an upgrade
-# renamed one, an override would silently stop applying, so start() checks.
-_AMQTT_HOOKS = (
-    "_create_ssl_context",
-    "_initialize_client_session",
-    "_publish_retained_messages_for_subscription",
-    "_get_handler",
-    "_matches",
-    "_topic_filtering",
+_LISTENER = "default"  # the amqtt external listener our TLS server hands connections to
+# amqtt Broker internals _EdgeotaBroker relies on: if an upgrade renamed one, its
+# fix would silently stop applying, so start() and _EdgeotaBroker check, and
+# tests/test_dependency_pins.py checks them (and their signatures) for the pinned amqtt.
+AMQTT_OVERRIDES = (
+    "_publish_retained_messages_for_subscription",  # the RECEIVE check on retained messages
 )
+AMQTT_ATTRIBUTES = (
+    "_subscriptions",  # the subscription table, replaced by one iterated over a snapshot
+)
+# The certificate identity (CN) of the connection whose task is running: set by
+# the TLS server's connection handler before amqtt reads the CONNECT; each
+# connection's task has its own copy (asyncio runs each in its own context).
+_connection_identity: contextvars.ContextVar[str | None] = contextvars.ContextVar(
+    "edgeota_mqtt_connection_identity", default=None)
 
 
 class EmbeddedBrokerError(EdgeotaError):
@@ -241,10 +262,13 @@ class CertificateAclPlugin(BaseAuthPlugin, BaseTopicPlugin):
         self.acl = BrokerAcl(Topics(self.config.prefix))
 
     async def authenticate(self, *, session: Session) -> bool | None:
-        """Accept a connection only with a fleet certificate whose CN the ACL knows."""
-        ssl_object = session.ssl_object
-        der = ssl_object.getpeercert(binary_form=True) if ssl_object is not None else None
-        identity = certificate_identity(der) if der else None
+        """Accept a connection only with a fleet certificate whose CN the ACL knows.
+
+        The CN is this connection's, as the TLS server verified it (see the
+        module docstring): not the session's, which a resumed session keeps
+        from its first connection.
+        """
+        identity = _connection_identity.get()
         if identity is None or self.acl.grants(identity) is None:
             logger.warning("refused MQTT client %r: no usable client certificate identity",
                            session.client_id)
@@ -287,7 +311,7 @@ class CertificateAclPlugin(BaseAuthPlugin, BaseTopicPlugin):
                 return False
 
 
-class _SnapshotSubscriptions(dict):  # type: ignore[type-arg]
+class _SnapshotSubscriptions(dict[str, list[tuple[Session, int]]]):
     """amqtt's subscription table, iterated over a snapshot.
 
     amqtt 0.12 loops over this dict while awaiting inside the loop (and
@@ -297,57 +321,73 @@ class _SnapshotSubscriptions(dict):  # type: ignore[type-arg]
     at once; iterating a snapshot makes both loops safe.
     """
 
-    def __iter__(self):
+    def __iter__(self) -> Iterator[str]:
         return iter(list(super().keys()))
 
-    def items(self):
+    def items(self) -> list[tuple[str, list[tuple[Session, int]]]]:  # type: ignore[override]
         return list(super().items())
 
 
 class _EdgeotaBroker(Broker):
-    """amqtt's broker with the fixes described in the module docstring."""
+    """amqtt's broker with the two internal fixes described in the module docstring."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self._subscriptions = _SnapshotSubscriptions(self._subscriptions)
-
-    @staticmethod
-    def _create_ssl_context(listener: Any) -> ssl.SSLContext:
-        context = Broker._create_ssl_context(listener)
-        context.verify_mode = ssl.CERT_REQUIRED  # amqtt sets CERT_OPTIONAL
-        context.minimum_version = ssl.TLSVersion.TLSv1_2
-        return context
-
-    async def _initialize_client_session(
-        self, reader: Any, writer: Any, remote_address: str, remote_port: int
-    ) -> tuple[Any, Session]:
-        handler, session = await super()._initialize_client_session(
-            reader, writer, remote_address, remote_port
-        )
-        # A resumed session is the old object: give it this connection's TLS state.
-        session.ssl_object = writer.get_ssl_info()
-        return handler, session
+        table = vars(self).get("_subscriptions")
+        if not isinstance(table, dict) or self.subscriptions is not table:
+            raise EmbeddedBrokerError("this amqtt keeps its subscription table elsewhere than "
+                                      "Broker._subscriptions: cannot make its iteration safe")
+        self._subscriptions = _SnapshotSubscriptions(table)
 
     async def _publish_retained_messages_for_subscription(
         self, subscription: tuple[str, int], session: Session
     ) -> None:
         topic_filter, qos = subscription
-        holders = self._subscriptions.get(topic_filter, [])
+        holders = self.subscriptions.get(topic_filter, [])
         if not any(held.client_id == session.client_id for held, _ in holders):
             return  # amqtt calls this at connect for every client's filters
-        handler = self._get_handler(session)
+        handler = self.sessions.get(session.client_id or "", (None, None))[1]
         if handler is None:
             return
         tasks = []
-        for topic, retained in list(self._retained_messages.items()):
-            if not self._matches(topic, topic_filter):
+        for topic, retained in list(self.retained_messages.items()):
+            if not topic_matches(topic, topic_filter):
                 continue
-            if not await self._topic_filtering(session, topic, Action.RECEIVE):
+            verdicts = await self.plugins_manager.map_plugin_topic(
+                session=session, topic=topic, action=Action.RECEIVE)
+            if not verdicts or not all(verdicts.values()):
                 continue
             tasks.append(asyncio.ensure_future(handler.mqtt_publish(
                 retained.topic, retained.data, min(qos, retained.qos or qos), retain=True)))
         if tasks:
             await asyncio.wait(tasks)
+
+
+def _server_tls(ca_file: Path, cert_file: Path, key_file: Path) -> ssl.SSLContext:
+    """The listener's TLS: a fleet client certificate required, TLS 1.2 or later."""
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH, cafile=str(ca_file))
+    context.load_cert_chain(str(cert_file), str(key_file))
+    context.verify_mode = ssl.CERT_REQUIRED
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    return context
+
+
+async def _hand_over(broker: Broker, reader: asyncio.StreamReader,
+                     writer: asyncio.StreamWriter) -> None:
+    """One verified TLS connection (its own task): note its identity, let amqtt run it."""
+    ssl_object = writer.get_extra_info("ssl_object")
+    der = ssl_object.getpeercert(binary_form=True) if ssl_object is not None else None
+    _connection_identity.set(certificate_identity(der) if der else None)
+    try:
+        await broker.external_connected(StreamReaderAdapter(reader),
+                                        StreamWriterAdapter(writer), _LISTENER)
+    except (ConnectionError, ssl.SSLError, TimeoutError) as e:
+        # A client gone mid-way (often just after a refused CONNECT): its connection only.
+        logger.debug("MQTT connection ended: %s", e)
+        writer.close()
+    except Exception:  # a bug in one connection ends that connection, never the listener
+        logger.exception("MQTT connection failed")
+        writer.close()
 
 
 # --- the broker on its own thread -------------------------------------------------------------
@@ -416,18 +456,10 @@ class EmbeddedBroker:
         atomic_write(cert_file, certificate_pem(cert))
         return cert_file, key_file
 
-    def _broker_config(self, cert_file: Path, key_file: Path) -> dict[str, Any]:
+    def _broker_config(self) -> dict[str, Any]:
         return {
-            "listeners": {
-                "default": {
-                    "type": "tcp",
-                    "bind": f"{self.host}:{self._requested_port}",
-                    "ssl": True,
-                    "cafile": str(self.ca_cert),
-                    "certfile": str(cert_file),
-                    "keyfile": str(key_file),
-                },
-            },
+            # Connections come from our own TLS server (_serve), not from amqtt's.
+            "listeners": {_LISTENER: {"type": "external"}},
             # Only our plugin: no anonymous auth, no $SYS tree, no packet logger.
             "plugins": {
                 f"{CertificateAclPlugin.__module__}.{CertificateAclPlugin.__qualname__}": {
@@ -440,16 +472,16 @@ class EmbeddedBroker:
         """Start serving; returns once the listener is bound (or raises ``EmbeddedBrokerError``)."""
         if self._thread is not None:
             raise EmbeddedBrokerError("the embedded broker is already running")
-        missing = [name for name in _AMQTT_HOOKS if not hasattr(Broker, name)]
+        missing = [name for name in AMQTT_OVERRIDES if not hasattr(Broker, name)]
         if missing:
             raise EmbeddedBrokerError(f"this amqtt version lacks {missing}: the embedded broker "
                                       "cannot enforce the broker ACL with it")
         cert_file, key_file = self._write_listener_files()
-        config = self._broker_config(cert_file, key_file)
+        tls = _server_tls(self.ca_cert, cert_file, key_file)
         self._ready.clear()
         self._error = None
-        self._thread = threading.Thread(target=self._run, args=(config,), daemon=True,
-                                        name="edgeota-broker")
+        self._thread = threading.Thread(target=self._run, args=(self._broker_config(), tls),
+                                        daemon=True, name="edgeota-broker")
         self._thread.start()
         if not self._ready.wait(START_TIMEOUT):
             self._abandon()
@@ -487,11 +519,11 @@ class EmbeddedBroker:
     def __exit__(self, *_exc: object) -> None:
         self.stop()
 
-    def _run(self, config: dict[str, Any]) -> None:
+    def _run(self, config: dict[str, Any], tls: ssl.SSLContext) -> None:
         loop = asyncio.new_event_loop()
         self._loop = loop
         try:
-            loop.run_until_complete(self._serve(config))
+            loop.run_until_complete(self._serve(config, tls))
         except Exception as e:  # handed to start() on the caller's thread
             if self._ready.is_set():
                 logger.exception("embedded broker failed while running")
@@ -500,16 +532,23 @@ class EmbeddedBroker:
             self._ready.set()
             loop.close()
 
-    async def _serve(self, config: dict[str, Any]) -> None:
+    async def _serve(self, config: dict[str, Any], tls: ssl.SSLContext) -> None:
         self._stop = asyncio.Event()
         broker = _EdgeotaBroker(config, loop=asyncio.get_running_loop())
         await broker.start()
         try:
-            sockets = broker._servers["default"].instance.sockets
-            self._port = sockets[0].getsockname()[1]
+            listener = await asyncio.start_server(
+                functools.partial(_hand_over, broker), self.host, self._requested_port,
+                ssl=tls, reuse_address=True)
+        except BaseException:
+            await asyncio.wait_for(broker.shutdown(), START_TIMEOUT / 2)
+            raise
+        try:
+            self._port = listener.sockets[0].getsockname()[1]
             self._ready.set()
             await self._stop.wait()
         finally:
+            listener.close()  # no new connections; amqtt's shutdown ends the open ones
             try:
                 await asyncio.wait_for(broker.shutdown(), START_TIMEOUT / 2)
             except TimeoutError:
