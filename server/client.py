@@ -15,6 +15,7 @@ from typing import Any
 import httpx
 
 from edgeota.protocol.errors import EdgeotaError
+from edgeota.server.services.errors import ErrorCode
 
 __all__ = ["ApiError", "OperatorClient", "ServerUnreachableError"]
 
@@ -22,11 +23,17 @@ _UPLOAD_BLOCK = 1024 * 1024
 
 
 class ApiError(EdgeotaError):
-    """The server refused a request; ``status`` is the HTTP status, the message its reason."""
+    """The server refused a request; ``status`` is the HTTP status, the message its reason.
 
-    def __init__(self, status: int, message: str) -> None:
+    ``code`` is the body's :class:`ErrorCode` (None when the body has none, such as
+    a request-validation 422, or a code this client does not know): decide on it,
+    not on the message.
+    """
+
+    def __init__(self, status: int, message: str, code: ErrorCode | None = None) -> None:
         super().__init__(message)
         self.status = status
+        self.code = code
 
 
 class ServerUnreachableError(EdgeotaError):
@@ -47,6 +54,18 @@ def _reason(response: httpx.Response) -> str:
             for item in detail if isinstance(item, dict)
         )
     return str(body)[:500]
+
+
+def _code(response: httpx.Response) -> ErrorCode | None:
+    try:
+        body = response.json()
+    except ValueError:
+        return None
+    raw = body.get("code") if isinstance(body, dict) else None
+    try:
+        return ErrorCode(raw) if isinstance(raw, str) else None
+    except ValueError:  # a newer server's code: the message still says what happened
+        return None
 
 
 class OperatorClient:
@@ -87,7 +106,8 @@ class OperatorClient:
             ) from e
         if response.status_code >= 400:
             raise ApiError(response.status_code,
-                           f"{method} {path}: HTTP {response.status_code}: {_reason(response)}")
+                           f"{method} {path}: HTTP {response.status_code}: {_reason(response)}",
+                           _code(response))
         return response
 
     def get(self, path: str, **params: Any) -> Any:

@@ -39,6 +39,7 @@ from edgeota.server.config import KeyRef, OperatorConfig
 from edgeota.server.keystore import load_public_key, load_signer
 from edgeota.server.manifest_builder import build_manifest, external_data_files
 from edgeota.server.repo.image import add_target_to_bin, bin_for, sign
+from edgeota.server.services.errors import ErrorCode
 
 __all__ = ["PublishError", "PublishRequest", "publish_release", "sign_release"]
 
@@ -212,7 +213,7 @@ def publish_release(
                 return client.post("/api/v1/releases", body)
             except ApiError as e:
                 # Another release landed in the same bin first: re-sign on top of it.
-                if e.status != 409 or "stale" not in str(e).lower() or attempt == _STALE_RETRIES:
+                if e.code is not ErrorCode.STALE_BIN or attempt == _STALE_RETRIES:
                     raise
                 logger.info("bin %s moved on; re-signing (attempt %d)", role, attempt + 1)
     raise AssertionError("unreachable")  # pragma: no cover

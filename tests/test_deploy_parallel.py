@@ -189,7 +189,7 @@ def test_one_device_failing_leaves_the_others_assigned_and_is_retried(
     state, detail = states.pop(broken)
     assert state == AssignmentState.WAITING
     assert detail is not None
-    assert "SigningError" in detail
+    assert "(signing_failed)" in detail
     assert "the KMS refused" in detail
     assert set(states.values()) == {(AssignmentState.PENDING, None)}
     assert fleet.ctx.store.latest_versions(f"director/{broken}") == before  # nothing written

@@ -22,6 +22,8 @@ from edgeota.protocol.targets_custom import DirectorTargetCustom, ImageTargetCus
 from edgeota.runtime.http_fetcher import HttpFetcher, HttpFetcherConfig
 from edgeota.server.db.models import AuditEntry, Release
 from edgeota.server.home import HomeOptions
+from edgeota.server.services.deployments import DirectorFailure
+from edgeota.server.services.errors import ErrorCode
 from edgeota.server.tokens import Role
 
 V1_TARGET = "models/digits/1.0.0.eotb"
@@ -171,10 +173,14 @@ def test_roles_guard_the_api(server: RunningServer) -> None:
         refused = client.post("/api/v1/releases", headers=headers, json={})
         assert refused.status_code == 403
         assert "needs release-manager" in refused.json()["detail"]
+        assert refused.json()["code"] == "forbidden"
         assert client.put(f"/api/v1/blobs/{'0' * 64}", headers=headers,
                           content=b"x").status_code == 403
-        assert client.get("/api/v1/devices", headers={
-            "Authorization": "Bearer eot_not-a-token"}).status_code == 401
+        unknown = client.get("/api/v1/devices", headers={
+            "Authorization": "Bearer eot_not-a-token"})
+        assert unknown.status_code == 401 and unknown.json()["code"] == "unauthenticated"
+        missing = client.get(f"/api/v1/releases/{10**6}", headers=headers)
+        assert missing.status_code == 404 and missing.json()["code"] == "not_found"
         assert client.get("/healthz").json() == {"status": "ok"}
         assert client.get("/openapi.json").status_code == 200
 
@@ -531,6 +537,23 @@ def test_expiring_online_metadata_is_re_signed(server: RunningServer, tmp_path: 
     assert server.ctx.store.latest_version("image", "timestamp") == before_image + 1
     assert server.ctx.store.latest_version("director/pi-1", "timestamp") == before_device + 1
     image_updater(server, tmp_path / "image").refresh()
+
+
+def test_error_codes_are_a_stable_wire_contract() -> None:
+    """Clients decide on these values: a renamed class or member must not change them."""
+    assert {code.name: code.value for code in ErrorCode} == {
+        "INVALID_REQUEST": "invalid_request", "BAD_DATA": "bad_data", "REFUSED": "refused",
+        "UNAUTHENTICATED": "unauthenticated", "FORBIDDEN": "forbidden",
+        "NOT_FOUND": "not_found", "CONFLICT": "conflict", "STALE_BIN": "stale_bin",
+        "TOO_LARGE": "too_large", "INVALID_BODY": "invalid_body",
+        "RELEASE_REFUSED": "release_refused",
+    }
+    assert {f.name: f.value for f in DirectorFailure} == {
+        "SIGNING": "signing_failed", "UNKNOWN_DEVICE": "unknown_device",
+        "INVALID_ASSIGNMENT": "invalid_assignment", "KEY_WRAP": "key_wrap_failed",
+        "STORAGE": "storage_failed", "REPOSITORY": "repository_error",
+        "INTERNAL": "internal_error",
+    }
 
 
 def test_publish_re_signs_when_another_release_moved_the_bin_on(

@@ -14,8 +14,12 @@ import logging
 from collections.abc import AsyncIterator
 
 from fastapi import FastAPI, Request
+from fastapi.encoders import jsonable_encoder
+from fastapi.exception_handlers import http_exception_handler
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from sqlalchemy import text
+from starlette.exceptions import HTTPException
 
 from edgeota.protocol.errors import EdgeotaError, ProtocolError
 from edgeota.server.api.routes import admin, dashboard, deployments, devices, releases, repo
@@ -23,12 +27,23 @@ from edgeota.server.context import ServerContext
 from edgeota.server.db.session import lock
 from edgeota.server.metrics import CONTENT_TYPE
 from edgeota.server.services import rollouts
-from edgeota.server.services.errors import ServiceError
+from edgeota.server.services.errors import ErrorCode, ServiceError
 from edgeota.server.tokens import AuthenticationError
 
 __all__ = ["create_app", "refresh_expiring_metadata"]
 
 logger = logging.getLogger(__name__)
+
+# The code of an error the HTTP layer raises itself (missing token, role, size limits,
+# unknown paths): by status, as those errors carry no more than their status.
+_HTTP_CODES = {
+    400: ErrorCode.INVALID_REQUEST,
+    401: ErrorCode.UNAUTHENTICATED,
+    403: ErrorCode.FORBIDDEN,
+    404: ErrorCode.NOT_FOUND,
+    409: ErrorCode.CONFLICT,
+    413: ErrorCode.TOO_LARGE,
+}
 
 
 def refresh_expiring_metadata(ctx: ServerContext) -> list[str]:
@@ -85,23 +100,41 @@ def create_app(ctx: ServerContext, *, background_refresh: bool = True,
             connection.execute(text("SELECT 1"))
         return {"status": "ok"}
 
+    # Error bodies: {"detail": a sentence, "code": an ErrorCode}; clients act on the code.
     @app.exception_handler(ServiceError)
     async def service_error(_request: Request, exc: ServiceError) -> JSONResponse:
-        return JSONResponse({"detail": str(exc)}, status_code=exc.status)
+        return _error(exc.status, exc.code, exc)
 
     @app.exception_handler(AuthenticationError)
     async def auth_error(_request: Request, exc: AuthenticationError) -> JSONResponse:
-        return JSONResponse({"detail": str(exc)}, status_code=401)
+        return _error(401, ErrorCode.UNAUTHENTICATED, exc)
 
     @app.exception_handler(ProtocolError)
     async def protocol_error(_request: Request, exc: ProtocolError) -> JSONResponse:
-        return JSONResponse({"detail": str(exc)}, status_code=400)
+        return _error(400, ErrorCode.BAD_DATA, exc)
 
     @app.exception_handler(EdgeotaError)
     async def edgeota_error(_request: Request, exc: EdgeotaError) -> JSONResponse:
-        return JSONResponse({"detail": str(exc)}, status_code=400)
+        return _error(400, ErrorCode.REFUSED, exc)
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, exc: HTTPException) -> Response:
+        if exc.status_code < 400:  # not an error: FastAPI's own answer
+            return await http_exception_handler(request, exc)
+        code = _HTTP_CODES.get(exc.status_code, ErrorCode.REFUSED)
+        return JSONResponse({"detail": exc.detail, "code": str(code)},
+                            status_code=exc.status_code, headers=exc.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_body(_request: Request, exc: RequestValidationError) -> JSONResponse:
+        return JSONResponse({"detail": jsonable_encoder(exc.errors()),
+                             "code": str(ErrorCode.INVALID_BODY)}, status_code=422)
 
     return app
+
+
+def _error(status: int, code: ErrorCode, exc: Exception) -> JSONResponse:
+    return JSONResponse({"detail": str(exc), "code": str(code)}, status_code=status)
 
 
 async def _rollout_loop(ctx: ServerContext) -> None:

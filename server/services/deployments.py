@@ -37,6 +37,7 @@ the length of the phase's director work (seconds), not of its download.
 
 from __future__ import annotations
 
+import enum
 import hashlib
 import itertools
 import logging
@@ -53,6 +54,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session, selectinload
 from tuf.api.metadata import Metadata, TargetFile, Targets
 
+from edgeota.protocol.errors import ProtocolError
 from edgeota.protocol.identity import SERVER_IDENTITY
 from edgeota.protocol.keywrap import KemPublicKey, unwrap_content_key, wrap_content_key
 from edgeota.protocol.targets_custom import DirectorTargetCustom
@@ -69,12 +71,15 @@ from edgeota.server.db.models import (
     ReleaseStatus,
 )
 from edgeota.server.db.session import lock
-from edgeota.server.repo.director import UnknownDeviceError
+from edgeota.server.repo.director import AssignmentError, UnknownDeviceError
+from edgeota.server.repo.image import SigningError, UntrustedSignerError
+from edgeota.server.repo.storage import RepoError
 from edgeota.server.services.errors import ConflictError, InvalidRequestError, NotFoundError
 from edgeota.server.services.types import DeploymentRequest, DeployResult
 
 __all__ = [
     "MAX_DIRECTOR_WORKERS",
+    "DirectorFailure",
     "PhaseStart",
     "add_assignment",
     "already_running",
@@ -82,6 +87,7 @@ __all__ = [
     "check_phases",
     "current_release",
     "deploy",
+    "director_failure",
     "eligibility_problem",
     "model_name_of",
     "phase_of_ranks",
@@ -108,6 +114,40 @@ _IN_CHUNK = 500  # ids per SQL ``IN (...)``: below every database's parameter li
 # Assignment states in which the device is (or was) handed the deployment's release.
 LIVE_STATES = (AssignmentState.PENDING, AssignmentState.DOWNLOADING, AssignmentState.INSTALLED,
                AssignmentState.FAILED)
+
+
+class DirectorFailure(enum.StrEnum):
+    """Why a device's director metadata could not be written (documented in architecture.md).
+
+    Named in the assignment's ``detail`` (database, ``rollout status``, a deploy's
+    ``failed``) as ``(<value>)``; explicit values, so renaming an exception class never
+    changes what operators and scripts read.
+    """
+
+    SIGNING = "signing_failed"  # the online director key did not sign (KMS/HSM down)
+    UNKNOWN_DEVICE = "unknown_device"  # no director repository for the device
+    INVALID_ASSIGNMENT = "invalid_assignment"  # a target set the device cannot be given
+    KEY_WRAP = "key_wrap_failed"  # the content key could not be wrapped to the device's key
+    STORAGE = "storage_failed"  # the files could not be written (disk full, permissions)
+    REPOSITORY = "repository_error"  # any other refusal of the director repository
+    INTERNAL = "internal_error"  # a bug: the log has the traceback
+
+
+def director_failure(error: BaseException) -> DirectorFailure:
+    """The :class:`DirectorFailure` of an error raised by one device's director work."""
+    if isinstance(error, (SigningError, UntrustedSignerError)):
+        return DirectorFailure.SIGNING
+    if isinstance(error, UnknownDeviceError):
+        return DirectorFailure.UNKNOWN_DEVICE
+    if isinstance(error, AssignmentError):
+        return DirectorFailure.INVALID_ASSIGNMENT
+    if isinstance(error, ProtocolError):
+        return DirectorFailure.KEY_WRAP
+    if isinstance(error, OSError):
+        return DirectorFailure.STORAGE
+    if isinstance(error, RepoError):
+        return DirectorFailure.REPOSITORY
+    return DirectorFailure.INTERNAL
 
 
 def model_name_of(target_path: str) -> str:
@@ -492,7 +532,8 @@ def start_assignments(ctx: ServerContext, session: Session, assignments: Sequenc
     for assignment in assignments:
         if assignment.device_id in failures:
             error = failures[assignment.device_id]
-            assignment.detail = f"director assignment failed: {type(error).__name__}: {error}"
+            assignment.detail = (f"director assignment failed ({director_failure(error)}): "
+                                 f"{error}")
             assignment.updated_at = now
             result.failed[assignment.device_id] = assignment.detail
             continue

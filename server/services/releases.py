@@ -40,13 +40,14 @@ from edgeota.server import audit
 from edgeota.server.context import ServerContext
 from edgeota.server.db.models import Release, ReleaseStatus
 from edgeota.server.db.session import lock
-from edgeota.server.repo.image import merge_signatures
+from edgeota.server.repo.image import StaleMetadataError, merge_signatures
 from edgeota.server.repo.storage import RepoError
 from edgeota.server.services.errors import (
     ConflictError,
     InvalidRequestError,
     NotFoundError,
     ReleaseRefusedError,
+    StaleBinError,
 )
 from edgeota.server.services.types import ReleaseSubmission, ReleaseView
 
@@ -92,9 +93,9 @@ def _check_and_open(
     """Every check that needs no write; returns (bin check, custom, manifest, wrapped key)."""
     try:
         check = ctx.image.check_bin_update(bin_bytes)
+    except StaleMetadataError as e:
+        raise StaleBinError(f"{e}; re-run `edgeota release publish` to re-sign") from e
     except RepoError as e:
-        if "stale" in type(e).__name__.lower():
-            raise ConflictError(f"{e}; re-run `edgeota release publish` to re-sign") from e
         raise ReleaseRefusedError(f"release metadata refused: {e}") from e
     expected_path = target_path_for(request.name, request.version)
     if request.target_path != expected_path:
@@ -249,6 +250,9 @@ def add_signature(
     try:
         merged = merge_signatures(release.pending_metadata, _decode_bin(bin_metadata))
         check = ctx.image.check_bin_update(merged)
+    except StaleMetadataError as e:
+        raise StaleBinError(
+            f"signature refused: {e} (the bin moved on: publish the release again)") from e
     except RepoError as e:
         raise ConflictError(
             f"signature refused: {e} (if the bin moved on, publish the release again)"

@@ -53,6 +53,7 @@ from edgeota.server.db.session import lock
 from edgeota.server.services.deployments import (
     add_assignment,
     assign_releases,
+    director_failure,
     eligibility_problem,
     record_event,
     restart_stalled,
@@ -359,7 +360,8 @@ def _rollback_assignments(ctx: ServerContext, session: Session, deployment: Depl
         error = failures.get(assignment.device_id)
         if error is not None:
             skipped[assignment.device_id] = (
-                f"its director metadata could not be written: {type(error).__name__}: {error}")
+                f"its director metadata could not be written ({director_failure(error)}): "
+                f"{error}")
             continue
         assignment.state = AssignmentState.ROLLED_BACK
         assignment.detail = f"{reason}; back to {previous.version}"
