@@ -48,7 +48,7 @@ def enroll_device(
         report_public_key=identity.report_public_key,
         tls_public_key_pem=request.tls_public_key_pem,
     )
-    cert_pem = certificate_pem(certificate)
+    cert_pem = certificate_pem(certificate).decode("ascii")
     session.add(
         Device(
             id=request.device_id,
@@ -75,7 +75,7 @@ def enroll_device(
         device_id=request.device_id,
         token=token,
         certificate_pem=cert_pem,
-        ca_pem=ctx.ca.certificate_pem(),
+        ca_pem=ctx.ca.certificate_pem().decode("ascii"),
         image_root=ctx.image.root_bytes().decode("utf-8"),
         director_root=ctx.director.root_bytes().decode("utf-8"),
         repository_url=ctx.config.public_url + "/repo",
