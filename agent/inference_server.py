@@ -66,9 +66,12 @@ __all__ = [
     "DEFAULT_MAX_BODY_BYTES",
     "DEFAULT_WORKERS",
     "PLATFORM",
+    "InferRequest",
     "InferenceServer",
     "InferenceServerError",
     "build_app",
+    "decode_infer_request",
+    "encode_infer_response",
 ]
 
 #: Largest request body accepted (JSON plus binary tensors): a 16 MiB image batch
@@ -217,7 +220,7 @@ def _from_binary(name: str, datatype: str, shape: tuple[int, ...], raw: bytes) -
 
 
 @dataclass(frozen=True)
-class _InferRequest:
+class InferRequest:
     """A parsed OIP infer request."""
 
     id: str | None
@@ -230,7 +233,7 @@ class _InferRequest:
         return self.binary_flags.get(output, self.binary_default)
 
 
-def _parse_infer(body: bytes, header_length: str | None) -> _InferRequest:
+def decode_infer_request(body: bytes, header_length: str | None) -> InferRequest:
     if header_length is None:
         head, binary = body, b""
     else:
@@ -294,7 +297,7 @@ def _parse_infer(body: bytes, header_length: str | None) -> _InferRequest:
             if "binary_data" in output_parameters:
                 binary_flags[name] = bool(output_parameters["binary_data"])
         outputs = tuple(names)
-    return _InferRequest(
+    return InferRequest(
         request_id,
         inputs,
         outputs,
@@ -325,7 +328,8 @@ def _to_json(datatype: str, arr: np.ndarray) -> list[Any]:
     return flat.tolist()
 
 
-def _encode_infer(request: _InferRequest, prediction: Prediction) -> tuple[bytes, dict[str, str]]:
+def encode_infer_response(request: InferRequest,
+                          prediction: Prediction) -> tuple[bytes, dict[str, str]]:
     entries: list[dict[str, Any]] = []
     blobs: list[bytes] = []
     for name, value in prediction.outputs.items():
@@ -483,9 +487,9 @@ class _Endpoints:
         self, name: str, version: str | None, body: bytes, header_length: str | None
     ) -> tuple[bytes, dict[str, str]]:
         """Parse, run and encode on a worker thread: all of it is CPU work."""
-        parsed = _parse_infer(body, header_length)
+        parsed = decode_infer_request(body, header_length)
         prediction = self.host.predict(name, parsed.inputs, outputs=parsed.outputs, version=version)
-        return _encode_infer(parsed, prediction)
+        return encode_infer_response(parsed, prediction)
 
     async def infer(self, request: Request) -> Response:
         encoding = request.headers.get("content-encoding", "identity").strip().lower()

@@ -10,9 +10,9 @@ A swap, the availability-preserving way (``side_by_side``):
 
 1. the model kept for probation of the previous swap, if any, is released (a
    new update ends that probation);
-2. :func:`~edgeota.agent.validation.check_memory` decides whether the new
+2. :func:`~edgeota.runtime.validation.check_memory` decides whether the new
    session fits beside the current one;
-3. the new session is built (by :func:`~edgeota.agent.validation.create_session`,
+3. the new session is built (by :func:`~edgeota.runtime.validation.create_session`,
    the one place sessions are made) and warmed with the manifest's validation
    vectors, or zeros of the declared shape, so the first real request does not
    pay for lazy allocations;
@@ -95,6 +95,7 @@ __all__ = [
     "SwapMode",
     "SwapResult",
     "UnknownModelError",
+    "find_malloc_trim",
     "warmup_feeds",
 ]
 
@@ -296,7 +297,7 @@ class _Slot:
     ops: threading.Lock = field(default_factory=threading.Lock)
 
 
-def _find_malloc_trim() -> Callable[[], None] | None:
+def find_malloc_trim() -> Callable[[], None] | None:
     """glibc's ``malloc_trim(0)``, or ``None`` where there is none (musl, macOS, Windows).
 
     onnxruntime frees a session's buffers with ``free``; glibc keeps freed heap
@@ -352,7 +353,7 @@ class ModelHost:
         self._window = latency_window
         self._drain_timeout_s = drain_timeout_s
         self._run_hook = run_hook
-        self._trim = _find_malloc_trim()
+        self._trim = find_malloc_trim()
         # One lock for references and counters; the condition wakes a draining swap.
         self._lock = threading.Condition(threading.Lock())
         self._slots: dict[str, _Slot] = {}

@@ -171,6 +171,10 @@ class DeviceConnection:
         # notify sent while the link was down is lost: QoS 1 to a clean
         # session); the agent uses it to check now instead of at its next poll.
         self.on_notify: Callable[[], None] | None = None
+        # Called (on paho's thread) with the topic kind and QoS of every message
+        # received, before it is routed: a diagnostics seam (the QoS the broker
+        # delivers at is the subscription's, which tests assert).
+        self.on_received: Callable[[DeviceTopic, int], None] | None = None
         self._fetch_topic = self._topics.device(device_id, DeviceTopic.FETCH)
         self._host, self._port, self._keepalive = host, port, keepalive
         self._lock = threading.Lock()
@@ -387,6 +391,10 @@ class DeviceConnection:
 
     def _on_message(self, _client: mqtt.Client, _userdata: Any,
                     message: mqtt.MQTTMessage) -> None:
+        observer = self.on_received
+        if observer is not None:
+            observer(DeviceTopic.NOTIFY if message.topic == self._notify else DeviceTopic.RX,
+                     message.qos)
         if message.topic == self._notify:
             callback = self.on_notify
             if callback is not None:

@@ -38,7 +38,16 @@ from edgeota.agent.mqtt_session import (
 )
 from edgeota.protocol.fetch import MAX_OFFSET
 
-__all__ = ["DownloadStats", "ResumableDownload", "saved_offset"]
+__all__ = [
+    "RECORD_SLOTS",
+    "RECORD_SLOT_BYTES",
+    "DownloadStats",
+    "ProgressRecord",
+    "ProgressSaver",
+    "ResumableDownload",
+    "load_progress",
+    "saved_offset",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -47,15 +56,15 @@ _RECORD_MAGIC = b"EOTP"
 _RECORD_VERSION = 2
 _RECORD = struct.Struct(">4sBQ32s")  # magic, version, offset, sha256 of the bytes before it
 _CHECK = struct.Struct(">I")  # CRC-32 of the record: a torn slot is ignored
-_SLOT = 64  # bytes per progress record slot, after the file's bytes
+RECORD_SLOT_BYTES = 64  # bytes per progress record slot, after the file's bytes
 _DURABLE_SLOTS = (0, 1)  # written in turn by the saver, each followed by an fdatasync
 _LATEST_SLOT = 2  # rewritten after every chunk, never synced
-_SLOTS = 3
+RECORD_SLOTS = 3
 _HASH_BLOCK = 1024 * 1024  # bytes read at a time when hashing a file
 
 
 @dataclass(frozen=True)
-class _Record:
+class ProgressRecord:
     """A progress record, kept in a slot in the tail of ``{sha256}.partial``.
 
     ``offset`` bytes of the target are in the file, and ``digest`` is their
@@ -74,10 +83,10 @@ class _Record:
 
     def to_bytes(self) -> bytes:
         body = _RECORD.pack(_RECORD_MAGIC, _RECORD_VERSION, self.offset, self.digest)
-        return (body + _CHECK.pack(zlib.crc32(body))).ljust(_SLOT, b"\x00")
+        return (body + _CHECK.pack(zlib.crc32(body))).ljust(RECORD_SLOT_BYTES, b"\x00")
 
     @classmethod
-    def parse(cls, slot: bytes, length: int) -> _Record | None:
+    def parse(cls, slot: bytes, length: int) -> ProgressRecord | None:
         if len(slot) < _RECORD.size + _CHECK.size:
             return None
         body = slot[:_RECORD.size]
@@ -100,12 +109,12 @@ def saved_offset(partial: Path, length: int) -> int:
     except FileNotFoundError:
         return 0
     try:
-        return _load_progress(fd, length)[0]
+        return load_progress(fd, length)[0]
     finally:
         os.close(fd)
 
 
-def _load_progress(fd: int, length: int) -> tuple[int, Any]:
+def load_progress(fd: int, length: int) -> tuple[int, Any]:
     """The largest recorded offset whose bytes on disk match, with their sha256 object.
 
     Nothing matching (no record, torn records, bytes lost in a power cut, a
@@ -114,11 +123,12 @@ def _load_progress(fd: int, length: int) -> tuple[int, Any]:
     yet is recognised by :meth:`ResumableDownload.download` by its hash first.
     """
     hasher = hashlib.sha256()
-    if os.fstat(fd).st_size < length + _SLOT:
+    if os.fstat(fd).st_size < length + RECORD_SLOT_BYTES:
         return 0, hasher
-    slots = os.pread(fd, _SLOTS * _SLOT, length)
-    records = [r for i in range(_SLOTS)
-               if (r := _Record.parse(slots[i * _SLOT:(i + 1) * _SLOT], length)) is not None]
+    slots = os.pread(fd, RECORD_SLOTS * RECORD_SLOT_BYTES, length)
+    size = RECORD_SLOT_BYTES
+    records = [r for i in range(RECORD_SLOTS)
+               if (r := ProgressRecord.parse(slots[i * size:(i + 1) * size], length)) is not None]
     if not records and any(slots):
         logger.warning("ignoring unusable progress records")
     best, best_hasher, position = 0, hasher.copy(), 0
@@ -144,7 +154,7 @@ class ResumableDownload:
     """Download targets into ``folder`` so that no finished chunk is ever fetched twice.
 
     Layout: ``{sha256}.partial`` (the file's bytes so far, then three progress
-    record slots, see :class:`_Record`) and ``{sha256}`` once complete and
+    record slots, see :class:`ProgressRecord`) and ``{sha256}`` once complete and
     verified. ``{sha256}.progress`` was the record of earlier versions; it is
     removed (such a download starts over, as one with records of an earlier
     layout does).
@@ -219,7 +229,7 @@ class ResumableDownload:
             if complete is not None and complete.hexdigest() == sha256:
                 kept, hasher = length, complete
             else:
-                kept, hasher = _load_progress(fd, length)
+                kept, hasher = load_progress(fd, length)
             if kept:
                 self.stats.resumes += 1  # picked up after an agent restart
             else:
@@ -249,18 +259,18 @@ class ResumableDownload:
         as it arrives, and the latest record slot then names the new offset (a
         ``pwrite``: what a killed process wrote stays in the page cache). Once
         per request's worth of chunks a record is made durable on a thread of
-        its own (:class:`_ProgressSaver`: one ``fdatasync``), so the transfer
+        its own (:class:`ProgressSaver`: one ``fdatasync``), so the transfer
         goes on while the data is synced. A disconnect, which keeps the
         process, continues from the last byte written.
         """
         expected_id = bytes.fromhex(sha256)
-        latest_slot = length + _LATEST_SLOT * _SLOT
+        latest_slot = length + _LATEST_SLOT * RECORD_SLOT_BYTES
         save_every = self._fetcher.request_window
         stats, on_progress = self.stats, self._on_progress
         failures = 0
         unsaved_frames = 0
         record = b""
-        saver = _ProgressSaver(fd, length, timeout=self._save_timeout)
+        saver = ProgressSaver(fd, length, timeout=self._save_timeout)
         try:
             while offset < length:
                 try:
@@ -275,7 +285,7 @@ class ResumableDownload:
                         stats.bytes_fetched += len(payload)
                         offset = frame.offset + len(payload)
                         if not frame.last:  # complete: the caller drops the records
-                            record = _Record(offset, hasher.digest()).to_bytes()
+                            record = ProgressRecord(offset, hasher.digest()).to_bytes()
                             _pwrite_all(fd, record, latest_slot)
                             unsaved_frames += 1
                             if unsaved_frames >= save_every:
@@ -304,8 +314,8 @@ class ResumableDownload:
             saver.close()
 
 
-class _ProgressSaver:
-    """Makes download progress durable on its own thread: a :class:`_Record`, one ``fdatasync``.
+class ProgressSaver:
+    """Makes download progress durable on its own thread: a record, one ``fdatasync``.
 
     The two durable slots are written in turn by one thread, one save at a
     time: so while a save runs, the other slot holds a record whose
@@ -382,7 +392,7 @@ class _ProgressSaver:
                 self._busy = True
             try:
                 slot = _DURABLE_SLOTS[self._saves % len(_DURABLE_SLOTS)]
-                _pwrite_all(self._fd, record, self._length + slot * _SLOT)
+                _pwrite_all(self._fd, record, self._length + slot * RECORD_SLOT_BYTES)
                 os.fdatasync(self._fd)
                 self._saves += 1
             except OSError as e:

@@ -535,7 +535,6 @@ def _instrument() -> dict[str, float]:
     from edgeota.agent.runner import Agent
     from edgeota.agent.update_cycle import UpdateClient
     from edgeota.simulator.device import SimulatedDevice
-    from edgeota.simulator.mqtt_loop import SharedNetworkLoop
 
     notified: dict[str, float] = {}  # device -> first notify not yet followed by a cycle
     for owner, attribute, name in (
@@ -590,7 +589,6 @@ def _instrument() -> dict[str, float]:
 
     ModelHost.swap = stamped_swap  # type: ignore[method-assign]
     SimulatedDevice.step = PROFILES.wrap(marked_step)  # type: ignore[method-assign]
-    SharedNetworkLoop._drive = PROFILES.wrap(SharedNetworkLoop._drive)  # type: ignore[method-assign]
     return notified
 
 
@@ -610,7 +608,7 @@ def _device_child(args: argparse.Namespace) -> int:
 
     folders = [Path(line) for line in Path(args.share).read_text().split()]
     started = time.monotonic()
-    loop = SharedNetworkLoop(connect_workers=4).start()
+    loop = SharedNetworkLoop(connect_workers=4, wrap_drive=PROFILES.wrap).start()
     # Commit at once: the bench measures delivery, verification, decryption and the swap,
     # not the soak; one inference of the new version under this load says nothing about
     # its latency, so the agent's latency check is off (the fleet runs one hardware class).

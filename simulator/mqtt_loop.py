@@ -72,6 +72,8 @@ __all__ = ["LoopCounters", "SharedNetworkLoop"]
 logger = logging.getLogger(__name__)
 
 ConnectFailed = Callable[[mqtt.Client, BaseException], None]
+#: One client's paho reads and writes: ``step(entry, read=..., write=...)``.
+DriveStep = Callable[..., None]
 
 _READ = selectors.EVENT_READ
 _WRITE = selectors.EVENT_WRITE
@@ -170,6 +172,8 @@ class SharedNetworkLoop:
     ``min_delay``/``max_delay`` bound the reconnect backoff (seconds, before a
     jitter factor of 0.5..1.5); :meth:`add` and :meth:`connect` may set them per
     client. ``misc_interval`` is how often ``loop_misc()`` runs for every client.
+    ``wrap_drive``, an instrumentation seam, wraps the step that runs paho's
+    reads and writes for one client (the fleet bench's profiler uses it).
     """
 
     def __init__(
@@ -182,6 +186,7 @@ class SharedNetworkLoop:
         misc_interval: float = 1.0,
         max_clients: int = 10_000,
         rng: random.Random | None = None,
+        wrap_drive: Callable[[DriveStep], DriveStep] | None = None,
     ) -> None:
         if not 0 < min_delay <= max_delay:
             raise ValueError("need 0 < min_delay <= max_delay")
@@ -207,6 +212,8 @@ class SharedNetworkLoop:
         self._thread: threading.Thread | None = None
         self._ident: int | None = None
         self._driving: _Entry | None = None  # the client _drive() is running paho for
+        self._drive_step: DriveStep = self._drive if wrap_drive is None else wrap_drive(
+            self._drive)
         self._started = False
         self._stopping = False
         self._stop_deadline = 0.0
@@ -316,7 +323,7 @@ class SharedNetworkLoop:
         if not 0 < low <= high:
             raise ValueError("need 0 < min_delay <= max_delay")
         entry = _Entry(
-            client, name or _client_name(client), on_connect_failed, low, high,
+            client, name or f"client-{id(client):x}", on_connect_failed, low, high,
             saved=(client.on_socket_open, client.on_socket_close,
                    client.on_socket_register_write, client.on_socket_unregister_write,
                    client.on_disconnect),
@@ -515,12 +522,12 @@ class SharedNetworkLoop:
                     entry = key.data
                     if entry is not None and entry.sock is key.fileobj \
                             and entry.state is _State.OPEN:
-                        self._drive(entry, read=bool(mask & _READ), write=bool(mask & _WRITE))
+                        self._drive_step(entry, read=bool(mask & _READ), write=bool(mask & _WRITE))
                 self._run_dirty()
                 for entry in list(self._pending):
                     self._pending.discard(entry)
                     if entry.state is _State.OPEN and entry.sock is not None:
-                        self._drive(entry, read=True, write=False)
+                        self._drive_step(entry, read=True, write=False)
                 now = time.monotonic()
                 self._run_timers(now)
                 if now >= next_misc:
@@ -588,7 +595,7 @@ class SharedNetworkLoop:
             dirty, self._dirty = self._dirty, set()
         for entry in dirty:
             if entry.state is _State.OPEN and entry.sock is not None:
-                self._drive(entry, read=False, write=True)
+                self._drive_step(entry, read=False, write=True)
 
     def _run_timers(self, now: float) -> None:
         while self._timers and self._timers[0][0] <= now:
@@ -754,7 +761,7 @@ class SharedNetworkLoop:
         except Exception:  # noqa: BLE001 - logged with the client id
             self._client_error(entry, "disconnect")
             return
-        self._drive(entry, read=False, write=True)  # sends DISCONNECT now, paho then closes
+        self._drive_step(entry, read=False, write=True)  # sends DISCONNECT now, paho then closes
 
     def _finish(self, entry: _Entry) -> None:
         """Stop driving the client; wake whoever waits in remove()."""
@@ -867,6 +874,3 @@ def _discard_socket(client: mqtt.Client) -> None:
             sock.close()
 
 
-def _client_name(client: mqtt.Client) -> str:
-    raw = getattr(client, "_client_id", b"")  # paho keeps the id private
-    return raw.decode("utf-8", "replace") if isinstance(raw, bytes) else str(raw)

@@ -19,24 +19,30 @@ from pathlib import Path
 
 import pytest
 
-from edgeota.agent.resumable import _Record, _SLOT, _SLOTS, _load_progress, saved_offset
+from edgeota.agent.resumable import (
+    RECORD_SLOT_BYTES,
+    RECORD_SLOTS,
+    ProgressRecord,
+    load_progress,
+    saved_offset,
+)
 
 LENGTH = 10_000
 DATA = os.urandom(LENGTH)
 
 
-def partial(tmp_path: Path, *records: _Record | bytes, data: bytes = DATA) -> Path:
+def partial(tmp_path: Path, *records: ProgressRecord | bytes, data: bytes = DATA) -> Path:
     """A partial file: ``data``, then the slots (a record, raw bytes, or zeros)."""
-    slots = [r.to_bytes() if isinstance(r, _Record) else r.ljust(_SLOT, b"\x00")
+    slots = [r.to_bytes() if isinstance(r, ProgressRecord) else r.ljust(RECORD_SLOT_BYTES, b"\x00")
              for r in records]
-    slots += [b"\x00" * _SLOT] * (_SLOTS - len(slots))
+    slots += [b"\x00" * RECORD_SLOT_BYTES] * (RECORD_SLOTS - len(slots))
     path = tmp_path / "x.partial"
     path.write_bytes(data + b"".join(slots))
     return path
 
 
-def record(offset: int, data: bytes = DATA) -> _Record:
-    return _Record(offset, hashlib.sha256(data[:offset]).digest())
+def record(offset: int, data: bytes = DATA) -> ProgressRecord:
+    return ProgressRecord(offset, hashlib.sha256(data[:offset]).digest())
 
 
 def test_the_largest_matching_record_wins_whatever_its_slot(tmp_path: Path) -> None:
@@ -51,7 +57,7 @@ def test_the_sha256_object_continues_from_the_kept_bytes(tmp_path: Path) -> None
     path = partial(tmp_path, record(4000), record(6000), record(8000))
     fd = os.open(path, os.O_RDONLY)
     try:
-        kept, hasher = _load_progress(fd, LENGTH)
+        kept, hasher = load_progress(fd, LENGTH)
     finally:
         os.close(fd)
     assert kept == 8000
@@ -86,9 +92,9 @@ def test_a_record_of_another_file_is_not_believed(tmp_path: Path) -> None:
 def test_no_usable_record_is_a_fresh_start(tmp_path: Path) -> None:
     assert saved_offset(tmp_path / "missing.partial", LENGTH) == 0
     assert saved_offset(partial(tmp_path), LENGTH) == 0  # slots never written
-    assert saved_offset(partial(tmp_path, b"\xff" * _SLOT, b"junk"), LENGTH) == 0
+    assert saved_offset(partial(tmp_path, b"\xff" * RECORD_SLOT_BYTES, b"junk"), LENGTH) == 0
     # A record beyond the file, or a file of another size, is not believed.
-    beyond = _Record(LENGTH + 1, hashlib.sha256(DATA).digest())
+    beyond = ProgressRecord(LENGTH + 1, hashlib.sha256(DATA).digest())
     assert saved_offset(partial(tmp_path, beyond), LENGTH) == 0
     assert saved_offset(partial(tmp_path, record(5000)), LENGTH + 1) == 0
     (tmp_path / "short.partial").write_bytes(DATA[:5000])  # no room for a record
@@ -106,16 +112,16 @@ def test_records_of_the_earlier_layout_are_a_fresh_start(tmp_path: Path) -> None
 def test_an_empty_or_negative_offset_is_no_record(tmp_path: Path, offset: int) -> None:
     if offset < 0:
         with pytest.raises(struct.error):
-            _Record(offset, b"\x00" * 32).to_bytes()
+            ProgressRecord(offset, b"\x00" * 32).to_bytes()
         return
-    assert _Record.parse(_Record(offset, b"\x00" * 32).to_bytes(), LENGTH) is None
+    assert ProgressRecord.parse(ProgressRecord(offset, b"\x00" * 32).to_bytes(), LENGTH) is None
 
 
 def test_a_failed_durable_save_surfaces_at_the_next_save_or_flush(tmp_path: Path) -> None:
-    from edgeota.agent.resumable import _ProgressSaver
+    from edgeota.agent.resumable import ProgressSaver
 
     fd = os.open(tmp_path / "x.partial", os.O_RDONLY | os.O_CREAT, 0o600)  # writes fail
-    saver = _ProgressSaver(fd, LENGTH, timeout=5.0)
+    saver = ProgressSaver(fd, LENGTH, timeout=5.0)
     try:
         saver.save(record(4000).to_bytes())  # never waits, even for a save that will fail
         with pytest.raises(OSError):
@@ -128,11 +134,11 @@ def test_a_failed_durable_save_surfaces_at_the_next_save_or_flush(tmp_path: Path
 
 
 def test_durable_saves_alternate_between_the_two_slots(tmp_path: Path) -> None:
-    from edgeota.agent.resumable import _ProgressSaver
+    from edgeota.agent.resumable import ProgressSaver
 
     path = partial(tmp_path)
     fd = os.open(path, os.O_RDWR)
-    saver = _ProgressSaver(fd, LENGTH, timeout=5.0)
+    saver = ProgressSaver(fd, LENGTH, timeout=5.0)
     try:
         for offset in (2000, 4000, 6000):
             saver.save(record(offset).to_bytes())
@@ -141,6 +147,8 @@ def test_durable_saves_alternate_between_the_two_slots(tmp_path: Path) -> None:
         saver.close()
         os.close(fd)
     tail = path.read_bytes()[LENGTH:]
-    slots = [_Record.parse(tail[i * _SLOT:(i + 1) * _SLOT], LENGTH) for i in range(_SLOTS)]
+    size = RECORD_SLOT_BYTES
+    slots = [ProgressRecord.parse(tail[i * size:(i + 1) * size], LENGTH)
+             for i in range(RECORD_SLOTS)]
     assert [s.offset if s else None for s in slots] == [6000, 4000, None]
     assert saved_offset(path, LENGTH) == 6000

@@ -23,8 +23,8 @@ import pytest
 from edgeota.agent.inference_server import (
     InferenceServer,
     InferenceServerError,
-    _encode_infer,
-    _parse_infer,
+    decode_infer_request,
+    encode_infer_response,
 )
 from edgeota.agent.model_host import ModelHost, Prediction
 from edgeota.protocol.manifest import Manifest
@@ -400,19 +400,19 @@ def test_binary_bytes_and_bool_tensors_round_trip() -> None:
             "parameters": {"binary_data_output": True},
         }
     ).encode()
-    parsed = _parse_infer(head + raw_words + flags, str(len(head)))
+    parsed = decode_infer_request(head + raw_words + flags, str(len(head)))
     assert parsed.inputs["w"].tolist() == words
     np.testing.assert_array_equal(parsed.inputs["f"], [[True, False], [True, True]])
 
     prediction = Prediction("m", "1.0.0", dict(parsed.inputs), 0.1)
-    body, headers = _encode_infer(parsed, prediction)
+    body, headers = encode_infer_response(parsed, prediction)
     size = int(headers["inference-header-content-length"])
     doc = json.loads(body[:size])
     assert [o["parameters"]["binary_data_size"] for o in doc["outputs"]] == [len(raw_words), 4]
     assert body[size:] == raw_words + flags
 
     with pytest.raises(Exception, match="belong to no input"):
-        _parse_infer(head + raw_words + flags + b"x", str(len(head)))
+        decode_infer_request(head + raw_words + flags + b"x", str(len(head)))
 
 
 # --------------------------------------------------------------------------- availability

@@ -34,7 +34,7 @@ from edgeota.agent.model_host import (
     ModelUnavailableError,
     NoPreviousModelError,
     UnknownModelError,
-    _find_malloc_trim,
+    find_malloc_trim,
 )
 from edgeota.protocol.errors import EdgeotaError
 from edgeota.protocol.manifest import Manifest
@@ -267,7 +267,7 @@ def test_a_second_swap_ends_the_probation_of_the_first(digits: Sample) -> None:
     reason="malloc_trim is a glibc function",
 )
 def test_malloc_trim_is_found_on_glibc() -> None:
-    trim = _find_malloc_trim()
+    trim = find_malloc_trim()
     assert trim is not None
     trim()
 

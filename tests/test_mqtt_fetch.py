@@ -575,19 +575,6 @@ def test_notify_reaches_the_device(repo: Repo, mosquitto: MosquittoBroker,
         client.loop_stop()
 
 
-class QosRecordingConnection(DeviceConnection):
-    """A device connection that notes the topic kind and QoS of every message it gets."""
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.received: list[tuple[str, int]] = []
-
-    def _on_message(self, client: mqtt.Client, userdata: Any,
-                    message: mqtt.MQTTMessage) -> None:
-        self.received.append((message.topic.rsplit("/", 1)[-1], message.qos))
-        super()._on_message(client, userdata, message)
-
-
 def test_frames_reach_the_device_at_qos_0_and_a_notify_at_qos_1(
         repo: Repo, mosquitto: MosquittoBroker, make_bridge: BridgeFactory) -> None:
     """The bridge publishes at QoS 1; the device takes frames at QoS 0: no PUBACK per chunk.
@@ -596,8 +583,10 @@ def test_frames_reach_the_device_at_qos_0_and_a_notify_at_qos_1(
     keeps QoS 1.
     """
     bridge = make_bridge(repo.store)
-    connection = QosRecordingConnection("pi-a", host=mosquitto.host, port=mosquitto.port,
-                                        reconnect_min_delay=0.02, reconnect_max_delay=0.2)
+    connection = DeviceConnection("pi-a", host=mosquitto.host, port=mosquitto.port,
+                                  reconnect_min_delay=0.02, reconnect_max_delay=0.2)
+    received: list[tuple[str, int]] = []
+    connection.on_received = lambda kind, qos: received.append((str(kind), qos))
     connection.start()
     try:
         assert connection.wait_ready(TIMEOUT)
@@ -607,10 +596,10 @@ def test_frames_reach_the_device_at_qos_0_and_a_notify_at_qos_1(
         connection.on_notify = woken.set
         bridge.notify("pi-a")
         assert woken.wait(TIMEOUT)
-        rx = [qos for kind, qos in connection.received if kind == "rx"]
+        rx = [qos for kind, qos in received if kind == "rx"]
         assert len(rx) == -(-TARGET_SIZE // CHUNK)  # every chunk, each once
         assert set(rx) == {0}
-        assert [qos for kind, qos in connection.received if kind == "notify"] == [1]
+        assert [qos for kind, qos in received if kind == "notify"] == [1]
     finally:
         connection.close()
 

@@ -71,9 +71,9 @@ class Fleet:
         self.received: dict[int, list[bytes]] = collections.defaultdict(list)
         self.topics = [f"{prefix}/{i}" for i in range(size)]
         self.clients = [self._client(f"{prefix}-{i}", i) for i in range(size)]
-        for client in self.clients:
+        for i, client in enumerate(self.clients):
             loop.connect(client, broker.host, broker.port, keepalive=30,
-                         on_connect_failed=self._failed)
+                         on_connect_failed=self._failed, name=f"{prefix}-{i}")
 
     def _client(self, client_id: str, i: int) -> mqtt.Client:
         client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id,

@@ -48,24 +48,6 @@ ALLOWED: dict[tuple[str, str], str] = {
         "the pin test checks the amqtt internal server/embedded_broker.py replaces",
     ("simulator/scenario.py", "from _typeshed import DataclassInstance"):
         "typeshed's stub-only module, imported for type checking only",
-    ("tests/test_mqtt_fetch.py", "QosRecordingConnection._on_message"):
-        "TODO(agent owner): tests/test_mqtt_fetch.py records each message's QoS on the device "
-        "side; needs a public observer on DeviceConnection",
-    ("tests/test_download_progress.py",
-     "from edgeota.agent.resumable import _ProgressSaver"):
-        "TODO(agent owner): tests/test_download_progress.py tests the progress saver directly",
-    ("tests/test_download_progress.py",
-     "from edgeota.agent.resumable import _Record, _SLOT, _SLOTS, _load_progress"):
-        "TODO(agent owner): tests/test_download_progress.py tests the progress records directly",
-    ("simulator/mqtt_loop.py", "getattr(client, '_client_id', b'')"):
-        "TODO(agent owner): simulator/mqtt_loop.py reads paho's private client id",
-    ("tests/test_inference_server.py",
-     "from edgeota.agent.inference_server import _encode_infer, _parse_infer"):
-        "TODO(agent owner): tests/test_inference_server.py tests the codec functions directly",
-    ("tests/test_model_host.py", "from edgeota.agent.model_host import _find_malloc_trim"):
-        "TODO(agent owner): tests/test_model_host.py tests the malloc_trim lookup directly",
-    ("bench/fleet.py", "SharedNetworkLoop._drive"):
-        "TODO(agent owner): bench/fleet.py times the shared network loop's drive step",
 }
 
 
