@@ -88,6 +88,9 @@ PLATFORM = "onnxruntime_onnx"
 _SERVER_NAME = "edgeota-agent"
 _EXTENSIONS = ("binary_tensor_data",)
 _MAX_RANK = 16
+# A dimension numpy can index without overflow on any platform, and far above any
+# tensor a request body of DEFAULT_MAX_BODY_BYTES can carry.
+_MAX_DIM = 2**31 - 1
 _BYTES_LENGTH_PREFIX = 4
 
 # OIP v2 datatypes -> numpy dtypes, and the numpy kinds JSON data of each may hold.
@@ -144,10 +147,12 @@ def _tensor_meta(item: Any, where: str) -> tuple[str, str, tuple[int, ...], Mapp
     if (
         not isinstance(shape, list)
         or len(shape) > _MAX_RANK
-        or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)
+        or not all(isinstance(d, int) and not isinstance(d, bool) and 0 <= d <= _MAX_DIM
+                   for d in shape)
     ):
         raise _RequestError(
-            400, f"input {name!r}: shape must be a list of at most {_MAX_RANK} integers >= 0"
+            400, f"input {name!r}: shape must be a list of at most {_MAX_RANK} integers "
+            f"from 0 to {_MAX_DIM}"
         )
     parameters = item.get("parameters") or {}
     if not isinstance(parameters, Mapping):

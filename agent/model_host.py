@@ -809,6 +809,10 @@ def _check_inputs(model: LoadedModel, inputs: Mapping[str, np.ndarray]) -> dict[
             datatype = str(value.dtype)
         if datatype != spec.datatype:
             problems.append(f"input {name!r} is {datatype}, the model takes {spec.datatype}")
+        elif value.size == 0:
+            # Nothing to infer: the caller's mistake, refused before onnxruntime can
+            # fail on it and count it against the model's probation.
+            problems.append(f"input {name!r} is empty (shape {_shape_text(value.shape)})")
         elif not spec.accepts(value.shape):
             problems.append(
                 f"input {name!r} has shape {_shape_text(value.shape)}, "

@@ -50,7 +50,12 @@ from edgeota.agent.journal import (
     StateLoopError,
     model_to_serve,
 )
-from edgeota.agent.model_host import ModelHost, RunHook, UnknownModelError
+from edgeota.agent.model_host import (
+    ModelHost,
+    NoPreviousModelError,
+    RunHook,
+    UnknownModelError,
+)
 from edgeota.agent.mqtt_session import DeviceConnection, NetworkLoop
 from edgeota.agent.update_cycle import TransferLimits, UpdateClient
 from edgeota.agent.uptane import InstallDecision, UptaneRefusal
@@ -493,7 +498,16 @@ class Agent:
             if reason is None and not (force or (window_over and enough)):
                 continue
             if reason is not None:
-                self.host.revert(name)
+                try:
+                    self.host.revert(name)
+                except NoPreviousModelError:
+                    # The device's first model (or one swapped in by unload-then-load):
+                    # nothing to go back to, and serving it beats serving nothing. It is
+                    # still a failed probation: reported, and not retried. The journal
+                    # keeps no known-good model, so a restart serves none until the
+                    # director assigns another release.
+                    logger.warning("%s %s failed probation (%s) with nothing to revert to; "
+                                   "it keeps serving", name, version, reason)
                 record = journal.transition(Event.PROBATION_FAILED, reason=reason)
                 if record.target is not None:
                     self._refuse(record.target.sha256, reason)
@@ -670,7 +684,15 @@ def run_forever(
                 break  # the server said the director changed: check now
             waited += step
             since_telemetry += step
-            agent.check_probation()
+            # Whatever one of these raises is logged, never the end of the agent: the
+            # models keep serving and the next step tries again.
+            try:
+                agent.check_probation()
+            except Exception:
+                logger.exception("probation check failed")
             if since_telemetry >= telemetry_seconds:
                 since_telemetry = 0.0
-                agent.publish_telemetry()
+                try:
+                    agent.publish_telemetry()
+                except Exception:
+                    logger.exception("telemetry not sent")

@@ -384,3 +384,70 @@ def test_every_step_runs_with_its_state_already_on_disk(server: RunningServer) -
     assert all(state is saved for state, saved in on_disk), on_disk
     # Every state with work is a state of the table, and every step is reached.
     assert set(STEPS) == {s for s in State if s not in TERMINAL_STATES | {State.IDLE}}
+
+
+def test_a_malformed_local_request_is_a_400_and_never_counts_against_probation(
+        server: RunningServer) -> None:
+    """A zero-row tensor during the first model's probation: refused, the model commits."""
+    import threading
+
+    import httpx
+
+    from edgeota.agent.runner import run_forever
+
+    config = AgentConfig.load(server.enroll("pi-1") / "agent.toml")
+    agent = Agent(config, AgentSettings(probation_seconds=0.5, probation_min_inferences=5))
+    agent.start()
+    deploy(server, "digits_v1", "1.0.0")
+    assert agent.run_cycle().states == {"digits": "probation"}
+    stop = threading.Event()
+    committed = threading.Event()
+    agent.on_journal_saved = lambda _name, record: (
+        committed.set() if record.state is State.COMMITTED else None)
+    loop = threading.Thread(target=run_forever, args=(agent, stop),
+                            kwargs={"poll_seconds": 3600.0})
+    with InferenceServer(agent.host) as endpoint:
+        loop.start()
+        try:
+            for shape in ([0, 64], [0, 2**62]):
+                response = httpx.post(f"{endpoint.url}/v2/models/digits/infer", json={
+                    "inputs": [{"name": "input", "shape": shape, "datatype": "FP32",
+                                "data": []}]})
+                assert response.status_code == 400, response.text
+            metrics = agent.host.metrics("digits", "1.0.0")
+            assert (metrics.errors, metrics.rejected) == (0, 1)  # the second: a bad shape
+            exercise(agent)
+            assert committed.wait(20), "probation did not commit"
+            assert loop.is_alive()
+        finally:
+            stop.set()
+            loop.join(10)
+    assert reported_state(server)["state"] == "committed"
+
+
+def test_a_first_model_that_fails_probation_keeps_serving_and_is_reported(
+        server: RunningServer) -> None:
+    """Nothing to revert to: the agent does not die; it reports and refuses the target."""
+    failing = {"on": False}
+
+    def hardware(_name: str, _version: str) -> None:
+        if failing["on"]:
+            raise RuntimeError("wrong on this hardware")
+
+    config = AgentConfig.load(server.enroll("pi-1") / "agent.toml")
+    agent = Agent(config, SETTINGS, run_hook=hardware)
+    agent.start()
+    deploy(server, "digits_v1", "1.0.0")
+    assert agent.run_cycle().states == {"digits": "probation"}
+    failing["on"] = True
+    x, _ = load_test_split()
+    for row in range(5):
+        with pytest.raises(Exception, match="wrong on this hardware"):
+            agent.host.predict("digits", {"input": x[row:row + 1]})
+    assert agent.check_probation() == {"digits": "rolled_back"}
+    assert agent.host.current_version("digits") == "1.0.0"  # still serving
+    failing["on"] = False
+    agent.host.predict("digits", {"input": x[:1]})
+    state = reported_state(server)
+    assert (state["state"], state["error"]) == ("rolled_back", "error_rate")
+    assert agent.run_cycle().states == {"digits": "current"}

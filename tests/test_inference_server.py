@@ -314,6 +314,26 @@ def test_infer_json_shapes(server: InferenceServer, split: tuple[np.ndarray, np.
             404,
             "not served",
         ),
+        (  # a zero-row batch: the caller's mistake, never the model's
+            "/v2/models/digits/infer",
+            {"inputs": [{"name": "input", "shape": [0, 64], "datatype": "FP32", "data": []}]},
+            400,
+            "is empty",
+        ),
+        (
+            "/v2/models/digits/infer",
+            {"inputs": [{"name": "input", "shape": [0, 2**62], "datatype": "FP32",
+                         "data": []}]},
+            400,
+            "shape must be",
+        ),
+        (
+            "/v2/models/digits/infer",
+            {"inputs": [{"name": "input", "shape": [2**62, 2**62], "datatype": "FP32",
+                         "data": []}]},
+            400,
+            "input 'input'",
+        ),
         (
             "/v2/models/nope/infer",
             {"inputs": [{"name": "input", "shape": [1, 64], "datatype": "FP32", "data": [0] * 64}]},
