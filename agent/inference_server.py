@@ -174,6 +174,8 @@ def _from_json(name: str, datatype: str, shape: tuple[int, ...], data: Any) -> n
             arr = np.asarray(data)
     except ValueError as e:  # ragged nesting
         raise _RequestError(400, f"input {name!r}: data is not a regular array: {e}") from e
+    except RecursionError as e:
+        raise _RequestError(400, f"input {name!r}: data is nested too deeply") from e
     if arr.size != count:
         raise _RequestError(
             400, f"input {name!r}: data has {arr.size} values, shape {list(shape)} needs {count}"
@@ -253,6 +255,8 @@ def decode_infer_request(body: bytes, header_length: str | None) -> InferRequest
         doc = json.loads(head)
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise _RequestError(400, f"the request is not valid JSON: {e}") from e
+    except RecursionError as e:  # nesting deeper than the parser's stack
+        raise _RequestError(400, "the request's JSON is nested too deeply") from e
     if not isinstance(doc, dict):
         raise _RequestError(400, "the request must be a JSON object")
     request_id = doc.get("id")

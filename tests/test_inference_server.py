@@ -351,6 +351,19 @@ def test_infer_errors_as_json(
     assert message in response.json()["error"]
 
 
+@pytest.mark.parametrize("body", [
+    b"[" * 200_000 + b"]" * 200_000,  # deeper than the JSON parser's stack
+    b'{"inputs": [{"name": "input", "shape": [1, 64], "datatype": "FP32", "data": '
+    + b"[" * 50_000 + b"]" * 50_000 + b"}]}",
+])
+def test_deeply_nested_json_is_a_400(server: InferenceServer, body: bytes) -> None:
+    response = httpx.post(f"{server.url}/v2/models/digits/infer", content=body)
+    assert response.status_code == 400
+    assert "nested" in response.json()["error"] or "regular" in response.json()["error"]
+    # and the endpoint still serves
+    assert httpx.get(f"{server.url}/v2/health/ready").status_code == 200
+
+
 def test_unknown_paths_methods_and_encodings(server: InferenceServer) -> None:
     response = httpx.get(f"{server.url}/v2/nothing/here")
     assert response.status_code == 404 and "error" in response.json()
