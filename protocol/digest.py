@@ -1,11 +1,23 @@
-"""SHA-256 on a second core while the first decrypts.
+"""SHA-256 on other cores while the first decrypts and writes.
 
-Opening a bundle hashes the same bytes up to three times (the sealed file for
-TUF, the whole plaintext for signed metadata, each payload file for its
-manifest pin). ``hashlib`` releases the GIL for large updates, so handing the
-blocks to one worker thread lets hashing run beside decryption and disk
-writes instead of after them. Memory stays bounded: the queue holds at most
-``max_pending`` blocks, and a producer that outruns the worker simply waits.
+Opening a bundle hashes up to three streams (the sealed file for TUF, the
+whole plaintext for signed metadata, each payload file for its manifest pin)
+and sealing one hashes three too. ``hashlib`` releases the GIL for large
+updates, so each stream handed to a ``DigestWorker`` is hashed on a thread of
+its own, beside decryption and disk writes instead of after them; with one
+thread per stream the operating system spreads the streams over the cores
+(one thread for all of them made that thread the bottleneck of a two-stream
+open on two cores).
+
+Hand-overs are batched (a list of blocks per queue item, ~1 MiB) because each
+one costs a lock round trip, and nothing is joined or copied on the way. A
+block is kept as it is when nothing can change it: ``bytes``, or a read-only
+``memoryview`` (read-only is taken as a promise that its buffer is never
+written again); anything else is copied once, so a reused buffer cannot
+change under the worker. Large blocks also matter on the worker's side:
+every ``update`` gives up and takes back the GIL. Memory stays bounded:
+each stream's queue holds at most ``max_pending`` batches, and a producer
+that outruns its thread waits.
 """
 
 from __future__ import annotations
@@ -16,105 +28,134 @@ import threading
 from types import TracebackType
 from typing import Protocol
 
-__all__ = ["Digest", "DigestWorker", "SyncDigest"]
+__all__ = ["Block", "Digest", "DigestWorker", "SyncDigest"]
 
-_STOP = object()
+Block = bytes | bytearray | memoryview
 
 
 class Digest(Protocol):
     """The part of a hashlib object the bundle code uses."""
 
-    def update(self, data: bytes) -> None: ...
+    def update(self, data: Block) -> None: ...
 
     def hexdigest(self) -> str: ...
 
 
 class SyncDigest:
-    """A plain sha256, for callers without a worker (small inputs, tests)."""
+    """A plain sha256 on the caller's thread, for small inputs and tests."""
 
     def __init__(self) -> None:
         self._hash = hashlib.sha256()
 
-    def update(self, data: bytes) -> None:
+    def update(self, data: Block) -> None:
         self._hash.update(data)
 
     def hexdigest(self) -> str:
         return self._hash.hexdigest()
 
 
+def _frozen(data: Block) -> bytes | memoryview:
+    """``data`` itself if no one changes it before the worker reads it, else a copy.
+
+    ``bytes`` cannot change; a read-only ``memoryview`` is taken at its word:
+    whoever made it read-only (``StreamOpener.chunks``, say) promises that
+    the buffer under it is never written again.
+    """
+    if isinstance(data, bytes):
+        return data
+    if isinstance(data, memoryview) and data.readonly:
+        return data
+    return bytes(data)
+
+
+class _Stream:
+    """One sha256 fed by its own thread through a bounded queue of block batches."""
+
+    def __init__(self, name: str, max_pending: int) -> None:
+        self.hash = hashlib.sha256()
+        # None stops the thread.
+        self.queue: queue.Queue[list[bytes | memoryview] | None] = queue.Queue(max_pending)
+        self.thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        while True:
+            item = self.queue.get()
+            try:
+                if item is None:
+                    return
+                for block in item:
+                    self.hash.update(block)
+            finally:
+                self.queue.task_done()
+
+    def stop(self) -> None:
+        if self.thread.is_alive():
+            self.queue.put(None)
+            self.thread.join()
+
+
 class _QueuedDigest:
-    def __init__(self, worker: DigestWorker, batch_size: int) -> None:
+    def __init__(self, worker: DigestWorker, stream: _Stream, batch_size: int) -> None:
         self._worker = worker
-        self._hash = hashlib.sha256()
-        self._batch: list[bytes] = []
+        self._stream = stream
+        self._batch: list[bytes | memoryview] = []
         self._batched = 0
         self._batch_size = batch_size
 
-    def update(self, data: bytes) -> None:
-        # Only immutable bytes may cross threads: a reused buffer would be
-        # overwritten before the worker reads it.
-        self._batch.append(bytes(data) if not isinstance(data, bytes) else data)
+    def update(self, data: Block) -> None:
+        if self._worker.closed:
+            raise RuntimeError("digest worker is closed: take digests inside its with-block")
+        self._batch.append(_frozen(data))
         self._batched += len(data)
-        # Hand over in large batches: every hand-over costs a GIL round trip,
-        # which at 64 KiB granularity eats the gain of hashing in parallel.
         if self._batched >= self._batch_size:
             self._flush()
 
     def _flush(self) -> None:
         if self._batch:
-            block = self._batch[0] if len(self._batch) == 1 else b"".join(self._batch)
-            self._worker._submit(self._hash, block)
-            self._batch.clear()
+            if self._worker.closed:
+                raise RuntimeError("digest worker is closed: take digests inside its with-block")
+            self._stream.queue.put(self._batch)
+            self._batch = []
             self._batched = 0
 
     def hexdigest(self) -> str:
         self._flush()
-        self._worker.wait_idle()
-        return self._hash.hexdigest()
+        self._stream.queue.join()
+        return self._stream.hash.hexdigest()
 
 
 class DigestWorker:
-    """One background thread that feeds blocks to the sha256 objects it handed out.
+    """Background sha256s: each ``digest()`` is hashed on a thread of its own.
 
-    Use as a context manager; ``digest()`` returns a new sha256 whose updates
-    run on the worker and whose ``hexdigest()`` waits for them.
+    Use as a context manager; a digest's ``update`` hands the block over and
+    returns (waiting only when ``max_pending`` batches are already queued), and
+    its ``hexdigest()`` waits for the blocks handed over so far. Leaving the
+    block stops the threads; updates after that raise ``RuntimeError``.
     """
 
-    def __init__(self, max_pending: int = 8, batch_size: int = 256 * 1024) -> None:
+    def __init__(self, max_pending: int = 4, batch_size: int = 1024 * 1024) -> None:
+        self._max_pending = max_pending
         self._batch_size = batch_size
-        self._queue: queue.Queue[object] = queue.Queue(maxsize=max_pending)
-        self._closed = False
-        self._thread = threading.Thread(target=self._run, name="edgeota-digest", daemon=True)
-        self._thread.start()
+        self._streams: list[_Stream] = []
+        self.closed = False
 
     def digest(self) -> Digest:
-        return _QueuedDigest(self, self._batch_size)
-
-    def _submit(self, target: hashlib._Hash, data: bytes) -> None:
-        if self._closed:
+        if self.closed:
             raise RuntimeError("digest worker is closed: take digests inside its with-block")
-        self._queue.put((target, data))
-
-    def _run(self) -> None:
-        while True:
-            item = self._queue.get()
-            try:
-                if item is _STOP:
-                    return
-                target, data = item  # type: ignore[misc]
-                target.update(data)
-            finally:
-                self._queue.task_done()
+        stream = _Stream(f"edgeota-digest-{len(self._streams)}", self._max_pending)
+        self._streams.append(stream)
+        return _QueuedDigest(self, stream, self._batch_size)
 
     def wait_idle(self) -> None:
-        """Block until every submitted block has been hashed."""
-        self._queue.join()
+        """Block until every block handed over has been hashed."""
+        for stream in self._streams:
+            stream.queue.join()
 
     def close(self) -> None:
-        self._closed = True
-        if self._thread.is_alive():
-            self._queue.put(_STOP)
-            self._thread.join()
+        self.closed = True
+        for stream in self._streams:
+            stream.stop()
 
     def __enter__(self) -> DigestWorker:
         return self

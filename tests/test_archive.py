@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import os
 import tarfile
 from pathlib import Path
 
@@ -167,3 +168,76 @@ def test_data_after_the_tar_end_is_refused(tmp_path: Path) -> None:
     with pytest.raises(UnsafeArchiveError, match="after the end"):
         open_bundle(path, key, tmp_path / "out")
     assert_clean(tmp_path)
+
+
+def test_long_names_in_pax_and_gnu_headers_unpack(tmp_path: Path) -> None:
+    name = "a" * 60 + "/" + "b" * 60  # 121 characters: no room in a ustar header
+    for fmt, folder in ((tarfile.PAX_FORMAT, "pax"), (tarfile.GNU_FORMAT, "gnu")):
+        out = io.BytesIO()
+        with tarfile.open(fileobj=out, mode="w", format=fmt) as tar:
+            info, data = regular(name, b"weights")
+            tar.addfile(info, io.BytesIO(data))
+        dest = tmp_path / folder
+        dest.mkdir()
+        members = list(iter_members(io.BytesIO(out.getvalue()), dest, ExtractLimits()))
+        assert [(m.path, m.size) for m in members] == [(name, 7)]
+        assert (dest / name).read_bytes() == b"weights"
+
+
+def test_member_bytes_and_digests_span_many_blocks(tmp_path: Path) -> None:
+    import hashlib
+
+    data = os.urandom(3 * 1024 * 1024 + 5)  # several write batches, an unaligned end
+    seen: list[int] = []
+    stream = io.BytesIO(tar_bytes(regular("a", b"first"), regular("model.onnx", data)))
+    members = list(iter_members(stream, tmp_path, ExtractLimits(), on_bytes=seen.append))
+    assert [m.sha256 for m in members] == [hashlib.sha256(b"first").hexdigest(),
+                                           hashlib.sha256(data).hexdigest()]
+    assert (tmp_path / "model.onnx").read_bytes() == data
+    assert sum(seen) == len(data) + 5
+
+
+def test_global_pax_header_is_refused(tmp_path: Path) -> None:
+    out = io.BytesIO()
+    with tarfile.open(fileobj=out, mode="w", format=tarfile.PAX_FORMAT,
+                      pax_headers={"comment": "applies to every later member"}) as tar:
+        info, data = regular("model.onnx")
+        tar.addfile(info, io.BytesIO(data))
+    with pytest.raises(UnsafeArchiveError, match="global pax header"):
+        list(iter_members(io.BytesIO(out.getvalue()), tmp_path, ExtractLimits()))
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_sparse_member_is_refused(tmp_path: Path) -> None:
+    # tarfile calls a GNU sparse file "regular", but its archived bytes are not the file.
+    info, _ = special("model.onnx", tarfile.GNUTYPE_SPARSE)
+    with pytest.raises(UnsafeArchiveError, match="not a regular file"):
+        list(iter_members(io.BytesIO(tar_bytes((info, b""))), tmp_path, ExtractLimits()))
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_huge_extended_header_is_refused_before_it_is_read(tmp_path: Path) -> None:
+    info, data = regular("model.onnx")
+    info.pax_headers = {"comment": "x" * 100_000}
+    with pytest.raises(UnsafeArchiveError, match="headers exceed"):
+        list(iter_members(io.BytesIO(tar_bytes((info, data))), tmp_path, ExtractLimits()))
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    ("cut", "message"),
+    [
+        (512 + 100, "holds 100 bytes"),  # inside the member's bytes
+        (512 + 2000, "unexpected end"),  # inside its padding to 512 bytes
+        (512 + 2048 + 300, "ends inside a header"),  # inside the next header
+    ],
+)
+def test_truncated_archive_is_refused(tmp_path: Path, cut: int, message: str) -> None:
+    body = tar_bytes(regular("a", b"1" * 2000), regular("b", b"2"))
+    with pytest.raises(UnsafeArchiveError, match=message):
+        list(iter_members(io.BytesIO(body[:cut]), tmp_path, ExtractLimits()))
+
+
+def test_empty_stream_is_not_a_tar(tmp_path: Path) -> None:
+    with pytest.raises(UnsafeArchiveError, match="not a tar stream"):
+        list(iter_members(io.BytesIO(b""), tmp_path, ExtractLimits()))

@@ -252,3 +252,43 @@ def test_sealed_digest_is_checked_in_the_same_pass(seal_random: SealRandom, tmp_
                   expected_sealed_sha256="f" * 64)
     assert not (tmp_path / "out").exists()
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+@pytest.mark.parametrize("suite", list(AeadSuite), ids=lambda s: s.value)
+def test_a_large_bundle_opens_with_threads_and_background_writeback(
+        seal_random: SealRandom, tmp_path: Path, suite: AeadSuite) -> None:
+    # Large enough for the digest threads and for flushing the model as it is written.
+    sealed = seal_random(20 * 1024 * 1024 + 3, suite)
+    seen: list[int] = []
+    opened = open_into(sealed.info.path, sealed.content_key, tmp_path / "out",
+                       expected_sealed_sha256=sealed.info.sealed_sha256,
+                       expected_plaintext_sha256=sealed.info.plaintext_sha256,
+                       progress=seen.append)
+    assert opened.model_path.read_bytes() == sealed.payload
+    assert sum(seen) == len(sealed.payload) + len(sealed.manifest.to_json())
+    assert opened.plaintext_sha256 == sealed.info.plaintext_sha256
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "sealed-0"]  # no staging left
+
+
+def test_a_large_member_that_is_not_the_pinned_one_is_refused(tmp_path: Path) -> None:
+    import io
+    import tarfile
+
+    from edgeota.protocol.archive import write_member
+    from edgeota.protocol.bundle import generate_content_key
+    from edgeota.protocol.manifest import MANIFEST_PATH
+    from edgeota.protocol.stream import StreamSealer
+
+    pinned = tmp_path / "model.onnx"
+    pinned.write_bytes(os.urandom(6 * 1024 * 1024))
+    manifest = make_manifest(pinned).to_json()
+    other = os.urandom(pinned.stat().st_size)  # same size, other bytes: only sha256 tells
+    key = generate_content_key()
+    path = tmp_path / "bundle.eotb"
+    with path.open("wb") as raw, StreamSealer(raw, key) as sealer, \
+            tarfile.open(fileobj=sealer, mode="w|", format=tarfile.PAX_FORMAT) as tar:
+        write_member(tar, MANIFEST_PATH, io.BytesIO(manifest), len(manifest))
+        write_member(tar, "model.onnx", io.BytesIO(other), len(other))
+    with pytest.raises(PlaintextDigestError, match="manifest pins"):
+        open_into(path, key, tmp_path / "out")  # no signed plaintext digest: per-file ones
+    assert_nothing_unpacked(tmp_path)

@@ -183,3 +183,54 @@ def test_sealer_without_close_leaves_an_unopenable_stream() -> None:
     # no close(): two chunks sealed as "not last", one held back
     with pytest.raises(TruncatedBundleError):
         open_all(out.getvalue())
+
+
+# The opener reads ``read_chunks`` sealed chunks at a time; the last-chunk
+# decision must not depend on where those reads split the file.
+BLOCK_SIZES = [0, CHUNK, 2 * CHUNK, 3 * CHUNK, 4 * CHUNK, 4 * CHUNK + 1, 6 * CHUNK - 1]
+
+
+@pytest.mark.parametrize("read_chunks", [1, 2, 3])
+@pytest.mark.parametrize("size", BLOCK_SIZES)
+def test_chunks_yield_the_plaintext_whatever_the_read_size(size: int, read_chunks: int) -> None:
+    data = os.urandom(size)
+    opener = StreamOpener(io.BytesIO(seal(data)), KEY, read_chunks=read_chunks)
+    chunks = list(opener.chunks())
+    assert b"".join(chunks) == data
+    assert all(isinstance(c, memoryview) and c.readonly for c in chunks)
+    assert [len(c) for c in chunks[:-1]] == [CHUNK] * (len(chunks) - 1)
+    assert opener.finished
+    assert opener.plaintext_size == size
+
+
+@pytest.mark.parametrize("read_chunks", [1, 2, 4])
+def test_truncation_at_a_read_block_boundary(read_chunks: int) -> None:
+    sealed = seal(os.urandom(4 * CHUNK + 10))
+    cut = sealed[: chunk_span(4).start]  # four full chunks left: whole read blocks
+    with pytest.raises(TruncatedBundleError, match="not sealed as the last one"):
+        b"".join(StreamOpener(io.BytesIO(cut), KEY, read_chunks=read_chunks).chunks())
+
+
+@pytest.mark.parametrize("read_chunks", [1, 2])
+def test_trailing_chunk_after_a_full_read_block(read_chunks: int) -> None:
+    sealed = seal(os.urandom(2 * CHUNK))  # the last chunk ends the second block of two
+    with pytest.raises(TrailingDataError):
+        list(StreamOpener(io.BytesIO(sealed + sealed[chunk_span(0)]), KEY,
+                          read_chunks=read_chunks).chunks())
+
+
+def test_a_chunk_is_yielded_before_the_next_one_is_opened() -> None:
+    data = os.urandom(3 * CHUNK)
+    sealed = bytearray(seal(data))
+    sealed[chunk_span(1).start] ^= 1
+    chunks = StreamOpener(io.BytesIO(bytes(sealed)), KEY, read_chunks=4).chunks()
+    assert next(chunks) == data[:CHUNK]  # read in the same block as the bad chunk 1
+    with pytest.raises(ChunkAuthenticationError, match="chunk 1"):
+        next(chunks)
+
+
+def test_plaintext_is_read_one_way_only() -> None:
+    opener = StreamOpener(io.BytesIO(seal(b"weights")), KEY)
+    assert opener.read(3) == b"wei"
+    with pytest.raises(RuntimeError, match="already being read"):
+        opener.chunks()
