@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -23,7 +23,7 @@ from edgeota.server.publisher import PublishRequest, publish_release, sign_relea
 app = typer.Typer(help="Publish, co-sign and list model releases.", no_args_is_help=True)
 
 
-def _print_release(release: dict, as_json: bool) -> None:
+def _print_release(release: dict[str, Any], as_json: bool) -> None:
     if as_json:
         emit_json(release)
         return

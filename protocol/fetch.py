@@ -339,7 +339,7 @@ def encode_request(request: FetchRequest) -> bytes:
     ).encode()
 
 
-def decode_request(data: bytes) -> FetchRequest:
+def decode_request(data: bytes | bytearray) -> FetchRequest:
     """Parse and validate a request; ``FrameError.request_id`` is set once the id is known.
 
     Raises:
@@ -435,7 +435,7 @@ def pack_chunk(buffer: bytearray, *, request_id: str, file_id: bytes, offset: in
     return crc
 
 
-def _read_prefix(data: bytes) -> tuple[int, int, str, int]:
+def _read_prefix(data: bytes | bytearray) -> tuple[int, int, str, int]:
     """Check magic and version; return (kind, flags, request id, header end)."""
     if len(data) > MAX_FRAME_SIZE:
         raise FrameTooLargeError(f"frame of {len(data)} bytes exceeds {MAX_FRAME_SIZE}")
@@ -456,7 +456,7 @@ def _read_prefix(data: bytes) -> tuple[int, int, str, int]:
     return kind, flags, rid, end
 
 
-def peek_request_id(data: bytes) -> str | None:
+def peek_request_id(data: bytes | bytearray) -> str | None:
     """The request id of a frame whose prefix is intact, else ``None`` (for error routing)."""
     try:
         return _read_prefix(data)[2]
@@ -464,7 +464,7 @@ def peek_request_id(data: bytes) -> str | None:
         return None
 
 
-def decode_frame(data: bytes) -> Frame:
+def decode_frame(data: bytes | bytearray) -> Frame:
     """Parse and check one frame.
 
     Raises:

@@ -551,7 +551,10 @@ def _predictions(outputs: Mapping[str, np.ndarray], label_output: str, rows: int
     if arr.dtype.kind in "iub" and arr.size == rows:
         return arr.reshape(rows)
     if arr.dtype.kind == "f" and arr.ndim >= 2 and arr.shape[0] == rows:
-        return np.argmax(arr.reshape(rows, -1), axis=1)
+        # numpy types argmax with an axis as Any (a scalar for 1-D input); over
+        # axis 1 of this 2-D array it is an array of one label per row.
+        labels: np.ndarray = np.argmax(arr.reshape(rows, -1), axis=1)
+        return labels
     raise ValueError(
         f"cannot read labels for {rows} rows from output {label_output!r} "
         f"({numpy_to_datatype(arr)} {_shape_text(arr.shape)}): need integer labels [N] "

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+from securesystemslib.signer import Signer
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -36,7 +37,8 @@ def _utcnow() -> datetime:
     return datetime.now(UTC)
 
 
-def load_key_signer(ref: KeyRef):
+def load_key_signer(ref: KeyRef) -> Signer:
+    """The signer for a configured key, checked against its public key."""
     return load_signer(ref.uri, load_public_key(ref.public_key))
 
 

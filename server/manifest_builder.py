@@ -76,14 +76,18 @@ def _initializers(graph: Any) -> Iterator[Any]:
                 yield from _initializers(subgraph)
 
 
-def _load_json(path: Path, what: str) -> dict:
+def _load_json(path: Path, what: str) -> dict[str, Any]:
+    """The JSON object in ``path``; its fields are checked by the caller's ``from_dict``."""
     size = path.stat().st_size
     if size > MAX_MANIFEST_SIZE:
         raise ManifestError(f"{what} file {path} is {size} bytes (limit {MAX_MANIFEST_SIZE})")
     try:
-        return json.loads(path.read_bytes())
+        data = json.loads(path.read_bytes())
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ManifestError(f"{what} file {path} is not valid JSON: {e}") from e
+    if not isinstance(data, dict):
+        raise ManifestError(f"{what} file {path} is not a JSON object")
+    return data
 
 
 def build_manifest(

@@ -69,6 +69,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import hashlib
+import io
 import json
 import logging
 import os
@@ -84,6 +85,7 @@ from pathlib import Path
 from typing import Any, BinaryIO, Protocol
 
 import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion
 
 from edgeota.protocol.errors import EdgeotaError
 from edgeota.protocol.fetch import (
@@ -409,7 +411,7 @@ class FetchBridge:
         self._filters: tuple[FrameFilter, ...] = ()
 
         self._client = mqtt.Client(
-            mqtt.CallbackAPIVersion.VERSION2, client_id=client_id, clean_session=True,
+            CallbackAPIVersion.VERSION2, client_id=client_id, clean_session=True,
             protocol=mqtt.MQTTv311,
         )
         if tls is not None:
@@ -624,7 +626,8 @@ class FetchBridge:
             return
         self._admit(device_id, request)
 
-    def _queue_device_message(self, device_id: str, kind: DeviceTopic, payload: bytes, *,
+    def _queue_device_message(self, device_id: str, kind: DeviceTopic,
+                              payload: bytes | bytearray, *,
                               retained: bool = False) -> None:
         """Hand a status/telemetry/online message to the dispatcher, or drop and count it."""
         if len(payload) > self._max_device_payload:
@@ -764,7 +767,7 @@ class FetchBridge:
             return len(parts) > 1 and parts[1] == device_id
         return True
 
-    def _open(self, request_path: str) -> BinaryIO:
+    def _open(self, request_path: str) -> io.FileIO:
         """Open the stored file for ``request_path``, unbuffered (chunks are read into frames).
 
         Where a request path's file lives is cached, with the identity
@@ -932,7 +935,7 @@ class FetchBridge:
         return False
 
 
-def _open_no_follow(path: Path) -> BinaryIO | None:
+def _open_no_follow(path: Path) -> io.FileIO | None:
     """``path`` opened for reading, unbuffered, unless it is gone or is now a symlink."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)

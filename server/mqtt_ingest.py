@@ -67,7 +67,7 @@ from dataclasses import dataclass
 from datetime import datetime
 
 from sqlalchemy import select
-from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.orm import Session
 
 from edgeota.protocol.errors import EdgeotaError, ProtocolError
 from edgeota.protocol.identity import DevicePublicIdentity, verify_report
@@ -159,7 +159,7 @@ class DeviceMessageSink:
 
     def __init__(
         self,
-        sessions: sessionmaker[Session],
+        sessions: Callable[[], Session],
         *,
         clock: Callable[[], datetime],
         batch_size: int = 100,

@@ -22,6 +22,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+from securesystemslib.signer import Signer
 from tuf.api.metadata import Metadata, TargetFile, Targets
 from tuf.ngclient import Updater
 
@@ -70,7 +71,7 @@ class PublishRequest:
     key_index: int = 1
 
 
-def _release_signer(config: OperatorConfig, index: int):
+def _release_signer(config: OperatorConfig, index: int) -> Signer:
     if not 1 <= index <= len(config.release_keys):
         raise PublishError(
             f"release key {index} is not in {config.home / 'operator.toml'} "
@@ -128,7 +129,8 @@ def _previous(client: OperatorClient, name: str, version: str) -> dict[str, Any]
     if not published:
         return None
     latest = max(published, key=lambda r: (r["published_at"] or "", r["id"]))
-    return client.get(f"/api/v1/releases/{latest['id']}")
+    view: dict[str, Any] = client.get(f"/api/v1/releases/{latest['id']}")  # a JSON object
+    return view
 
 
 def publish_release(
@@ -210,12 +212,14 @@ def publish_release(
             }
             try:
                 say(f"submitting {role} version {new_bin.signed.version}")
-                return client.post("/api/v1/releases", body)
+                created: dict[str, Any] = client.post("/api/v1/releases", body)  # a JSON object
             except ApiError as e:
                 # Another release landed in the same bin first: re-sign on top of it.
                 if e.code is not ErrorCode.STALE_BIN or attempt == _STALE_RETRIES:
                     raise
                 logger.info("bin %s moved on; re-signing (attempt %d)", role, attempt + 1)
+            else:
+                return created
     raise AssertionError("unreachable")  # pragma: no cover
 
 
@@ -253,5 +257,6 @@ def sign_release(
     if signer.public_key.keyid in pending.signatures:
         raise PublishError(f"release {release_id} already carries this key's signature")
     sign(pending, signer)
-    return client.post(f"/api/v1/releases/{release_id}/signatures",
-                       {"bin_metadata": pending.to_dict()})
+    signed: dict[str, Any] = client.post(f"/api/v1/releases/{release_id}/signatures",
+                                         {"bin_metadata": pending.to_dict()})  # a JSON object
+    return signed

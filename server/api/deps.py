@@ -21,7 +21,9 @@ _BEARER = "bearer "
 
 
 def get_context(request: Request) -> ServerContext:
-    return request.app.state.ctx
+    """The context ``create_app`` put on the app (Starlette types ``app.state`` as Any)."""
+    ctx: ServerContext = request.app.state.ctx
+    return ctx
 
 
 ContextDep = Annotated[ServerContext, Depends(get_context)]

@@ -346,11 +346,12 @@ class DirectorRepository:
     ) -> list[str]:
         versions = self._store.latest_versions(repo)
         try:
-            targets = Metadata.from_bytes(
+            targets: Metadata[Targets] = Metadata.from_bytes(
                 self._store.read_metadata(repo, "targets", versions["targets"]))
-            snapshot = Metadata.from_bytes(
+            snapshot: Metadata[Snapshot] = Metadata.from_bytes(
                 self._store.read_metadata(repo, "snapshot", versions["snapshot"]))
-            timestamp = Metadata.from_bytes(self._store.read_metadata(repo, "timestamp"))
+            timestamp: Metadata[Timestamp] = Metadata.from_bytes(
+                self._store.read_metadata(repo, "timestamp"))
         except (KeyError, RepoFileNotFoundError) as e:
             raise UnknownDeviceError(f"{repo} has no complete director metadata") from e
         due = self._expiry.due

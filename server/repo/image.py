@@ -39,7 +39,6 @@ from tuf.api.metadata import (
     Metadata,
     MetaFile,
     Root,
-    Signed,
     Snapshot,
     SuccinctRoles,
     TargetFile,
@@ -96,7 +95,9 @@ _MAX_BIN_BITS = 14
 DEFAULT_BIN_BITS = 6
 _HASH_ALGORITHMS = ["sha256"]
 
-_S = TypeVar("_S", bound=Signed)
+# Metadata's own type variable is constrained to the four roles, not bound to
+# Signed, so a function generic over "any role's metadata" must say the same.
+_S = TypeVar("_S", Root, Timestamp, Snapshot, Targets)
 
 
 # -- errors ------------------------------------------------------------------

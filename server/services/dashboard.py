@@ -274,7 +274,8 @@ def _known_releases(session: Session) -> dict[str, dict[str, str]]:
         .where(StatusEvent.id.in_(newest)).order_by(StatusEvent.id)
     )
     for device_id, release in commits:
-        if "@" in release:
+        # The query drops NULL releases; the check narrows the column's type.
+        if release is not None and "@" in release:
             known.setdefault(device_id, {})[release.partition("@")[0]] = release
     return known
 
@@ -398,13 +399,14 @@ def progress_series(assignments: Iterable[Assignment], start: datetime,
     points: list[tuple[float, int, int, int, int]] = [(start.timestamp(), 0, 0, 0, 0)]
     for t in sorted(changes):
         totals = [a + b for a, b in zip(totals, changes[t], strict=True)]
-        point = (max(t, start.timestamp()), *totals)
+        assigned, installed, failed, rolled_back = totals
+        point = (max(t, start.timestamp()), assigned, installed, failed, rolled_back)
         if point[0] == points[-1][0]:
-            points[-1] = point  # type: ignore[assignment]
+            points[-1] = point
         else:
-            points.append(point)  # type: ignore[arg-type]
+            points.append(point)
     if end.timestamp() > points[-1][0]:
-        points.append((end.timestamp(), *points[-1][1:]))  # type: ignore[arg-type]
+        points.append((end.timestamp(), *points[-1][1:]))
     points = _thin(points)
     return ProgressSeries(
         t=[round(p[0], 3) for p in points],

@@ -197,7 +197,7 @@ def phase_of_ranks(count: int, phases: Sequence[int]) -> list[int]:
     return result
 
 
-def selector_matches(selector: dict, device: Device) -> bool:
+def selector_matches(selector: Mapping[str, Any], device: Device) -> bool:
     if "devices" in selector:
         return device.id in selector["devices"]
     tags = selector.get("tags", {})

@@ -20,6 +20,7 @@ import logging
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
@@ -40,7 +41,7 @@ from edgeota.server import audit
 from edgeota.server.context import ServerContext
 from edgeota.server.db.models import Release, ReleaseStatus
 from edgeota.server.db.session import lock
-from edgeota.server.repo.image import StaleMetadataError, merge_signatures
+from edgeota.server.repo.image import BinCheck, StaleMetadataError, merge_signatures
 from edgeota.server.repo.storage import RepoError
 from edgeota.server.services.errors import (
     ConflictError,
@@ -79,7 +80,7 @@ def latest_published(session: Session, name: str) -> Release | None:
     ).first()
 
 
-def _decode_bin(bin_metadata: dict) -> bytes:
+def _decode_bin(bin_metadata: dict[str, Any]) -> bytes:
     return json.dumps(bin_metadata, separators=(",", ":"), sort_keys=True).encode("utf-8")
 
 
@@ -89,7 +90,7 @@ def _check_and_open(
     request: ReleaseSubmission,
     upload: Path,
     bin_bytes: bytes,
-) -> tuple[object, ImageTargetCustom, Manifest, bytes]:
+) -> tuple[BinCheck, ImageTargetCustom, Manifest, bytes]:
     """Every check that needs no write; returns (bin check, custom, manifest, wrapped key)."""
     try:
         check = ctx.image.check_bin_update(bin_bytes)
@@ -238,7 +239,8 @@ def submit_release(
 
 
 def add_signature(
-    ctx: ServerContext, session: Session, actor: str, release_id: int, bin_metadata: dict
+    ctx: ServerContext, session: Session, actor: str, release_id: int,
+    bin_metadata: dict[str, Any],
 ) -> ReleaseView:
     """Merge another release manager's signature into a pending release (k-of-n)."""
     lock(session, "image")

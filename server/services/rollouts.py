@@ -32,6 +32,7 @@ import statistics
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from typing import Any
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
@@ -266,7 +267,7 @@ def _join_new_devices(ctx: ServerContext, session: Session, deployment: Deployme
     return joined
 
 
-def _version_metrics(device: Device, model: str, version: str) -> dict | None:
+def _version_metrics(device: Device, model: str, version: str) -> dict[str, Any] | None:
     versions = ((device.reported_state or {}).get("versions") or {}).get(model) or {}
     entry = versions.get(version)
     return entry if isinstance(entry, dict) else None
@@ -279,7 +280,7 @@ def evaluate_gates(session: Session, deployment: Deployment) -> list[GateFinding
         return []
     excused = set((deployment.options or {}).get("excused_devices", []))
     release = deployment.release
-    groups: dict[str, list[tuple[str, dict, dict, str]]] = {}
+    groups: dict[str, list[tuple[str, dict[str, Any], dict[str, Any], str]]] = {}
     for assignment in _started(session, deployment):
         if assignment.state not in (AssignmentState.INSTALLED, AssignmentState.DOWNLOADING) \
                 or assignment.previous_release is None or assignment.device_id in excused:
@@ -411,14 +412,14 @@ def _catch_up_reports(session: Session, deployment: Deployment) -> None:
             if key not in newest or event.seq > newest[key].seq:
                 newest[key] = event
     for assignment in open_:
-        event = newest.get((assignment.device_id,
-                            f"{assignment.model_name}@{assignment.release.version}"))
-        if event is not None and assignment.assigned_at is not None \
-                and event.received_at >= assignment.assigned_at:
+        outcome = newest.get((assignment.device_id,
+                              f"{assignment.model_name}@{assignment.release.version}"))
+        if outcome is not None and assignment.assigned_at is not None \
+                and outcome.received_at >= assignment.assigned_at:
             record_report(session, assignment.device, StatusReport(
-                device_id=event.device_id, seq=event.seq, state=event.state,
-                release=event.release, error=(event.detail or {}).get("error")),
-                event.received_at)
+                device_id=outcome.device_id, seq=outcome.seq, state=outcome.state,
+                release=outcome.release, error=(outcome.detail or {}).get("error")),
+                outcome.received_at)
 
 
 def _step(ctx: ServerContext, session: Session, deployment: Deployment,

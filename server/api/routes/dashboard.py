@@ -37,6 +37,7 @@ from fastapi import APIRouter, HTTPException, Request
 from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
 from starlette.concurrency import run_in_threadpool
 
+from edgeota.server.api.deps import get_context
 from edgeota.server.context import ServerContext
 from edgeota.server.services.dashboard import (
     DashboardData,
@@ -91,7 +92,7 @@ class Credentials:
 
 
 def _context(request: Request) -> ServerContext:
-    return request.app.state.ctx
+    return get_context(request)
 
 
 def check_token(ctx: ServerContext, token: str) -> Principal:
