@@ -222,7 +222,7 @@ def _from_binary(name: str, datatype: str, shape: tuple[int, ...], raw: bytes) -
             f"{datatype} needs {count * dtype.itemsize}",
         )
     if datatype == "BOOL":
-        return (np.frombuffer(raw, dtype=np.uint8) != 0).reshape(shape)
+        return np.frombuffer(raw, dtype=np.uint8).astype(bool).reshape(shape)  # nonzero: True
     return np.frombuffer(raw, dtype=dtype.newbyteorder("<")).astype(dtype).reshape(shape)
 
 
@@ -275,16 +275,16 @@ def decode_infer_request(body: bytes, header_length: str | None) -> InferRequest
         name, datatype, shape, params = _tensor_meta(item, f"inputs[{i}]")
         if name in inputs:
             raise _RequestError(400, f"input {name!r} is given twice")
-        size = params.get("binary_data_size")
-        if size is None:
+        data_size = params.get("binary_data_size")
+        if data_size is None:
             inputs[name] = _from_json(name, datatype, shape, item.get("data"))
             continue
-        if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+        if not isinstance(data_size, int) or isinstance(data_size, bool) or data_size < 0:
             raise _RequestError(400, f"input {name!r}: binary_data_size must be an integer >= 0")
-        if offset + size > len(binary):
+        if offset + data_size > len(binary):
             raise _RequestError(400, f"input {name!r}: binary data ends early")
-        inputs[name] = _from_binary(name, datatype, shape, binary[offset : offset + size])
-        offset += size
+        inputs[name] = _from_binary(name, datatype, shape, binary[offset : offset + data_size])
+        offset += data_size
     if offset != len(binary):
         raise _RequestError(400, f"{len(binary) - offset} bytes of binary data belong to no input")
 
@@ -296,15 +296,15 @@ def decode_infer_request(body: bytes, header_length: str | None) -> InferRequest
             raise _RequestError(400, "outputs must be a list")
         names: list[str] = []
         for i, item in enumerate(raw_outputs):
-            name = item.get("name") if isinstance(item, Mapping) else None
-            if not isinstance(name, str):
+            output = item.get("name") if isinstance(item, Mapping) else None
+            if not isinstance(output, str):
                 raise _RequestError(400, f"outputs[{i}].name must be a string")
-            names.append(name)
+            names.append(output)
             output_parameters = item.get("parameters") or {}
             if not isinstance(output_parameters, Mapping):
                 raise _RequestError(400, f"outputs[{i}].parameters must be an object")
             if "binary_data" in output_parameters:
-                binary_flags[name] = bool(output_parameters["binary_data"])
+                binary_flags[output] = bool(output_parameters["binary_data"])
         outputs = tuple(names)
     return InferRequest(
         request_id,

@@ -54,6 +54,7 @@ a bounded window) feed the probation decision of the update cycle.
 from __future__ import annotations
 
 import ctypes
+import functools
 import sys
 import threading
 import time
@@ -600,6 +601,10 @@ class ModelHost:
                 return True
             return False
 
+    def _idle_locked(self, model: LoadedModel) -> bool:
+        """No request runs on ``model`` (a predicate for waits under the lock)."""
+        return not self._inflight.get(model)
+
     def _retire_locked(self, model: LoadedModel | None) -> bool:
         """Stop holding ``model``: True if it is idle (release now), else on its last request."""
         if model is None:
@@ -727,7 +732,7 @@ class ModelHost:
                 raise ActivationError(f"model {name!r} has no active model to swap from")
             slot.active, slot.incoming = None, version
             drained = self._lock.wait_for(
-                lambda m=old: not self._inflight.get(m), timeout=self._drain_timeout_s
+                functools.partial(self._idle_locked, old), timeout=self._drain_timeout_s
             )
             if not drained:
                 slot.active, slot.incoming = old, None

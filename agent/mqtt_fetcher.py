@@ -32,7 +32,7 @@ from __future__ import annotations
 import contextlib
 import secrets
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from typing import IO
 from urllib.parse import unquote, urlsplit
 
@@ -115,7 +115,7 @@ class MqttFetcher(FetcherInterface):
         return self._request_window
 
     def stream(self, path: str, *, offset: int = 0,
-               max_length: int = MAX_OFFSET) -> Iterator[ChunkFrame]:
+               max_length: int = MAX_OFFSET) -> Generator[ChunkFrame, None, None]:
         """Yield the frames of ``path`` from ``offset`` on, checked and in order.
 
         Pipelined: once the first chunk has told the chunk size and the file's
@@ -231,8 +231,12 @@ class MqttFetcher(FetcherInterface):
             self._connection.send(FetchRequest(rid, path, 0, 0, max_length))
 
     def _fetch(self, url: str) -> Iterator[bytes]:
+        # FetcherInterface.fetch promises bytes; a payload may be a view into its
+        # frame, so it is copied here. The download paths ngclient uses
+        # (download_file, and download_bytes through it) write the views directly.
         path = repository_path(url)
-        return (frame.payload for frame in self.stream(path, max_length=self._max_length))
+        return (bytes(frame.payload)
+                for frame in self.stream(path, max_length=self._max_length))
 
     @contextlib.contextmanager
     def download_file(self, url: str, max_length: int) -> Iterator[IO[bytes]]:

@@ -30,6 +30,7 @@ from typing import Any, Protocol
 from urllib.parse import urlsplit
 
 import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion
 from tuf.api import exceptions
 
 from edgeota.agent.config import AgentConfig, AgentConfigError
@@ -185,7 +186,7 @@ class DeviceConnection:
         self._subscribe_mid: int | None = None
         self._started = False
         self._client = mqtt.Client(
-            mqtt.CallbackAPIVersion.VERSION2, client_id=client_id or device_id,
+            CallbackAPIVersion.VERSION2, client_id=client_id or device_id,
             clean_session=True, protocol=mqtt.MQTTv311,
         )
         if tls is not None:
@@ -321,7 +322,10 @@ class DeviceConnection:
         simulator's link profiles; True if there was a connection to cut.
         """
         sock = self._client.socket()
-        if sock is None:
+        # paho types it as its SocketLike protocol (no shutdown); over TCP, the
+        # only transport this session configures, it is a socket or an
+        # ssl.SSLSocket (a socket subclass), and None when not connected.
+        if not isinstance(sock, socket.socket):
             return False
         try:
             sock.shutdown(socket.SHUT_RDWR)

@@ -326,7 +326,7 @@ class Agent:
         """
         if self._transient_failures == 0:
             return None
-        return min(RETRY_MAX_SECONDS, RETRY_BASE_SECONDS * 2 ** (self._transient_failures - 1))
+        return min(RETRY_MAX_SECONDS, RETRY_BASE_SECONDS * 2.0 ** (self._transient_failures - 1))
 
     def run_cycle(self) -> CycleOutcome:
         """One verified check; install and swap what changed. Never raises for bad updates."""
@@ -377,10 +377,10 @@ class Agent:
                     self._deferred.add(name)
                     continue
             self._deferred.discard(name)
-            states[name], reason = self._update(journal, decision)
-            if reason:
-                reasons[name] = reason
-                transient = transient or reason in TRANSIENT_REASONS
+            states[name], failure = self._update(journal, decision)
+            if failure:
+                reasons[name] = failure
+                transient = transient or failure in TRANSIENT_REASONS
         self.floor.advance()
         return CycleOutcome(states, reasons, transient)
 
@@ -561,9 +561,10 @@ class Agent:
         except (OSError, ValueError):
             counts = {}
         counts = counts if isinstance(counts, dict) else {}
-        counts[sha256] = int(counts.get(sha256, 0)) + 1
+        count = int(counts.get(sha256, 0)) + 1
+        counts[sha256] = count
         atomic_write(path, json.dumps(dict(list(counts.items())[-64:])).encode())
-        return counts[sha256]
+        return count
 
     def _refuse(self, sha256: str, reason: str) -> None:
         refused = self._refused()

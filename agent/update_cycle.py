@@ -42,7 +42,7 @@ import errno
 import logging
 import shutil
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -250,7 +250,7 @@ class _BoundedMqttFetcher(MqttFetcher):
         self._limits = limits
 
     def stream(self, path: str, *, offset: int = 0,
-               max_length: int = MAX_OFFSET) -> Iterator[ChunkFrame]:
+               max_length: int = MAX_OFFSET) -> Generator[ChunkFrame, None, None]:
         guard = _RateGuard(self._limits, path, tuf_exceptions.SlowRetrievalError)
         frames = super().stream(path, offset=offset, max_length=max_length)
         received = 0
