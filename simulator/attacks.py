@@ -243,7 +243,7 @@ class DeviceSnapshot:
             served.append((name, model.version))
             digests.append((name, _sha256(model.model_path)))
             del model  # holding it would keep its session alive
-        journals = []
+        journals: list[tuple[str, str, str | None, str | None]] = []
         for path in sorted(state_dir.glob("journal-*.json")):
             name = path.name.removeprefix("journal-").removesuffix(".json")
             try:
@@ -729,7 +729,7 @@ class AttackLab:
 
     def release(self, role: str) -> ReleaseFacts:
         """The lab's ``current``, ``old``, ``next`` or ``foreign`` release (in a session)."""
-        facts = getattr(self, role)
+        facts: ReleaseFacts | None = getattr(self, role)  # one of the four attributes above
         if facts is None:
             raise LabError("the lab's releases are known only inside session()")
         return facts

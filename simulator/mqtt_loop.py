@@ -727,7 +727,7 @@ class SharedNetworkLoop:
             self._schedule(entry, self._backoff(entry))
 
     def _backoff(self, entry: _Entry) -> float:
-        base = min(entry.max_delay, entry.min_delay * 2 ** min(entry.failures, 32))
+        base = min(entry.max_delay, entry.min_delay * 2.0 ** min(entry.failures, 32))
         entry.failures += 1
         return base * self._rng.uniform(0.5, 1.5)
 
@@ -851,7 +851,9 @@ class SharedNetworkLoop:
         """Drop keys whose socket was closed behind the loop's back (select fails on them)."""
         for key in list(self._selector.get_map().values()):
             entry = key.data
-            if entry is None or key.fileobj.fileno() >= 0:
+            # Clients register socket objects; a bare descriptor (int) could not
+            # say it was closed, and only the wake-up pipe (no entry) might be one.
+            if entry is None or isinstance(key.fileobj, int) or key.fileobj.fileno() >= 0:
                 continue
             with contextlib.suppress(KeyError, ValueError, OSError):
                 self._selector.unregister(key.fileobj)

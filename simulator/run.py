@@ -245,6 +245,8 @@ class Simulation:
         deadline = time.monotonic() + 60
         for device in devices:
             connection = device.agent.session
+            if connection is None:  # simulated devices always run over MQTT
+                raise SimulationError(f"{device.device_id} has no MQTT session")
             if not connection.wait_ready(max(0.1, deadline - time.monotonic())):
                 raise SimulationError(f"{device.device_id} did not connect to the broker "
                                       "within 60 s")
@@ -435,7 +437,8 @@ class Simulation:
         eligible = set(answer["scheduled"])
 
         def status() -> str:
-            return self.client.get(f"/api/v1/deployments/{deployment_id}")["status"]
+            state: str = self.client.get(f"/api/v1/deployments/{deployment_id}")["status"]
+            return state
 
         if step.wait == "none":
             return None
