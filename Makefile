@@ -7,12 +7,13 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.edgeota-installed
 
-.PHONY: demo test lint typecheck system-deps bench clean help
+.PHONY: conformance demo test lint typecheck system-deps bench clean help
 
 help:
 	@echo "make demo   - install into .venv and run the end-to-end demo"
 	@echo "make test   - install into .venv (and mosquitto) and run ruff, mypy --strict and the whole test suite"
 	@echo "make bench  - run the benchmarks in bench/ (prints ratios against measured limits)"
+	@echo "make conformance - the tuf-conformance suite against the device's TUF client"
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -54,6 +55,11 @@ PYTEST_WORKERS ?= auto
 
 test: $(STAMP) system-deps lint typecheck
 	$(BIN)/pytest -n $(PYTEST_WORKERS)
+
+# tuf-conformance (113 tests of a TUF client) against the device's repository client;
+# needs a checkout of the suite (see scripts/conformance.sh) and Debian's faketime.
+conformance: $(STAMP)
+	@bash scripts/conformance.sh
 
 bench: $(STAMP)
 	@for b in bench/*.py; do \

@@ -56,6 +56,7 @@ from tuf.ngclient import FetcherInterface, Updater
 from edgeota.agent.config import AgentConfig
 from edgeota.agent.mqtt_fetcher import MQTT_REPOSITORY_URL, MqttFetcher
 from edgeota.agent.mqtt_session import DeviceConnection
+from edgeota.agent.repository import open_updater
 from edgeota.agent.resumable import DownloadStats, ResumableDownload
 from edgeota.agent.uptane import DeviceFacts, InstallDecision, decide
 from edgeota.protocol.bundle import OpenedBundle, open_bundle
@@ -222,6 +223,12 @@ class TransferLimits:
         if self.max_retries < 0:
             raise ValueError("max_retries must not be negative")
 
+    def http_fetcher(self, token: str | None = None) -> HttpFetcher:
+        """ngclient's HTTP fetcher bounded by these limits (``token``: the device's bearer)."""
+        return HttpFetcher(HttpFetcherConfig(
+            token=token, read_timeout=self.frame_timeout, min_rate=self.min_rate,
+            grace=self.grace))
+
 
 class _RateGuard:
     """Raises ``error`` once a transfer's average rate is below the floor past the grace."""
@@ -320,32 +327,18 @@ class UpdateClient:
             fetcher_factory = lambda _token: _BoundedMqttFetcher(connection, self.limits)  # noqa: E731
             self._base = MQTT_REPOSITORY_URL
         self._fetcher_factory = fetcher_factory or (
-            lambda token: HttpFetcher(HttpFetcherConfig(
-                token=token, read_timeout=self.limits.frame_timeout,
-                min_rate=self.limits.min_rate, grace=self.limits.grace))
-        )
+            lambda token: self.limits.http_fetcher(token))
         self._tuf_dir = config.state_dir / "tuf"
         self._downloads = config.state_dir / "downloads"
         self._models = config.state_dir / "models"
 
     def _updater(self, name: str, metadata_url: str, bootstrap: Path,
                  target_url: str | None, token: str | None) -> Updater:
-        folder = self._tuf_dir / name
-        folder.mkdir(parents=True, exist_ok=True)
-        cached_root = folder / "root.json"
-        updater = Updater(
-            metadata_dir=str(folder),
-            metadata_base_url=metadata_url,
-            target_dir=str(self._downloads),
-            target_base_url=target_url,
-            fetcher=self._fetcher_factory(token),
-            # Once a root is cached, trust the cache (it may be newer than the
-            # enrolment root): re-bootstrapping would reset what we learned.
-            bootstrap=None if cached_root.exists() else bootstrap.read_bytes(),
-        )
-        if self.clock is not None:
-            set_reference_time(updater, self.clock())
-        return updater
+        return open_updater(
+            self._tuf_dir / name, metadata_url, bootstrap=bootstrap.read_bytes,
+            fetcher=self._fetcher_factory(token), target_dir=self._downloads,
+            target_url=target_url,
+            reference_time=None if self.clock is None else self.clock())
 
     @property
     def connection(self) -> DeviceConnection | None:
@@ -615,18 +608,6 @@ class UpdateClient:
                          resumable / f"{sha256}.progress",  # before progress moved
                          self._downloads / quote(target_path, "")):
             leftover.unlink(missing_ok=True)
-
-
-def set_reference_time(updater: Updater, when: datetime) -> None:
-    """Make ``updater`` judge metadata expiry at ``when`` instead of the system clock.
-
-    ngclient (7.0) offers no public way: it fixes the reference time when the
-    Updater is made, on its trusted metadata set. A device whose clock is its
-    own (the simulator's skewed clocks) needs it, so this one private access
-    lives here alone; ``tuf`` is pinned to the minor series it was written for
-    and ``tests/test_dependency_pins.py`` fails loudly if an upgrade moves it.
-    """
-    updater._trusted_set.reference_time = when
 
 
 def _hash_prefixed(target_path: str, sha256: str) -> str:

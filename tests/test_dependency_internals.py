@@ -1,6 +1,6 @@
 """The agent's one reach into a dependency's internals still works, or fails loudly here.
 
-``edgeota.agent.update_cycle.set_reference_time`` sets the time ngclient judges
+``edgeota.agent.repository.set_reference_time`` sets the time ngclient judges
 metadata expiry by (python-tuf 7.0 offers no public way: the trusted set fixes
 it when the Updater is made). ``tuf`` is pinned to the series this was written
 for; an upgrade that moves the attribute breaks this test, not a device.
@@ -18,7 +18,7 @@ from tuf.api.exceptions import DownloadHTTPError, ExpiredMetadataError
 from tuf.api.metadata import Metadata, Root, Timestamp
 from tuf.ngclient import FetcherInterface, Updater
 
-from edgeota.agent.update_cycle import set_reference_time
+from edgeota.agent.repository import set_reference_time
 
 
 def test_tuf_is_the_series_the_agent_was_written_for() -> None:
