@@ -326,7 +326,10 @@ class Agent:
         """
         if self._transient_failures == 0:
             return None
-        return min(RETRY_MAX_SECONDS, RETRY_BASE_SECONDS * 2.0 ** (self._transient_failures - 1))
+        # The exponent is capped: past it the delay is RETRY_MAX_SECONDS anyway, and a
+        # device offline for days must not overflow a float (2.0 ** 1024).
+        doublings = min(self._transient_failures - 1, 32)
+        return min(RETRY_MAX_SECONDS, RETRY_BASE_SECONDS * 2.0 ** doublings)
 
     def run_cycle(self) -> CycleOutcome:
         """One verified check; install and swap what changed. Never raises for bad updates."""

@@ -451,3 +451,22 @@ def test_a_first_model_that_fails_probation_keeps_serving_and_is_reported(
     state = reported_state(server)
     assert (state["state"], state["error"]) == ("rolled_back", "error_rate")
     assert agent.run_cycle().states == {"digits": "current"}
+
+
+def test_the_retry_backoff_stays_bounded_however_long_the_server_is_away(
+        server: RunningServer) -> None:
+    """Over a thousand failed checks in a row (days offline): the delay stays the cap."""
+    from tuf.api.exceptions import DownloadError
+
+    from edgeota.agent.runner import RETRY_MAX_SECONDS
+    from edgeota.agent.update_cycle import UpdateClient
+
+    class Unreachable(UpdateClient):
+        def check(self, release_floor: int = 0) -> list:  # type: ignore[type-arg]
+            raise DownloadError("the server is away")
+
+    config = AgentConfig.load(server.enroll("pi-1") / "agent.toml")
+    agent = Agent(config, SETTINGS, update_client=Unreachable(config))
+    for _ in range(1100):
+        assert agent.run_cycle().transient
+    assert agent.retry_delay() == RETRY_MAX_SECONDS

@@ -233,28 +233,27 @@ def test_a_full_disk_fails_the_update_cleanly_and_it_is_retried(server: RunningS
     assert agent.host.current_version("digits") == "2.0.0"
 
 
-class _FullAfter:
-    """A file object that takes ``room`` bytes, then fails as a full disk does."""
+class _Card:
+    """``os.write``/``os.writev`` for the unpacker that take ``room`` bytes, then fail
+    as a full disk does (``room[1]`` counts the refusals)."""
 
-    def __init__(self, real: Any, room: list[int]) -> None:
-        self._real = real
+    def __init__(self, room: list[int]) -> None:
         self._room = room
 
-    def write(self, data: bytes) -> int:
-        if len(data) > self._room[0]:
+    def _take(self, size: int) -> None:
+        if size > self._room[0]:
             self._room[1] += 1
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-        self._room[0] -= len(data)
-        return self._real.write(data)
+        self._room[0] -= size
 
-    def __enter__(self) -> _FullAfter:
-        return self
+    def write(self, fd: int, data: Any) -> int:
+        self._take(len(data))
+        return os.write(fd, data)
 
-    def __exit__(self, *exc: object) -> None:
-        self._real.close()
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._real, name)
+    def writev(self, fd: int, buffers: Any) -> int:
+        buffers = list(buffers)
+        self._take(sum(len(b) for b in buffers))
+        return os.writev(fd, buffers)
 
 
 def test_enospc_while_unpacking_becomes_disk_full_and_leaves_nothing(
@@ -265,8 +264,8 @@ def test_enospc_while_unpacking_becomes_disk_full_and_leaves_nothing(
     room = [4096, 0]  # bytes left on the card, writes refused
     fake_os = types.SimpleNamespace(**{k: getattr(os, k) for k in dir(os)
                                        if not k.startswith("__")})
-    fake_os.fdopen = lambda fd, mode="r", *a, **k: _FullAfter(os.fdopen(fd, mode, *a, **k),
-                                                              room)
+    card = _Card(room)
+    fake_os.write, fake_os.writev = card.write, card.writev
     monkeypatch.setattr(archive, "os", fake_os)
     (decision,) = agent.updates.check(release_floor=agent.release_floor())
     with pytest.raises(DiskFullError, match="disk full while unpacking"):
