@@ -29,7 +29,7 @@ import os
 import re
 import tarfile
 import threading
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Generator, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -306,7 +306,7 @@ def iter_members(
     before_write: Callable[[str, int], None] | None = None,
     new_digest: Callable[[], Digest] | None = SyncDigest,
     durable: bool = True,
-) -> Iterator[ArchiveMember]:
+) -> Generator[ArchiveMember, None, None]:
     """Unpack the tar stream read from ``stream``: see ``iter_members_from_blocks``."""
     blocks = iter(functools.partial(stream.read, _COPY_BLOCK), b"")
     return iter_members_from_blocks(
@@ -324,7 +324,7 @@ def iter_members_from_blocks(
     before_write: Callable[[str, int], None] | None = None,
     new_digest: Callable[[], Digest] | None = SyncDigest,
     durable: bool = True,
-) -> Iterator[ArchiveMember]:
+) -> Generator[ArchiveMember, None, None]:
     """Unpack a tar stream, given as consecutive blocks, into ``dest`` member by member.
 
     Each member is yielded once it is written (and, with ``durable``, fsynced).

@@ -274,7 +274,7 @@ def open_bundle(
             new_digest = worker.digest if worker is not None else SyncDigest
             opener = StreamOpener(raw_in, content_key, new_digest=new_digest,
                                   hash_sealed=expected_sealed_sha256 is not None)
-            for member in iter_members_from_blocks(
+            members = iter_members_from_blocks(
                 opener.chunks(),
                 staging,
                 limits,
@@ -283,17 +283,22 @@ def open_bundle(
                 # The whole-plaintext digest from signed metadata covers every
                 # member byte; hashing each file again would be a third pass.
                 new_digest=None if expected_plaintext_sha256 is not None else new_digest,
-            ):
-                if member.path == MANIFEST_PATH and verifier.manifest is None:
-                    verifier.manifest = Manifest.from_json((staging / MANIFEST_PATH).read_bytes())
-                    continue
-                assert verifier.manifest is not None
-                pinned = verifier.manifest.files[verifier.index - 2]
-                if member.sha256 is not None and member.sha256 != pinned.sha256:
-                    raise PlaintextDigestError(
-                        f"{member.path} has sha256 {member.sha256}, the manifest pins "
-                        f"{pinned.sha256}"
-                    )
+            )
+            # Closed on the way out, so a refusal stops its writeback thread now,
+            # not whenever the traceback holding the generator is collected.
+            with contextlib.closing(members):
+                for member in members:
+                    if member.path == MANIFEST_PATH and verifier.manifest is None:
+                        raw_manifest = (staging / MANIFEST_PATH).read_bytes()
+                        verifier.manifest = Manifest.from_json(raw_manifest)
+                        continue
+                    assert verifier.manifest is not None
+                    pinned = verifier.manifest.files[verifier.index - 2]
+                    if member.sha256 is not None and member.sha256 != pinned.sha256:
+                        raise PlaintextDigestError(
+                            f"{member.path} has sha256 {member.sha256}, the manifest pins "
+                            f"{pinned.sha256}"
+                        )
             if verifier.manifest is None:
                 raise ManifestError(f"bundle holds no {MANIFEST_PATH}")
             missing = len(verifier.manifest.files) - (verifier.index - 1)

@@ -408,9 +408,11 @@ class StreamOpener(io.RawIOBase):
                 sealed = sealed_view[index * stride : (index + 1) * stride]
                 last = not following and index == count - 1
                 size = self._open_chunk(sealed, last, plain[used : used + chunk_size])
-                yield plain[used : used + size].toreadonly()
+                chunk = plain[used : used + size].toreadonly()
                 used += size
-            self._plain_hash.update(plain[:used].toreadonly())
+                if index == count - 1:  # the whole block authenticated: hash it
+                    self._plain_hash.update(plain[:used].toreadonly())
+                yield chunk
             if not following:
                 return
             block = following

@@ -234,3 +234,16 @@ def test_plaintext_is_read_one_way_only() -> None:
     assert opener.read(3) == b"wei"
     with pytest.raises(RuntimeError, match="already being read"):
         opener.chunks()
+
+
+def test_plaintext_digest_is_complete_once_the_last_byte_is_read() -> None:
+    import hashlib
+
+    data = os.urandom(3 * CHUNK + 7)
+    opener = StreamOpener(io.BytesIO(seal(data)), KEY, read_chunks=2)
+    read = b""
+    while len(read) < len(data):  # all bytes, without reading on to EOF
+        read += opener.read(len(data) - len(read))
+    assert read == data
+    assert opener.finished
+    assert opener.plaintext_sha256 == hashlib.sha256(data).hexdigest()
