@@ -34,6 +34,7 @@ def serve(
     import uvicorn
 
     from edgeota.server.api.app import create_app
+    from edgeota.server.api.serving import uvicorn_config
     from edgeota.server.context import ServerContext
     from edgeota.server.db.migrate import upgrade
 
@@ -59,9 +60,12 @@ def serve(
                + f" (home {config.home})", err=True)
     typer.echo(f"dashboard: http://{config.http_host}:{config.http_port}/ (sign in with a "
                "viewer token: edgeota token create NAME --role viewer)", err=True)
+    # The connection limits of server.toml's [http] (slowloris, header size, connections).
+    server = uvicorn.Server(uvicorn_config(create_app(ctx), config.http_limits,
+                                           host=config.http_host, port=config.http_port,
+                                           log_level="warning"))
     try:
-        uvicorn.run(create_app(ctx), host=config.http_host, port=config.http_port,
-                    log_level="warning")
+        server.run()
     finally:
         if transport is not None:
             transport.stop()

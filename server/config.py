@@ -17,11 +17,12 @@ and the field.
 
 from __future__ import annotations
 
+import dataclasses
 import tomllib
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import tomli_w
 
@@ -33,9 +34,11 @@ __all__ = [
     "SERVER_CONFIG",
     "ConfigError",
     "ExpirySettings",
+    "HttpLimits",
     "KeyRef",
     "OperatorConfig",
     "ServerConfig",
+    "UploadLimits",
     "load_operator_config",
     "load_server_config",
 ]
@@ -44,6 +47,7 @@ SERVER_CONFIG = "server.toml"
 OPERATOR_CONFIG = "operator.toml"
 DEFAULT_HTTP = "127.0.0.1:8742"
 _MAX_CONFIG_SIZE = 256 * 1024
+_Limits = TypeVar("_Limits", "HttpLimits", "UploadLimits")
 
 
 class ConfigError(EdgeotaError):
@@ -84,6 +88,44 @@ class ExpirySettings:
 
 
 @dataclass(frozen=True)
+class HttpLimits:
+    """What one HTTP client may make the server hold or wait for (``[http]`` in server.toml).
+
+    Every byte of a request is the client's to choose: a request head must be
+    complete within ``head_timeout_seconds`` of its first byte (or of the
+    connection, or of the previous response: slowloris), and a body must keep
+    coming, at no less than ``body_min_bytes_per_second`` on average once
+    ``body_grace_seconds`` have passed and with no pause longer than
+    ``body_idle_seconds``. Bodies are capped per route while they stream
+    (``max_json_bytes`` for the JSON routes; bundles by ``[uploads]``).
+    """
+
+    head_timeout_seconds: float = 10.0
+    body_idle_seconds: float = 15.0
+    body_grace_seconds: float = 10.0
+    body_min_bytes_per_second: int = 1024
+    max_head_bytes: int = 16 * 1024  # request line + headers (h11's incomplete-event cap)
+    max_json_bytes: int = 1024 * 1024  # a JSON request body (a deployment's device list: 8x)
+    max_connections: int = 1024  # past this uvicorn answers 503
+    keep_alive_seconds: int = 5
+    session_hours: float = 12.0  # how long a dashboard sign-in lasts
+
+
+@dataclass(frozen=True)
+class UploadLimits:
+    """Bundles uploaded before their release is submitted (``[uploads]`` in server.toml).
+
+    An upload that no pending release holds is removed once the release is
+    refused or published, or after ``stale_hours`` if it is never submitted;
+    all uploads together (partial ones included) stay under ``quota_bytes``.
+    """
+
+    max_bundle_bytes: int = 4 * 1024**3
+    quota_bytes: int = 16 * 1024**3
+    stale_hours: float = 24.0
+
+
+@dataclass(frozen=True)
 class ServerConfig:
     """Everything the server process needs; holds no release key by construction."""
 
@@ -106,6 +148,8 @@ class ServerConfig:
     mqtt_device_url: str = "mqtts://127.0.0.1:8883"
     # How often the rollout engine looks at active deployments (seconds).
     rollout_interval_seconds: float = 5.0
+    http_limits: HttpLimits = field(default_factory=HttpLimits)
+    uploads: UploadLimits = field(default_factory=UploadLimits)
 
     def to_toml(self) -> dict[str, Any]:
         return {
@@ -126,6 +170,8 @@ class ServerConfig:
             "mqtt": {"broker": self.mqtt_broker, "bind": self.mqtt_bind,
                      "device_url": self.mqtt_device_url},
             "rollouts": {"interval_seconds": self.rollout_interval_seconds},
+            "http": dict(self.http_limits.__dict__),
+            "uploads": dict(self.uploads.__dict__),
         }
 
     def save(self) -> None:
@@ -259,8 +305,35 @@ def load_server_config(home: Path) -> ServerConfig:
         ca_dir=_path(home, _field(data, "server.ca", str, where)),
         expiry=ExpirySettings(**expiry_table),
         rollout_interval_seconds=_rollout_interval(data, where),
+        http_limits=_limits(HttpLimits, data, "http", where),
+        uploads=_limits(UploadLimits, data, "uploads", where),
         **_mqtt_settings(data, where),
     )
+
+
+def _limits(kind: type[_Limits], data: dict[str, Any], section: str, where: Path) -> _Limits:
+    """A limits dataclass from its table: known names only, each a positive number.
+
+    A limit of the wrong type or sign would silently switch a protection off,
+    so it is an error that names the field rather than a default.
+    """
+    table = data.get(section, {})
+    if not isinstance(table, dict):
+        raise ConfigError(f"{where}: [{section}] must be a table")
+    fields = {f.name: f for f in dataclasses.fields(kind)}
+    unknown = set(table) - set(fields)
+    if unknown:
+        raise ConfigError(f"{where}: unknown {section} settings {sorted(unknown)}")
+    values: dict[str, Any] = {}
+    for name, value in table.items():
+        want_int = fields[name].type in ("int", int)
+        if (isinstance(value, bool) or not isinstance(value, int | float) or value <= 0
+                or value != value or value == float("inf")
+                or (want_int and not isinstance(value, int))):
+            raise ConfigError(f"{where}: {section}.{name} must be a positive "
+                              f"{'integer' if want_int else 'number'}")
+        values[name] = value
+    return kind(**values)
 
 
 def _rollout_interval(data: dict[str, Any], where: Path) -> float:

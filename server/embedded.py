@@ -17,6 +17,7 @@ import uvicorn
 
 from edgeota.protocol.errors import EdgeotaError
 from edgeota.server.api.app import create_app
+from edgeota.server.api.serving import uvicorn_config
 from edgeota.server.config import ServerConfig
 from edgeota.server.context import ServerContext
 
@@ -70,7 +71,8 @@ class EmbeddedServer:
         self.ctx = ServerContext.open(self.config, clock=self.clock)
         app = create_app(self.ctx, background_refresh=self.background_refresh,
                          rollout_engine=self.rollout_engine)
-        self._server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
+        self._server = uvicorn.Server(uvicorn_config(app, self.config.http_limits,
+                                                     log_level="warning", lifespan="on"))
         self._thread = threading.Thread(target=self._server.run,
                                         kwargs={"sockets": [self.sock]}, daemon=True,
                                         name="edgeota-server")

@@ -14,6 +14,14 @@ a device.
 
 Callers own the transaction (nothing here commits), and are expected to
 record issue and revoke in the audit log by token id -- never the token.
+
+Dashboard sessions (:func:`issue_session`, :func:`authenticate_session`): a
+browser that signed in with a token keeps a *session* in its cookie, not the
+token, so a leaked cookie is not an API credential. A session is
+``eos1.<token id>.<expiry>.<nonce>.<mac>``, the MAC an HMAC-SHA256 under a
+server key (:func:`session_key`) over the rest and the token's stored hash.
+It holds until it expires, and is re-checked against its token on every
+request: revoking the token ends every session made with it.
 """
 
 from __future__ import annotations
@@ -21,10 +29,13 @@ from __future__ import annotations
 import enum
 import hashlib
 import hmac
+import re
 import secrets
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
@@ -34,6 +45,7 @@ from edgeota.server.db.models import ApiToken, Device
 
 __all__ = [
     "LAST_USED_RESOLUTION",
+    "SESSION_PREFIX",
     "TOKEN_PREFIX",
     "ApiToken",
     "AuthenticationError",
@@ -41,15 +53,21 @@ __all__ = [
     "Role",
     "TokenNotFoundError",
     "authenticate",
+    "authenticate_session",
     "hash_token",
+    "issue_session",
     "issue_token",
     "revoke",
+    "session_key",
 ]
 
 TOKEN_PREFIX = "eot_"  # noqa: S105 - a public prefix that marks edgeota tokens, not a secret
 _TOKEN_BYTES = 32
 _MAX_PRESENTED_LENGTH = 256  # far above a real token; refuse megabyte headers before hashing
 _NAME_MAX = 128  # ApiToken.name column length
+SESSION_PREFIX = "eos1"
+_SESSION_INFO = b"edgeota dashboard session v1"
+_SESSION_PART = re.compile(r"[0-9]{1,19}")
 # last_used is a hint for operators ("is this token still in use?"), not a
 # log. Writing it on every request would make each read-only request a write:
 # the database-wide write lock on SQLite, a row lock on the token on PostgreSQL.
@@ -172,6 +190,11 @@ def authenticate(session: Session, presented: str, *, now: datetime | None = Non
     # constant-time and independent of how the database compares strings.
     if token is None or not hmac.compare_digest(token.token_hash, digest):
         raise AuthenticationError("unknown API token")
+    return _principal(session, token, now)
+
+
+def _principal(session: Session, token: ApiToken, now: datetime | None) -> Principal:
+    """The principal of a token row found by a valid credential, unless it is revoked."""
     if token.revoked_at is not None:
         raise AuthenticationError(f"API token {token.id} ({token.name}) has been revoked")
     role = Role(token.role)
@@ -185,6 +208,54 @@ def authenticate(session: Session, presented: str, *, now: datetime | None = Non
         token.last_used = current
         session.flush()
     return Principal(token_id=token.id, name=token.name, role=role, device_id=token.device_id)
+
+
+def session_key(secret: bytes) -> bytes:
+    """The dashboard sessions' MAC key, derived from a server secret (HKDF-SHA256).
+
+    Every replica holding the same secret derives the same key, so a session
+    made by one is honoured by the others; a new secret ends every session.
+    """
+    return HKDF(algorithm=hashes.SHA256(), length=32, salt=None,
+                info=_SESSION_INFO).derive(secret)
+
+
+def _session_mac(key: bytes, payload: str, token_hash: str) -> str:
+    return hmac.new(key, f"{payload}.{token_hash}".encode(), hashlib.sha256).hexdigest()
+
+
+def issue_session(session: Session, principal: Principal, key: bytes, *,
+                  lifetime: timedelta, now: datetime | None = None) -> str:
+    """A session for ``principal``'s token, valid for ``lifetime`` (the cookie's value)."""
+    token = session.get(ApiToken, principal.token_id)
+    if token is None:
+        raise AuthenticationError(f"API token {principal.token_id} no longer exists")
+    expires = int((_now(now) + lifetime).timestamp())
+    payload = f"{SESSION_PREFIX}.{token.id}.{expires}.{secrets.token_urlsafe(12)}"
+    return f"{payload}.{_session_mac(key, payload, token.token_hash)}"
+
+
+def authenticate_session(session: Session, presented: str, key: bytes, *,
+                         now: datetime | None = None) -> Principal:
+    """The principal behind a dashboard session, or :class:`AuthenticationError`.
+
+    Refused: anything not shaped like a session, a MAC that does not match
+    (forged, or made for another token or under another key), an expired
+    session, and whatever :func:`authenticate` refuses of its token.
+    """
+    parts = presented.split(".")
+    if (len(presented) > _MAX_PRESENTED_LENGTH or len(parts) != 5
+            or parts[0] != SESSION_PREFIX or not all(
+                _SESSION_PART.fullmatch(p) for p in parts[1:3])):
+        raise AuthenticationError("malformed session")
+    token = session.get(ApiToken, int(parts[1])) if int(parts[1]) < 2**63 else None
+    payload = ".".join(parts[:4])
+    expected = _session_mac(key, payload, token.token_hash if token is not None else "")
+    if token is None or not hmac.compare_digest(parts[4], expected):
+        raise AuthenticationError("unknown session")
+    if int(parts[2]) <= _now(now).timestamp():
+        raise AuthenticationError("the session has expired: sign in again")
+    return _principal(session, token, now)
 
 
 def revoke(session: Session, token_id: int, *, now: datetime | None = None) -> ApiToken:

@@ -172,10 +172,15 @@ def test_sign_in_sets_an_http_only_cookie_and_guards_the_pages(server: RunningSe
         assert good.status_code == 303
         assert good.headers["location"] == "/"
         cookie = good.headers["set-cookie"]
-        assert cookie.startswith(f"{COOKIE_NAME}={viewer};")
+        # A signed session, never the token itself: a leaked cookie is no API credential.
+        assert cookie.startswith(f"{COOKIE_NAME}=eos1.") and viewer not in cookie
         attributes = {part.strip().lower() for part in cookie.split(";")[1:]}
         assert {"httponly", "path=/", "samesite=strict"} <= attributes
-        assert http.cookies.get(COOKIE_NAME) == viewer
+        assert "secure" not in attributes  # plain http on loopback
+        session = http.cookies.get(COOKIE_NAME)
+        assert session is not None and session.startswith("eos1.")
+        as_bearer = http.get("/api/v1/whoami", headers={"Authorization": f"Bearer {session}"})
+        assert as_bearer.status_code == 401
 
         page = http.get("/")
         assert page.status_code == 200
@@ -223,8 +228,13 @@ def test_sign_in_refuses_devices_revoked_tokens_and_odd_forms(server: RunningSer
         viewer = server.token(Role.VIEWER)
         assert http.get("/", headers={"Authorization": f"Bearer {viewer}"}).status_code == 200
 
-        # A cookie whose token was revoked later: sent to the form, the cookie cleared.
-        http.cookies.set(COOKIE_NAME, revoked)
+        # A session whose token was revoked later: sent to the form, the cookie cleared.
+        with server.ctx.sessions() as session, session.begin():
+            later_row, later = issue_token(session, name="later", role=Role.VIEWER)
+        assert http.post("/login", data={"token": later}).status_code == 303
+        assert http.get("/").status_code == 200
+        with server.ctx.sessions() as session, session.begin():
+            revoke(session, later_row.id)
         stale = http.get("/")
         assert stale.status_code == 303
         assert stale.headers["location"] == "/login"

@@ -545,8 +545,9 @@ def test_error_codes_are_a_stable_wire_contract() -> None:
         "INVALID_REQUEST": "invalid_request", "BAD_DATA": "bad_data", "REFUSED": "refused",
         "UNAUTHENTICATED": "unauthenticated", "FORBIDDEN": "forbidden",
         "NOT_FOUND": "not_found", "CONFLICT": "conflict", "STALE_BIN": "stale_bin",
-        "TOO_LARGE": "too_large", "INVALID_BODY": "invalid_body",
-        "RELEASE_REFUSED": "release_refused",
+        "TOO_LARGE": "too_large", "QUOTA_EXCEEDED": "quota_exceeded",
+        "REQUEST_TIMEOUT": "request_timeout", "INTERNAL_ERROR": "internal_error",
+        "INVALID_BODY": "invalid_body", "RELEASE_REFUSED": "release_refused",
     }
     assert {f.name: f.value for f in DirectorFailure} == {
         "SIGNING": "signing_failed", "UNKNOWN_DEVICE": "unknown_device",

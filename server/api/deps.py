@@ -9,15 +9,21 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from typing import Annotated
 
-from fastapi import Depends, HTTPException, Request
+from fastapi import Depends, HTTPException, Path, Request
 from sqlalchemy.orm import Session
 
+from edgeota.server.api.limits import PRINCIPAL_STATE
 from edgeota.server.context import ServerContext
 from edgeota.server.tokens import AuthenticationError, Principal, Role, authenticate
 
-__all__ = ["ContextDep", "CurrentPrincipal", "SessionDep", "require"]
+__all__ = ["MAX_ROW_ID", "ContextDep", "CurrentPrincipal", "RowId", "SessionDep", "require"]
 
 _BEARER = "bearer "
+MAX_ROW_ID = 2**63 - 1  # a signed BIGINT: a larger id names no row, and SQLite cannot bind it
+
+# A database id in a path (a release, a deployment): past 64 bits it is a 422, not an
+# OverflowError from the driver.
+RowId = Annotated[int, Path(ge=1, le=MAX_ROW_ID)]
 
 
 def get_context(request: Request) -> ServerContext:
@@ -41,6 +47,11 @@ SessionDep = Annotated[Session, Depends(get_session, scope="function")]
 
 
 def get_principal(request: Request, ctx: ContextDep) -> Principal:
+    """The caller: as :class:`~edgeota.server.api.limits.RequestGuard` authenticated it
+    (every ``/api/v1`` request, before its body is read), else from the bearer header."""
+    known = getattr(request.state, PRINCIPAL_STATE, None)
+    if isinstance(known, Principal):
+        return known
     header = request.headers.get("authorization", "")
     if not header.lower().startswith(_BEARER):
         raise HTTPException(401, "missing bearer token", headers={"WWW-Authenticate": "Bearer"})

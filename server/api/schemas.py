@@ -10,10 +10,16 @@ types (``to_request``), and the services' views become responses through
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any
+from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
+from edgeota.server.services.devices import (
+    MAX_TAG_VALUE,
+    MAX_TAGS,
+    TAG_KEY_PATTERN,
+    TAG_VALUE_PATTERN,
+)
 from edgeota.server.services.types import (
     DeploymentRequest,
     EnrolmentRequest,
@@ -24,13 +30,15 @@ from edgeota.server.services.types import (
 _ID = r"^[a-z0-9-]{1,64}$"
 _NAME = r"^[a-z0-9][a-z0-9._-]{0,63}$"
 _SHA256 = r"^[0-9a-f]{64}$"
-_TAG_KEY = r"^[A-Za-z0-9_.-]{1,64}$"
+# Tag keys and values, as server.services.devices documents and checks them.
+TagKey = Annotated[str, StringConstraints(pattern=TAG_KEY_PATTERN, min_length=1, max_length=64)]
+TagValue = Annotated[str, StringConstraints(pattern=TAG_VALUE_PATTERN, max_length=MAX_TAG_VALUE)]
 
 
 class Strict(BaseModel):
-    """A request body: unknown fields are refused."""
+    """A request body: unknown fields are refused, and so are NaN and infinities."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 class View(BaseModel):
@@ -42,7 +50,7 @@ class View(BaseModel):
 class EnrollRequest(Strict):
     device_id: str = Field(pattern=_ID)
     hardware: str = Field(pattern=_NAME)
-    tags: dict[str, str] = Field(default_factory=dict, max_length=32)
+    tags: dict[TagKey, TagValue] = Field(default_factory=dict, max_length=MAX_TAGS)
     identity: dict[str, Any]
     tls_public_key_pem: str = Field(max_length=4096)
 
@@ -132,7 +140,7 @@ class DeployRequest(Strict):
     name: str = Field(pattern=_NAME)
     version: str = Field(max_length=128)
     devices: list[str] = Field(default_factory=list, max_length=100_000)
-    tags: dict[str, str] = Field(default_factory=dict, max_length=16)
+    tags: dict[TagKey, TagValue] = Field(default_factory=dict, max_length=16)
     # Cumulative percentages of the selected devices, strictly increasing, ending at 100.
     phases: list[int] = Field(default_factory=lambda: [100], min_length=1, max_length=20)
     options: RolloutOptions = Field(default_factory=RolloutOptions)

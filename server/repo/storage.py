@@ -48,7 +48,10 @@ import json
 import os
 import re
 import secrets
-from collections.abc import Iterator, Sequence
+import shutil
+import time
+from collections.abc import Callable, Collection, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
@@ -66,6 +69,8 @@ __all__ = [
     "RepoFileNotFoundError",
     "RepoStore",
     "TargetConflictError",
+    "UploadArea",
+    "UploadQuotaError",
     "VersionConflictError",
     "validate_target_path",
 ]
@@ -609,3 +614,82 @@ def _read_bounded(path: Path) -> bytes:
     if len(data) > _MAX_METADATA_SIZE:
         raise RepoError(f"metadata file {path} is larger than {_MAX_METADATA_SIZE} bytes")
     return data
+
+
+class UploadQuotaError(RepoError):
+    """An upload that would take the uploads folder past its quota."""
+
+
+@dataclass(frozen=True)
+class UploadArea:
+    """The folder of bundles uploaded for releases not yet published: bounded and swept.
+
+    Holds ``<sha256>`` files (complete uploads), ``.<sha256>.<random>.partial``
+    files (uploads in progress, or left by a crash) and the scratch folders
+    release acceptance opens bundles in. Everything in it counts against
+    ``quota_bytes``; :meth:`sweep` removes what nothing needs any more.
+    """
+
+    root: Path
+    quota_bytes: int
+    stale_seconds: float
+    clock: Callable[[], float] = time.time
+
+    def usage(self) -> int:
+        """Bytes of every file below the folder (a few uploads: a walk is cheap)."""
+        total = 0
+        for folder, _dirs, files in os.walk(self.root):
+            for name in files:
+                with contextlib.suppress(FileNotFoundError):
+                    total += (Path(folder) / name).lstat().st_size
+        return total
+
+    def check_room(self, more: int) -> None:
+        """Refuse ``more`` bytes that the quota has no room for.
+
+        Raises:
+            UploadQuotaError: usage plus ``more`` exceeds the quota.
+        """
+        used = self.usage()
+        if used + more > self.quota_bytes:
+            raise UploadQuotaError(
+                f"uploads hold {used} bytes; {more} more would pass the quota of "
+                f"{self.quota_bytes} (submit or abandon pending uploads first)")
+
+    def path(self, sha256: str) -> Path:
+        if _SHA256_RE.fullmatch(sha256) is None:
+            raise ValueError("an upload is named by a lowercase sha256 hex digest")
+        return self.root / sha256
+
+    def remove(self, sha256: str) -> bool:
+        """Delete the complete upload ``sha256``; whether there was one."""
+        try:
+            self.path(sha256).unlink()
+        except FileNotFoundError:
+            return False
+        return True
+
+    def sweep(self, keep: Collection[str]) -> list[str]:
+        """Remove entries untouched for ``stale_seconds`` whose name is not in ``keep``.
+
+        ``keep`` names the uploads pending releases still need. A partial file
+        being written is touched by every write, so only abandoned ones go.
+        Returns the names removed.
+        """
+        cutoff = self.clock() - self.stale_seconds
+        removed: list[str] = []
+        for entry in _list_names(self.root):
+            if entry in keep:
+                continue
+            path = self.root / entry
+            try:
+                if path.lstat().st_mtime > cutoff:
+                    continue
+                if path.is_dir() and not path.is_symlink():
+                    shutil.rmtree(path)
+                else:
+                    path.unlink()
+            except FileNotFoundError:
+                continue
+            removed.append(entry)
+        return removed

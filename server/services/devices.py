@@ -1,6 +1,18 @@
-"""Enrolment and fleet views of devices."""
+"""Enrolment and fleet views of devices.
+
+Tags are an operator's labels (``site=lab``) that deployments select by and
+the dashboard shows. They come from whoever holds an operator token, so they
+are bounded like any other input: at most :data:`MAX_TAGS`, each key matching
+:data:`TAG_KEY_PATTERN` (a letter or digit, then letters, digits, ``_ . -``;
+at most 64), each value at most :data:`MAX_TAG_VALUE` characters and free of
+control characters (:data:`TAG_VALUE_PATTERN`). Values are shown escaped,
+never trusted as markup.
+"""
 
 from __future__ import annotations
+
+import re
+from collections.abc import Mapping
 
 from cryptography.hazmat.primitives.serialization import load_pem_public_key
 from sqlalchemy import select
@@ -16,7 +28,43 @@ from edgeota.server.services.errors import ConflictError, InvalidRequestError, N
 from edgeota.server.services.types import DeviceView, Enrolment, EnrolmentRequest
 from edgeota.server.tokens import Role, issue_token
 
-__all__ = ["device_view", "enroll_device", "get_device", "list_devices"]
+__all__ = [
+    "MAX_TAGS",
+    "MAX_TAG_VALUE",
+    "TAG_KEY_PATTERN",
+    "TAG_VALUE_PATTERN",
+    "check_tags",
+    "device_view",
+    "enroll_device",
+    "get_device",
+    "list_devices",
+]
+
+MAX_TAGS = 32
+MAX_TAG_VALUE = 128  # characters
+TAG_KEY_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
+TAG_VALUE_PATTERN = r"^[^\x00-\x1f\x7f-\x9f]{0,128}$"
+_TAG_KEY = re.compile(TAG_KEY_PATTERN)
+_TAG_VALUE = re.compile(TAG_VALUE_PATTERN)
+
+
+def check_tags(tags: Mapping[str, str], limit: int = MAX_TAGS) -> dict[str, str]:
+    """``tags`` as a plain dict if every key and value is within bounds.
+
+    Raises:
+        InvalidRequestError: too many tags, or one whose key or value breaks the pattern.
+    """
+    if len(tags) > limit:
+        raise InvalidRequestError(f"at most {limit} tags, not {len(tags)}")
+    for key, value in tags.items():
+        if not isinstance(key, str) or _TAG_KEY.fullmatch(key) is None:
+            raise InvalidRequestError(
+                f"tag key {str(key)[:80]!r} does not match {TAG_KEY_PATTERN}")
+        if not isinstance(value, str) or _TAG_VALUE.fullmatch(value) is None:
+            raise InvalidRequestError(
+                f"tag {key}: the value must be at most {MAX_TAG_VALUE} characters without "
+                "control characters")
+    return dict(tags)
 
 
 def enroll_device(
@@ -27,6 +75,7 @@ def enroll_device(
     The private keys never reach the server: the operator's CLI generated
     them and sends only the public identity and the TLS public key.
     """
+    tags = check_tags(request.tags)
     try:
         identity = DevicePublicIdentity.from_dict(request.identity)
     except ProtocolError as e:
@@ -53,7 +102,7 @@ def enroll_device(
         Device(
             id=request.device_id,
             hardware=request.hardware,
-            tags=dict(request.tags),
+            tags=tags,
             identity=stored_identity.to_dict(),
             tls_cert_pem=cert_pem,
         )
@@ -69,7 +118,7 @@ def enroll_device(
         actor=actor,
         action="device.enroll",
         subject=request.device_id,
-        detail={"hardware": request.hardware, "tags": dict(request.tags)},
+        detail={"hardware": request.hardware, "tags": tags},
     )
     return Enrolment(
         device_id=request.device_id,

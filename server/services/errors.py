@@ -20,6 +20,7 @@ __all__ = [
     "ForbiddenError",
     "InvalidRequestError",
     "NotFoundError",
+    "QuotaExceededError",
     "ReleaseRefusedError",
     "ServiceError",
     "StaleBinError",
@@ -49,8 +50,14 @@ class ErrorCode(enum.StrEnum):
     #: 409: the signed hash bin is not the repository's next version (another release moved
     #: it on): sign again on top of the current bin.
     STALE_BIN = "stale_bin"
-    #: 413: a body (bundle, report) above its size limit.
+    #: 413: a body (bundle, report, any request) above its size limit, checked while it streams.
     TOO_LARGE = "too_large"
+    #: 413: an upload that would take the server's uploads past their quota.
+    QUOTA_EXCEEDED = "quota_exceeded"
+    #: 408: a request body that stalled or came slower than the server's minimum rate.
+    REQUEST_TIMEOUT = "request_timeout"
+    #: 500: a fault of the server's own; the detail says nothing more (the log has it).
+    INTERNAL_ERROR = "internal_error"
     #: 422: a request body that does not match its schema (``detail`` lists the fields).
     INVALID_BODY = "invalid_body"
     #: 422: a release that failed the server's checks; nothing reached the repositories.
@@ -97,3 +104,10 @@ class ReleaseRefusedError(ServiceError):
 
     status = 422
     code = ErrorCode.RELEASE_REFUSED
+
+
+class QuotaExceededError(ServiceError):
+    """An upload the uploads folder's quota has no room for."""
+
+    status = 413
+    code = ErrorCode.QUOTA_EXCEEDED

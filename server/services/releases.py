@@ -42,11 +42,12 @@ from edgeota.server.context import ServerContext
 from edgeota.server.db.models import Release, ReleaseStatus
 from edgeota.server.db.session import lock
 from edgeota.server.repo.image import BinCheck, StaleMetadataError, merge_signatures
-from edgeota.server.repo.storage import RepoError
+from edgeota.server.repo.storage import RepoError, UploadArea, UploadQuotaError
 from edgeota.server.services.errors import (
     ConflictError,
     InvalidRequestError,
     NotFoundError,
+    QuotaExceededError,
     ReleaseRefusedError,
     StaleBinError,
 )
@@ -57,11 +58,56 @@ __all__ = [
     "get_release",
     "latest_published",
     "list_releases",
+    "make_room_for_upload",
     "release_view",
     "submit_release",
+    "sweep_uploads",
+    "upload_area",
 ]
 
 logger = logging.getLogger(__name__)
+
+
+def upload_area(ctx: ServerContext) -> UploadArea:
+    """The uploads folder with the quota and age limit of ``[uploads]``."""
+    limits = ctx.config.uploads
+    return UploadArea(ctx.uploads_dir, limits.quota_bytes, limits.stale_hours * 3600)
+
+
+def _pending_uploads(session: Session) -> set[str]:
+    return set(session.scalars(
+        select(Release.sha256).where(Release.status == ReleaseStatus.PENDING)))
+
+
+def sweep_uploads(ctx: ServerContext) -> list[str]:
+    """Remove uploads (and leftovers of crashed ones) no pending release needs, once stale."""
+    with ctx.sessions() as session, session.begin():
+        keep = _pending_uploads(session)
+    removed = upload_area(ctx).sweep(keep)
+    if removed:
+        logger.info("removed %d stale uploads", len(removed))
+    return removed
+
+
+def make_room_for_upload(ctx: ServerContext, declared: int) -> UploadArea:
+    """Sweep stale uploads, then refuse an upload of ``declared`` bytes the quota cannot hold.
+
+    Raises:
+        QuotaExceededError: the uploads folder has no room for it.
+    """
+    sweep_uploads(ctx)
+    area = upload_area(ctx)
+    try:
+        area.check_room(declared)
+    except UploadQuotaError as e:
+        raise QuotaExceededError(str(e)) from e
+    return area
+
+
+def _discard_refused_upload(ctx: ServerContext, session: Session, sha256: str) -> None:
+    """A refused bundle is never needed again, unless a pending release holds the same bytes."""
+    if sha256 not in _pending_uploads(session):
+        upload_area(ctx).remove(sha256)
 
 
 def _upload_path(ctx: ServerContext, sha256: str) -> Path:
@@ -195,7 +241,13 @@ def submit_release(
         )
     upload = _upload_path(ctx, request.bundle_sha256)
     bin_bytes = _decode_bin(request.bin_metadata)
-    check, custom, manifest, wrapped = _check_and_open(ctx, session, request, upload, bin_bytes)
+    try:
+        check, custom, manifest, wrapped = _check_and_open(ctx, session, request, upload,
+                                                           bin_bytes)
+    except ReleaseRefusedError:
+        # Refused for good (a stale bin is not: the publisher re-signs and submits again).
+        _discard_refused_upload(ctx, session, request.bundle_sha256)
+        raise
     release = Release(
         name=request.name,
         version=request.version,

@@ -8,11 +8,18 @@ operators and devices may have no internet).
 
 Authentication. The API takes bearer tokens, which a browser cannot attach
 to a page load, so ``POST /login`` checks an API token (viewer or higher)
-and keeps it in an ``HttpOnly; SameSite=Strict`` cookie. Only these read-only
-dashboard routes accept the cookie; every ``/api/v1`` route still requires the
-bearer header, so the cookie cannot be used to change anything (no CSRF
-surface). The token is re-checked on every request: revoking it ends the
-session at the next poll.
+and answers a *session* in an ``HttpOnly; SameSite=Strict`` cookie (``Secure``
+when the request came over TLS or ``public_url`` is https): an HMAC-signed
+``eos1.<token id>.<expiry>.<nonce>.<mac>`` (:func:`edgeota.server.tokens.issue_session`),
+never the token, so a leaked cookie is no API credential. Its key is derived
+from the server's key-wrap key, which every replica holds. Only these
+read-only dashboard routes accept the cookie; every ``/api/v1`` route still
+requires the bearer header, so the cookie cannot be used to change anything.
+The session's token is re-checked on every request: revoking it ends the
+session at the next poll; otherwise it ends after ``[http] session_hours``.
+``/login`` and ``/logout`` refuse cross-site posts (:func:`same_origin`: a
+browser's ``Sec-Fetch-Site`` or ``Origin`` must name this site), so another
+site can neither sign a browser in with its own token nor out.
 
 Everything that comes from the database is escaped (:func:`h` for HTML; the
 embedded JSON has ``<``, ``>`` and ``&`` escaped so it cannot close its
@@ -26,18 +33,20 @@ import hashlib
 import html
 import json
 import string
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
+from datetime import timedelta
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qs
+from urllib.parse import parse_qs, urlsplit
 
 from fastapi import APIRouter, HTTPException, Request
 from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
 from starlette.concurrency import run_in_threadpool
 
 from edgeota.server.api.deps import get_context
+from edgeota.server.api.limits import MAX_FORM_BYTES
 from edgeota.server.context import ServerContext
 from edgeota.server.services.dashboard import (
     DashboardData,
@@ -46,14 +55,22 @@ from edgeota.server.services.dashboard import (
     RolloutView,
     dashboard_data,
 )
-from edgeota.server.tokens import AuthenticationError, Principal, Role, authenticate
+from edgeota.server.tokens import (
+    AuthenticationError,
+    Principal,
+    Role,
+    authenticate,
+    authenticate_session,
+    issue_session,
+    session_key,
+)
 
-__all__ = ["COOKIE_NAME", "STATIC_FILES", "h", "router"]
+__all__ = ["COOKIE_NAME", "STATIC_FILES", "h", "router", "same_origin"]
 
 router = APIRouter(tags=["dashboard"])
 
-COOKIE_NAME = "edgeota_token"
-MAX_LOGIN_BODY = 4096  # bytes of the login form; a token is under 100
+COOKIE_NAME = "edgeota_session"
+MAX_LOGIN_BODY = MAX_FORM_BYTES  # bytes of the login form; a token is under 100
 POLL_INTERVAL_MS = 2000
 _API = Path(__file__).resolve().parent.parent
 STATIC_DIR = _API / "static"
@@ -95,6 +112,14 @@ def _context(request: Request) -> ServerContext:
     return get_context(request)
 
 
+def _viewer(principal: Principal) -> Principal:
+    if not principal.allows(Role.VIEWER):
+        raise PermissionError(
+            f"token {principal.name!r} has role {principal.role}; the dashboard needs "
+            f"{Role.VIEWER} or higher")
+    return principal
+
+
 def check_token(ctx: ServerContext, token: str) -> Principal:
     """Authenticate ``token`` and require a role that may read the fleet.
 
@@ -104,33 +129,83 @@ def check_token(ctx: ServerContext, token: str) -> Principal:
     """
     # Its own short transaction: authentication may record last use.
     with ctx.sessions() as session, session.begin():
-        principal = authenticate(session, token)
-    if not principal.allows(Role.VIEWER):
-        raise PermissionError(
-            f"token {principal.name!r} has role {principal.role}; the dashboard needs "
-            f"{Role.VIEWER} or higher")
-    return principal
+        return _viewer(authenticate(session, token))
+
+
+def _session_key(ctx: ServerContext) -> bytes:
+    key = ctx.keywrap_key
+    return session_key(key.x25519 + key.mlkem768_seed)
+
+
+def check_session(ctx: ServerContext, cookie: str) -> Principal:
+    """The viewer (or higher) behind a dashboard session cookie.
+
+    Raises:
+        AuthenticationError: a forged, expired or malformed session, or its token revoked.
+        PermissionError: the session's token is not viewer or higher.
+    """
+    with ctx.sessions() as session, session.begin():
+        return _viewer(authenticate_session(session, cookie, _session_key(ctx),
+                                            now=ctx.clock()))
+
+
+def new_session(ctx: ServerContext, principal: Principal) -> str:
+    """A session cookie value for ``principal``, valid for ``[http] session_hours``."""
+    with ctx.sessions() as session, session.begin():
+        return issue_session(session, principal, _session_key(ctx), now=ctx.clock(),
+                             lifetime=_session_lifetime(ctx))
+
+
+def _session_lifetime(ctx: ServerContext) -> timedelta:
+    return timedelta(hours=ctx.config.http_limits.session_hours)
 
 
 def credentials(request: Request) -> Credentials:
-    """The bearer header if there is one, else the login cookie."""
+    """The bearer header if there is one, else the session cookie."""
     header = request.headers.get("authorization", "")
-    from_cookie = False
+    check: Callable[[ServerContext, str], Principal]
     if header.lower().startswith("bearer "):
-        token = header[len("bearer "):].strip()
+        check, value, from_cookie = check_token, header[len("bearer "):].strip(), False
     else:
-        token = request.cookies.get(COOKIE_NAME, "")
-        from_cookie = True
-    if not token:
+        check, value, from_cookie = check_session, request.cookies.get(COOKIE_NAME, ""), True
+    if not value:
         return Credentials(None, "sign in with an API token (viewer or higher)")
     try:
-        return Credentials(check_token(_context(request), token), "", from_cookie)
+        return Credentials(check(_context(request), value), "", from_cookie)
     except (AuthenticationError, PermissionError) as e:
         return Credentials(None, str(e), from_cookie)
 
 
 def _secure(request: Request) -> bool:
-    return request.url.scheme == "https"
+    """Whether the cookie must be ``Secure``: the request came over TLS, or should have."""
+    return (request.url.scheme == "https"
+            or _context(request).config.public_url.lower().startswith("https://"))
+
+
+def _origin(url: str) -> str:
+    parts = urlsplit(url)
+    return f"{parts.scheme}://{parts.netloc}".lower()
+
+
+def same_origin(request: Request) -> bool:
+    """Whether a form post comes from this site's own pages (or from no browser at all).
+
+    A browser says where a request comes from: ``Sec-Fetch-Site`` (every
+    current browser) or else ``Origin`` (sent on every cross-origin POST), which
+    must be this server as the request reached it or as ``public_url`` names
+    it. A client that sends neither is no browser, and has no cookie of a
+    victim to abuse.
+    """
+    site = request.headers.get("sec-fetch-site")
+    if site is not None:
+        return site.lower() in ("same-origin", "none")
+    origin = request.headers.get("origin")
+    if origin is None:
+        return True
+    host = request.headers.get("host", "")
+    allowed = {_origin(_context(request).config.public_url),
+               f"{request.url.scheme}://{host}".lower()}
+    return origin.lower() in allowed
 
 
 # -- HTML building -----------------------------------------------------------------------
@@ -421,7 +496,9 @@ def login_form() -> HTMLResponse:
 
 @router.post("/login", include_in_schema=False, response_model=None)
 async def login(request: Request) -> HTMLResponse | RedirectResponse:
-    """Check the form's token and keep it in an HttpOnly cookie for the dashboard routes."""
+    """Check the form's token and answer a session cookie for the dashboard routes."""
+    if not same_origin(request):
+        return _html(render_login("cross-site sign-in refused"), 403)
     content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if content_type != "application/x-www-form-urlencoded":
         return _html(render_login("the sign-in form must be sent as a form"), 415)
@@ -437,20 +514,25 @@ async def login(request: Request) -> HTMLResponse | RedirectResponse:
     token = (fields.get("token") or [""])[0].strip()
     if not token:
         return _html(render_login("enter an API token"), 401)
+    ctx = _context(request)
     try:
-        await run_in_threadpool(check_token, _context(request), token)
+        principal = await run_in_threadpool(check_token, ctx, token)
+        cookie = await run_in_threadpool(new_session, ctx, principal)
     except AuthenticationError as e:
         return _html(render_login(f"sign-in refused: {e}"), 401)
     except PermissionError as e:
         return _html(render_login(f"sign-in refused: {e}"), 403)
     response = RedirectResponse("/", status_code=303, headers={"Cache-Control": "no-store"})
-    response.set_cookie(COOKIE_NAME, token, path="/", httponly=True, samesite="strict",
-                        secure=_secure(request))
+    response.set_cookie(COOKIE_NAME, cookie, path="/", httponly=True, samesite="strict",
+                        secure=_secure(request),
+                        max_age=int(_session_lifetime(ctx).total_seconds()))
     return response
 
 
-@router.post("/logout", include_in_schema=False)
-def logout(request: Request) -> RedirectResponse:
+@router.post("/logout", include_in_schema=False, response_model=None)
+def logout(request: Request) -> HTMLResponse | RedirectResponse:
+    if not same_origin(request):
+        return _html(render_login("cross-site sign-out refused"), 403)
     return _to_login(True, request)
 
 

@@ -6,7 +6,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, Depends, Query
 
-from edgeota.server.api.deps import ContextDep, SessionDep, require
+from edgeota.server.api.deps import ContextDep, RowId, SessionDep, require
 from edgeota.server.api.schemas import (
     DeploymentOut,
     DeployRequest,
@@ -39,13 +39,13 @@ def list_deployments(session: SessionDep, _: Viewer,
 
 
 @router.get("/{deployment_id}")
-def get_deployment(deployment_id: int, session: SessionDep, _: Viewer) -> DeploymentOut:
+def get_deployment(deployment_id: RowId, session: SessionDep, _: Viewer) -> DeploymentOut:
     """One deployment: each phase's devices and states with reasons, and its history."""
     return DeploymentOut.model_validate(rollouts.get_deployment(session, deployment_id))
 
 
 @router.post("/{deployment_id}/pause")
-def pause(deployment_id: int, ctx: ContextDep, session: SessionDep,
+def pause(deployment_id: RowId, ctx: ContextDep, session: SessionDep,
           principal: Operator) -> RolloutActionOut:
     """Stop starting new phases (devices already assigned carry on)."""
     return RolloutActionOut.model_validate(
@@ -53,7 +53,7 @@ def pause(deployment_id: int, ctx: ContextDep, session: SessionDep,
 
 
 @router.post("/{deployment_id}/resume")
-def resume(deployment_id: int, ctx: ContextDep, session: SessionDep,
+def resume(deployment_id: RowId, ctx: ContextDep, session: SessionDep,
            principal: Operator) -> RolloutActionOut:
     """Continue a paused deployment; the failures and gate findings so far are accepted."""
     return RolloutActionOut.model_validate(
@@ -61,7 +61,7 @@ def resume(deployment_id: int, ctx: ContextDep, session: SessionDep,
 
 
 @router.post("/{deployment_id}/cancel")
-def cancel(deployment_id: int, ctx: ContextDep, session: SessionDep,
+def cancel(deployment_id: RowId, ctx: ContextDep, session: SessionDep,
            principal: Operator) -> RolloutActionOut:
     """End the deployment: waiting devices never get the release; others keep it."""
     return RolloutActionOut.model_validate(
@@ -69,7 +69,7 @@ def cancel(deployment_id: int, ctx: ContextDep, session: SessionDep,
 
 
 @router.post("/{deployment_id}/rollback")
-def rollback(deployment_id: int, ctx: ContextDep, session: SessionDep,
+def rollback(deployment_id: RowId, ctx: ContextDep, session: SessionDep,
              principal: Operator) -> RolloutActionOut:
     """Assign every started device its previous release and end the deployment."""
     return RolloutActionOut.model_validate(
