@@ -182,7 +182,12 @@ def test_roles_guard_the_api(server: RunningServer) -> None:
         missing = client.get(f"/api/v1/releases/{10**6}", headers=headers)
         assert missing.status_code == 404 and missing.json()["code"] == "not_found"
         assert client.get("/healthz").json() == {"status": "ok"}
-        assert client.get("/openapi.json").status_code == 200
+        schema = client.get("/openapi.json")
+        assert schema.status_code == 200
+        assert schema.headers["content-security-policy"].startswith("default-src 'none'")
+        # No Swagger UI: FastAPI's pulls its scripts from a CDN into this origin.
+        assert client.get("/docs").status_code == 404
+        assert client.get("/redoc").status_code == 404
 
 
 def test_viewer_cannot_publish_through_the_cli(server: RunningServer) -> None:
@@ -232,10 +237,13 @@ def test_server_revalidates_what_the_cli_let_through(
     )
     assert result.code == 1
     assert "HTTP 422" in result.err and "vectors_mismatch" in result.err
+    assert str(server.home) not in result.err  # the refusal names no server path
     assert _state(server) == before
     with server.ctx.sessions() as session:
         last = session.scalars(select(AuditEntry).order_by(AuditEntry.id.desc())).first()
     assert last.action == "release.refused" and "vectors_mismatch" in last.detail
+    # The refused bundle is not kept: nothing is left in the uploads folder.
+    assert list(server.ctx.uploads_dir.iterdir()) == []
 
 
 def test_incompatible_io_signature_and_duplicate_version_are_refused(

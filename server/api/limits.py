@@ -195,6 +195,15 @@ class RequestGuard:
             return
         headers = Headers(scope=scope)
         path: str = scope["path"]
+        # h11 caps a head only while it is incomplete; one that arrived whole in one read
+        # is measured here.
+        head_size = len(scope.get("raw_path", b"")) + len(scope.get("query_string", b"")) + sum(
+            len(name) + len(value) + 4 for name, value in scope["headers"])
+        if head_size > self.limits.max_head_bytes:
+            await _send_all(send, _json_error(
+                431, ErrorCode.TOO_LARGE,
+                f"request head of {head_size} bytes exceeds {self.limits.max_head_bytes}"))
+            return
         max_bytes = self.max_body(scope["method"], path)
         length = headers.get("content-length")
         if length is not None and not length.isdigit():  # h11 refuses these already

@@ -22,7 +22,7 @@ router = APIRouter(prefix="/api/v1", tags=["releases"])
 
 ReleaseManager = Annotated[Principal, Depends(require(Role.RELEASE_MANAGER))]
 Viewer = Annotated[Principal, Depends(require(Role.VIEWER))]
-_QUOTA_CHECK_EVERY = 8 * 1024 * 1024  # bytes: how often a streaming upload re-reads usage
+_QUOTA_CHECK_EVERY = 1024 * 1024  # bytes: how often a streaming upload re-reads usage
 
 
 @router.put("/blobs/{sha256}")
