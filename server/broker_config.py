@@ -3,19 +3,41 @@
 Mosquitto is the production single-node broker (DESIGN "Transport"). This
 module writes everything it needs into one folder, from the home's fleet CA:
 
-* ``mosquitto.conf`` -- one TLS listener that *requires* a client certificate
-  issued by the fleet CA and takes the certificate's CN as the MQTT user name
-  (``use_identity_as_username``), so what a client sends as user name or
-  client id never decides what it may touch;
+* ``mosquitto.conf`` -- two TLS listeners, each *requiring* a client
+  certificate and taking its CN as the MQTT user name
+  (``use_identity_as_username``), so what a client sends as user name never
+  decides what it may touch:
+
+  - the **device listener** (``port``) trusts the fleet CA and replaces the
+    client id a client sends with that CN (``use_username_as_clientid``): a
+    client id is bound to its certificate, so a device can never take over
+    another device's session, nor the server's (Mosquitto drops whoever held
+    a client id when someone connects with it);
+  - the **server listener** (``server_port``) trusts only the *services CA*
+    (:func:`service_ca`, a second CA kept beside the fleet CA that issues
+    nothing but the server's own client certificates), so no device
+    certificate even completes the TLS handshake there, and each server
+    replica keeps a client id of its own (``_edgeota-server-{tag}``: replicas
+    on one broker must not drop each other). ``edgeota serve --broker``
+    connects here.
+
+  Mosquitto 2.0 cannot *refuse* a CONNECT whose client id differs from the
+  certificate's CN without a plugin of our own: the dynamic-security plugin
+  it ships checks a client's ``clientid`` only in its password check, which
+  ``use_identity_as_username`` skips, and ``clientid_prefixes`` is one prefix
+  for every client. Replacing the id is the strongest it offers: the device
+  is connected as itself, whatever id it asked for, and nobody else's
+  session changes. (The embedded broker refuses such a CONNECT outright.)
 * ``acl`` -- the server identity (``_edgeota-server``) may read and write every
   ``{prefix}/devices/#`` topic; every other identity X, through ``pattern``
   lines with ``%u``, may only *write* ``devices/X/{fetch,status,telemetry,online}``
   and only *read* ``devices/X/{notify,rx}``. Nothing else is granted, and
   Mosquitto denies what no line grants;
-* ``ca.crt.pem`` (the fleet CA), ``server.crt.pem``/``server.key.pem`` (the
-  broker's TLS certificate with the given host names and addresses) and
-  ``bridge.crt.pem``/``bridge.key.pem`` (the edgeota server's own client
-  identity, CN = ``SERVER_IDENTITY``).
+* ``ca.crt.pem`` (the fleet CA), ``services-ca.crt.pem`` (the services CA),
+  ``server.crt.pem``/``server.key.pem`` (the broker's TLS certificate with the
+  given host names and addresses) and ``bridge.crt.pem``/``bridge.key.pem``
+  (an edgeota server client identity from the services CA, CN =
+  ``SERVER_IDENTITY``; ``edgeota serve`` issues its own at start).
 
 The embedded broker (``edgeota.server.embedded_broker``) enforces the same
 rules in Python; ``tests/test_broker_acl.py`` runs one suite against both.
@@ -40,7 +62,7 @@ from edgeota.protocol.files import atomic_write, make_private_dir, write_private
 from edgeota.protocol.identity import SERVER_IDENTITY
 from edgeota.protocol.topics import DEVICE_PUBLISHES, DEVICE_RECEIVES, Topics
 from edgeota.server.config import load_server_config
-from edgeota.server.fleet_ca import FleetCA, certificate_pem, private_key_pem
+from edgeota.server.fleet_ca import FleetCA, FleetCAError, certificate_pem, private_key_pem
 
 __all__ = [
     "ACL_FILE",
@@ -54,9 +76,12 @@ __all__ = [
     "PERSISTENCE_DIR",
     "SERVER_CERT_FILE",
     "SERVER_KEY_FILE",
+    "SERVICE_CA_DIR",
+    "SERVICE_CA_FILE",
     "BrokerConfigError",
     "BrokerFiles",
     "render_acl",
+    "service_ca",
     "write_mosquitto_config",
     "write_mosquitto_files",
 ]
@@ -69,6 +94,8 @@ SERVER_KEY_FILE = "server.key.pem"
 BRIDGE_CERT_FILE = "bridge.crt.pem"
 BRIDGE_KEY_FILE = "bridge.key.pem"
 PERSISTENCE_DIR = "data"
+SERVICE_CA_FILE = "services-ca.crt.pem"
+SERVICE_CA_DIR = "services"  # the services CA, inside the fleet CA's folder
 
 # A fetch response chunk carries 64 KiB of data plus a small header; 128 KiB
 # leaves room for the header and refuses anything a client has no reason to send.
@@ -105,12 +132,39 @@ class BrokerFiles:
     bridge_key: Path
     persistence_dir: Path
     host: str
-    port: int
+    port: int  # the device listener
+    server_port: int  # the server listener (services CA client certificates only)
+    service_ca_cert: Path
     run_as: str | None = None
 
     def command(self, mosquitto: str = "mosquitto") -> list[str]:
         """The argv that runs Mosquitto with this setup in the foreground."""
         return [mosquitto, "-c", str(self.config)]
+
+    @property
+    def server_url(self) -> str:
+        """What ``edgeota serve --broker`` takes: the server listener."""
+        return f"mqtts://{self.host}:{self.server_port}"
+
+
+def service_ca(fleet: FleetCA) -> FleetCA:
+    """The services CA kept in the fleet CA's folder, created the first time it is asked for.
+
+    It issues only the server's own broker client certificates, so a
+    listener that trusts it alone is closed to every device certificate
+    (see the module docstring). Whoever holds the fleet CA key holds this
+    one too: it separates who may connect where, not who is trusted more.
+    """
+    folder = fleet.folder / SERVICE_CA_DIR
+    try:
+        return FleetCA.load(folder)
+    except FleetCAError:
+        if (folder / "ca.key.pem").exists():
+            raise  # there, but unusable: never replace a CA silently
+    try:
+        return FleetCA.create(folder, common_name="edgeota services CA")
+    except FleetCAError:
+        return FleetCA.load(folder)  # another process created it first
 
 
 def _check_host(host: str) -> str:
@@ -194,26 +248,41 @@ def render_acl(topics: Topics = Topics()) -> str:  # noqa: B008 - Topics is froz
 def _render_config(files: BrokerFiles) -> str:
     host = _check_host(files.host)
     port = _check_port(files.port)
+    server_port = _check_port(files.server_port)
+    if server_port == port:
+        raise BrokerConfigError(f"the device and server listeners cannot share port {port}")
+    tls = [
+        f"certfile {_check_path(files.server_cert)}",
+        f"keyfile {_check_path(files.server_key)}",
+        "tls_version tlsv1.2",
+        "require_certificate true",
+        "use_identity_as_username true",
+    ]
     return "\n".join([
         "# edgeota Mosquitto 2.x config (generated by `edgeota broker-config`).",
         f"# Run: mosquitto -c {_check_path(files.config)}",
         "",
-        "# One listener, so the security settings below are global.",
+        "# The security settings below (ACL, no anonymous clients) hold for both listeners.",
         "per_listener_settings false",
+        "allow_anonymous false",
+        f"acl_file {_check_path(files.acl)}",
         "",
+        "# Devices: a certificate from the fleet CA, whose CN is the MQTT user name the",
+        "# ACL sees (a user name the client sends is ignored) and the client id (the one",
+        "# the client sends is replaced): no device can take another's session, or the",
+        "# server's.",
         f"listener {port} {host}",
         "protocol mqtt",
         f"cafile {_check_path(files.ca_cert)}",
-        f"certfile {_check_path(files.server_cert)}",
-        f"keyfile {_check_path(files.server_key)}",
-        "tls_version tlsv1.2",
-        "# Only clients holding a certificate from the fleet CA get in, and the",
-        "# certificate CN is the MQTT user name the ACL sees; a user name the",
-        "# client sends is ignored.",
-        "require_certificate true",
-        "use_identity_as_username true",
-        "allow_anonymous false",
-        f"acl_file {_check_path(files.acl)}",
+        *tls,
+        "use_username_as_clientid true",
+        "",
+        "# The edgeota server (edgeota serve --broker): a certificate from the services CA",
+        "# only, so no device certificate gets in; each replica keeps its own client id.",
+        f"listener {server_port} {host}",
+        "protocol mqtt",
+        f"cafile {_check_path(files.service_ca_cert)}",
+        *tls,
         "",
         "# Limits: a 64 KiB fetch chunk plus header fits; queues are per client.",
         f"max_packet_size {MAX_PACKET_SIZE}",
@@ -254,6 +323,7 @@ def write_mosquitto_files(
     *,
     host: str = "127.0.0.1",
     port: int = 8883,
+    server_port: int | None = None,
     hostnames: Sequence[str] = ("localhost",),
     ips: Sequence[str] = ("127.0.0.1",),
     topics: Topics = Topics(),  # noqa: B008 - Topics is frozen
@@ -261,9 +331,12 @@ def write_mosquitto_files(
 ) -> BrokerFiles:
     """Write the Mosquitto setup for an already loaded fleet CA into ``out``.
 
-    Issues a new broker server certificate and a new server-identity client
-    certificate on every call (old ones stay valid until they expire).
-    ``out`` is created 0700 if missing: it holds two private keys.
+    ``port`` is the device listener, ``server_port`` (default ``port + 1``)
+    the server's; the services CA is created beside the fleet CA if it is
+    not there yet (:func:`service_ca`). Issues a new broker server
+    certificate and a new server-identity client certificate on every call
+    (old ones stay valid until they expire). ``out`` is created 0700 if
+    missing: it holds two private keys.
 
     Mosquitto started as root switches to another user (``mosquitto`` unless
     the config says otherwise) *before* it reads the ACL, and then needs to
@@ -277,6 +350,9 @@ def write_mosquitto_files(
     """
     _check_host(host)
     _check_port(port)
+    if server_port is None:
+        server_port = port + 1 if port < 65535 else port - 1
+    _check_port(server_port)
     addresses = _check_ips(ips)
     _acl_prefix(topics)
     folder = Path(out).resolve()
@@ -293,6 +369,8 @@ def write_mosquitto_files(
         persistence_dir=folder / PERSISTENCE_DIR,
         host=host,
         port=port,
+        server_port=server_port,
+        service_ca_cert=folder / SERVICE_CA_FILE,
         run_as=run_as,
     )
     # Render both texts before touching the disk, so a refused value leaves nothing behind.
@@ -302,11 +380,13 @@ def write_mosquitto_files(
         server_key, server_cert = ca.issue_server_certificate(list(hostnames), addresses)
     except ValueError as e:
         raise BrokerConfigError(f"cannot issue the broker certificate: {e}") from e
-    bridge_key, bridge_cert = ca.issue_service_client_certificate(SERVER_IDENTITY)
+    services = service_ca(ca)
+    bridge_key, bridge_cert = services.issue_service_client_certificate(SERVER_IDENTITY)
 
     make_private_dir(folder)
     make_private_dir(files.persistence_dir)
     atomic_write(files.ca_cert, ca.certificate_pem())
+    atomic_write(files.service_ca_cert, services.certificate_pem())
     write_private_file(files.server_key, private_key_pem(server_key))
     atomic_write(files.server_cert, certificate_pem(server_cert))
     write_private_file(files.bridge_key, private_key_pem(bridge_key))
@@ -323,6 +403,7 @@ def write_mosquitto_config(
     *,
     host: str = "127.0.0.1",
     port: int = 8883,
+    server_port: int | None = None,
     hostnames: Sequence[str] = ("localhost",),
     ips: Sequence[str] = ("127.0.0.1",),
     topics: Topics = Topics(),  # noqa: B008 - Topics is frozen
@@ -330,7 +411,9 @@ def write_mosquitto_config(
 ) -> BrokerFiles:
     """Write a working Mosquitto setup for the home's fleet CA into ``out``.
 
-    ``host``/``port`` is where the listener binds; ``hostnames`` and ``ips``
+    ``host``/``port`` is where the device listener binds, ``server_port``
+    (default ``port + 1``) the server's (``edgeota serve --broker
+    mqtts://HOST:SERVER_PORT``); ``hostnames`` and ``ips``
     are the names clients use to reach it (the server certificate's SANs,
     which agents check). ``run_as`` is the user a root-started Mosquitto
     switches to (see :func:`write_mosquitto_files`). Returns the paths
@@ -344,6 +427,6 @@ def write_mosquitto_config(
     config = load_server_config(Path(home))
     ca = FleetCA.load(config.ca_dir)
     return write_mosquitto_files(
-        ca, out, host=host, port=port, hostnames=hostnames, ips=ips, topics=topics,
-        run_as=run_as,
+        ca, out, host=host, port=port, server_port=server_port, hostnames=hostnames, ips=ips,
+        topics=topics, run_as=run_as,
     )

@@ -62,22 +62,26 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
+import enum
 import functools
 import logging
+import re
 import shutil
 import ssl
+import struct
 import tempfile
 import threading
-from collections.abc import Iterator, Sequence
+from collections import deque
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
-from amqtt.adapters import StreamReaderAdapter, StreamWriterAdapter
+from amqtt.adapters import ReaderAdapter, WriterAdapter
 from amqtt.broker import Broker
 from amqtt.contexts import Action, BaseContext
 from amqtt.plugins.base import BaseAuthPlugin, BaseTopicPlugin
-from amqtt.session import Session
+from amqtt.session import OutgoingApplicationMessage, Session
 from cryptography import x509
 from cryptography.x509.oid import NameOID
 
@@ -89,7 +93,9 @@ from edgeota.protocol.identity import (
     validate_device_id,
 )
 from edgeota.protocol.topics import DEFAULT_PREFIX, DEVICE_PUBLISHES, DEVICE_RECEIVES, Topics
+from edgeota.server.broker_config import MAX_PACKET_SIZE
 from edgeota.server.fleet_ca import CA_CERT_FILE, FleetCA, certificate_pem, private_key_pem
+from edgeota.server.ratelimit import RepeatLog, TokenBucket
 
 __all__ = [
     "AMQTT_ATTRIBUTES",
@@ -97,11 +103,18 @@ __all__ = [
     "START_TIMEOUT",
     "AclGrants",
     "BrokerAcl",
+    "BrokerCounters",
+    "BrokerLimits",
     "CertificateAclPlugin",
+    "ConnackCode",
+    "ConnectRequest",
     "EmbeddedBroker",
     "EmbeddedBrokerError",
+    "MalformedPacketError",
+    "OversizeHandler",
     "certificate_identity",
     "filters_overlap",
+    "parse_connect",
     "topic_matches",
 ]
 
@@ -119,7 +132,12 @@ AMQTT_OVERRIDES = (
 )
 AMQTT_ATTRIBUTES = (
     "_subscriptions",  # the subscription table, replaced by one iterated over a snapshot
+    "_tasks_queue",  # the broadcast's delivery tasks, replaced by one that keeps running ones only
 )
+# A replica's client id: the server identity, '-' and this (e.g. a random hex tag).
+_REPLICA_SUFFIX_RE = re.compile(r"-[A-Za-z0-9_-]{1,48}")
+_PUBLISH = 3  # MQTT control packet types (the high nibble of the first byte)
+_CONNECT = 1
 # The certificate identity (CN) of the connection whose task is running: set by
 # the TLS server's connection handler before amqtt reads the CONNECT; each
 # connection's task has its own copy (asyncio runs each in its own context).
@@ -129,6 +147,113 @@ _connection_identity: contextvars.ContextVar[str | None] = contextvars.ContextVa
 
 class EmbeddedBrokerError(EdgeotaError):
     """The embedded broker could not start or stop, or amqtt lacks a hook it relies on."""
+
+
+class MalformedPacketError(EmbeddedBrokerError):
+    """A client's first packet is not an MQTT CONNECT this broker can read."""
+
+
+# Called (on the broker's thread) with the sender's certificate identity, the
+# topic of a PUBLISH refused for its size (None if unreadable) and its size.
+OversizeHandler = Callable[[str, str | None, int], None]
+
+
+@dataclass(frozen=True)
+class BrokerLimits:
+    """What one client may cost the embedded broker: Mosquitto's limits, and a few more.
+
+    ``max_packet_size`` is Mosquitto's (``broker_config.MAX_PACKET_SIZE``, the
+    whole packet, headers included): a larger packet is refused from its
+    fixed header, before its body is read, and the connection is closed. A
+    device's PUBLISH packets are paced to ``device_publish_rate`` a second
+    (``device_publish_burst`` saved up): beyond it the broker stops reading
+    that connection for a while, so TCP slows the sender down and nobody
+    else waits (a device fetching at 250 MB/s in 512 KiB windows sends 500
+    requests a second). QoS 1 messages on their way to one client -- sent
+    and not yet acknowledged, waiting to be written, or kept for an offline
+    persistent session -- are at most ``max_queued`` for a device
+    (``server_max_queued`` for the server, which reads every device's
+    messages); beyond that new ones are dropped for that client, as
+    Mosquitto's ``max_queued_messages`` does, and a device that never
+    acknowledges holds at most that many. A client that leaves its socket
+    unread for ``write_stall_timeout`` seconds while the broker has data for
+    it is disconnected, and one that sends no CONNECT within
+    ``connect_timeout`` seconds of its TLS handshake too.
+    """
+
+    max_packet_size: int = MAX_PACKET_SIZE  # bytes
+    device_publish_rate: float = 500.0  # PUBLISH packets per second
+    device_publish_burst: int = 1000
+    max_queued: int = 128  # messages to one device
+    server_max_queued: int = 16384  # messages to the server identity
+    connect_timeout: float = 10.0  # seconds
+    write_stall_timeout: float = 30.0  # seconds
+
+    def __post_init__(self) -> None:
+        if self.max_packet_size < 1024:
+            raise ValueError("max_packet_size must allow at least 1 KiB")
+        if self.device_publish_rate <= 0 or self.device_publish_burst < 1:
+            raise ValueError("the device publish rate and burst must be positive")
+        if self.max_queued < 1 or self.server_max_queued < 1:
+            raise ValueError("the queue bounds must be positive")
+        if self.connect_timeout <= 0 or self.write_stall_timeout <= 0:
+            raise ValueError("the timeouts must be positive")
+
+
+@dataclass(frozen=True)
+class BrokerCounters:
+    """What the embedded broker refused, for tests and operators."""
+
+    refused_connects: int = 0  # CONNECTs answered with a refusal (no session touched)
+    oversize: int = 0  # packets over max_packet_size (connection closed)
+    throttled: int = 0  # times a device's PUBLISH packets were paced
+    stalled: int = 0  # clients disconnected for not reading
+    dropped: int = 0  # messages not queued to a client holding max_queued already
+
+
+class ConnackCode(enum.IntEnum):
+    """MQTT 3.1.1 CONNACK return codes (MQTT-3.2.2.3) the broker answers with."""
+
+    ACCEPTED = 0
+    UNACCEPTABLE_PROTOCOL = 1
+    IDENTIFIER_REJECTED = 2
+    NOT_AUTHORIZED = 5
+
+
+@dataclass(frozen=True)
+class ConnectRequest:
+    """The parts of a CONNECT the broker decides on before amqtt sees it."""
+
+    protocol_level: int  # 4: MQTT 3.1.1, 3: MQTT 3.1
+    clean_session: bool
+    client_id: str
+
+
+def parse_connect(packet: bytes) -> ConnectRequest:
+    """Read protocol level, clean-session flag and client id from a whole CONNECT packet.
+
+    Raises:
+        MalformedPacketError: not a CONNECT, or cut short before the client id.
+    """
+    try:
+        if packet[0] >> 4 != _CONNECT:
+            raise MalformedPacketError("the first packet is not a CONNECT")
+        at = 1
+        while packet[at] & 0x80:  # the remaining length (at most 4 bytes, checked by the reader)
+            at += 1
+        at += 1
+        (name_length,) = struct.unpack_from(">H", packet, at)
+        at += 2 + name_length
+        level, flags = packet[at], packet[at + 1]
+        at += 4  # level, flags, keep-alive
+        (id_length,) = struct.unpack_from(">H", packet, at)
+        at += 2
+        if at + id_length > len(packet):
+            raise MalformedPacketError("the CONNECT ends inside its client id")
+        client_id = packet[at:at + id_length].decode("utf-8")
+    except (IndexError, struct.error, UnicodeDecodeError) as e:
+        raise MalformedPacketError(f"unreadable CONNECT: {e}") from e
+    return ConnectRequest(level, bool(flags & 0x02), client_id)
 
 
 # --- the policy: pure functions of identity and topic -------------------------------------
@@ -201,6 +326,31 @@ class BrokerAcl:
             read=tuple(self.topics.device(identity, kind) for kind in DEVICE_RECEIVES),
         )
 
+    def may_use_client_id(self, identity: str, client_id: str) -> bool:
+        """Whether ``identity`` may connect as ``client_id``: a client id is bound to its identity.
+
+        MQTT lets a client pick its id, and a broker drops the session of
+        whoever held that id before; so a device connects as its own id only,
+        and the server as its identity or ``{identity}-{suffix}`` (each
+        replica its own). No device id starts with the server's ``_``.
+        """
+        if self.grants(identity) is None:
+            return False
+        if client_id == identity:
+            return True
+        return (identity == self.server_identity and client_id.startswith(identity)
+                and _REPLICA_SUFFIX_RE.fullmatch(client_id, len(identity)) is not None)
+
+    def connect_verdict(self, identity: str | None, request: ConnectRequest) -> ConnackCode:
+        """What to answer a CONNECT from a connection whose certificate names ``identity``."""
+        if identity is None or self.grants(identity) is None:
+            return ConnackCode.NOT_AUTHORIZED
+        if request.protocol_level not in (3, 4):
+            return ConnackCode.UNACCEPTABLE_PROTOCOL
+        if not self.may_use_client_id(identity, request.client_id):
+            return ConnackCode.IDENTIFIER_REJECTED
+        return ConnackCode.ACCEPTED
+
     def may_publish(self, identity: str, topic: str) -> bool:
         grants = self.grants(identity)
         if grants is None or "+" in topic or "#" in topic:
@@ -256,10 +406,14 @@ class CertificateAclPlugin(BaseAuthPlugin, BaseTopicPlugin):
         """Plugin settings (amqtt builds this from the broker config)."""
 
         prefix: str = DEFAULT_PREFIX
+        max_queued: int = BrokerLimits.max_queued
+        server_max_queued: int = BrokerLimits.server_max_queued
 
     def __init__(self, context: BaseContext) -> None:
         super().__init__(context)
         self.acl = BrokerAcl(Topics(self.config.prefix))
+        self.dropped = 0  # deliveries refused to a client holding its queue bound (broker thread)
+        self._repeats = RepeatLog(logger)
 
     async def authenticate(self, *, session: Session) -> bool | None:
         """Accept a connection only with a fleet certificate whose CN the ACL knows.
@@ -298,7 +452,7 @@ class CertificateAclPlugin(BaseAuthPlugin, BaseTopicPlugin):
     ) -> bool | None:
         """Publish, subscribe and receive checks for the session's certificate identity."""
         identity = session.attributes.get(_IDENTITY_ATTRIBUTE) if session is not None else None
-        if not isinstance(identity, str) or not topic:
+        if session is None or not isinstance(identity, str) or not topic:
             return False
         match action:
             case Action.PUBLISH:
@@ -306,9 +460,27 @@ class CertificateAclPlugin(BaseAuthPlugin, BaseTopicPlugin):
             case Action.SUBSCRIBE:
                 return self.acl.may_subscribe(identity, topic)
             case Action.RECEIVE:
-                return self.acl.may_receive(identity, topic)
+                if not self.acl.may_receive(identity, topic):
+                    return False
+                return self._has_room(session, identity)
             case _:
                 return False
+
+    def _has_room(self, session: Session, identity: str) -> bool:
+        """Whether ``session`` holds fewer messages than its bound (see :class:`BrokerLimits`).
+
+        In flight counts what was sent and not acknowledged and what waits to
+        be written (amqtt records a QoS 1 message there before writing it);
+        an offline persistent session's queue counts too.
+        """
+        bound = (self.config.server_max_queued if identity == self.acl.server_identity
+                 else self.config.max_queued)
+        if session.inflight_out_count + session.retained_messages.qsize() < bound:
+            return True
+        self.dropped += 1
+        self._repeats.log(("full", identity), "dropping messages for %r: %d already queued "
+                          "to it (a client that does not read or acknowledge)", identity, bound)
+        return False
 
 
 class _SnapshotSubscriptions(dict[str, list[tuple[Session, int]]]):
@@ -328,8 +500,34 @@ class _SnapshotSubscriptions(dict[str, list[tuple[Session, int]]]):
         return list(super().items())
 
 
+class _RunningDeliveries(deque[asyncio.Task[OutgoingApplicationMessage]]):
+    """amqtt's list of delivery tasks, holding only those still running.
+
+    amqtt 0.12 appends every delivery it starts and lets go of finished ones
+    from the front only, so one delivery that never ends (a client that does
+    not read: it waits to be written) kept every later delivery, and the
+    message each carries, for as long as it lasted: memory grew with the
+    whole fleet's traffic. A finished task leaves at once here, its error
+    logged (bounded) as amqtt would have.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._repeats = RepeatLog(logger)
+
+    def append(self, task: asyncio.Task[OutgoingApplicationMessage]) -> None:
+        super().append(task)
+        task.add_done_callback(self._finished)
+
+    def _finished(self, task: asyncio.Task[OutgoingApplicationMessage]) -> None:
+        with contextlib.suppress(ValueError):  # amqtt's own loop may have taken it already
+            self.remove(task)
+        if not task.cancelled() and (error := task.exception()) is not None:
+            self._repeats.log(type(error).__name__, "an MQTT delivery failed: %s", error)
+
+
 class _EdgeotaBroker(Broker):
-    """amqtt's broker with the two internal fixes described in the module docstring."""
+    """amqtt's broker with the internal fixes described in the module docstring."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -338,6 +536,11 @@ class _EdgeotaBroker(Broker):
             raise EmbeddedBrokerError("this amqtt keeps its subscription table elsewhere than "
                                       "Broker._subscriptions: cannot make its iteration safe")
         self._subscriptions = _SnapshotSubscriptions(table)
+        tasks = vars(self).get("_tasks_queue")
+        if not isinstance(tasks, deque) or tasks:
+            raise EmbeddedBrokerError("this amqtt keeps its delivery tasks elsewhere than "
+                                      "Broker._tasks_queue: cannot bound what they hold")
+        self._tasks_queue = _RunningDeliveries()
 
     async def _publish_retained_messages_for_subscription(
         self, subscription: tuple[str, int], session: Session
@@ -372,22 +575,228 @@ def _server_tls(ca_file: Path, cert_file: Path, key_file: Path) -> ssl.SSLContex
     return context
 
 
-async def _hand_over(broker: Broker, reader: asyncio.StreamReader,
+class _GuardedReader(ReaderAdapter):
+    """amqtt's view of one client's byte stream, read packet by packet with the limits applied.
+
+    Each packet's fixed header is read here first: a packet over
+    ``max_packet_size`` is refused before a byte of its body is read (the
+    connection is closed, amqtt sees the end of the stream), and a device's
+    PUBLISH waits for a token of its rate (so the kernel's TCP window, not
+    the broker's memory, holds what a flooding device sends). Then amqtt
+    reads the header and the body as it always does; the body goes straight
+    from the stream to amqtt, no copy.
+    """
+
+    def __init__(self, reader: asyncio.StreamReader, writer: _GuardedWriter, *,
+                 identity: str | None, limits: BrokerLimits, bucket: TokenBucket | None,
+                 counters: dict[str, int], on_oversize: OversizeHandler | None) -> None:
+        self._reader, self._writer = reader, writer
+        self._identity, self._limits, self._bucket = identity, limits, bucket
+        self._counters, self._on_oversize = counters, on_oversize
+        self._pending = b""  # header bytes of the current packet not yet handed to amqtt
+        self._left = 0  # body bytes of the current packet not yet handed to amqtt
+        self._ended = False
+
+    async def read(self, n: int = -1) -> bytes:
+        if self._ended or n == 0:
+            return b""
+        if not self._pending and not self._left and not await self._next_packet():
+            self._ended = True
+            return b""
+        if n < 0:
+            n = len(self._pending) + self._left
+        out, self._pending = self._pending[:n], self._pending[n:]
+        want = min(n - len(out), self._left)
+        if want:
+            body = await self._reader.readexactly(want)
+            self._left -= want
+            out = out + body if out else body
+        return out
+
+    def feed_eof(self) -> None:
+        self._reader.feed_eof()
+
+    async def first_packet(self) -> bytes:
+        """Read the whole first packet (the CONNECT) and keep it to hand to amqtt again."""
+        if not await self._next_packet():
+            raise MalformedPacketError("the connection ended before a whole first packet")
+        body = await self._reader.readexactly(self._left)
+        self._pending += body
+        self._left = 0
+        return self._pending
+
+    async def _next_packet(self) -> bool:
+        """Read the next fixed header and apply the limits; ``False``: the stream ends here."""
+        try:
+            first = await self._reader.readexactly(1)
+            header, length, shift = bytearray(first), 0, 0
+            while True:
+                byte = (await self._reader.readexactly(1))[0]
+                header.append(byte)
+                length |= (byte & 0x7F) << shift
+                if not byte & 0x80:
+                    break
+                shift += 7
+                if shift > 21:  # MQTT-2.2.3: at most four bytes
+                    self._writer.abort()
+                    return False
+        except (asyncio.IncompleteReadError, ConnectionError):
+            return False
+        kind, total = first[0] >> 4, len(header) + length
+        if total > self._limits.max_packet_size:
+            await self._refuse_oversize(kind, length, total)
+            return False
+        if kind == _PUBLISH and self._bucket is not None:
+            loop = asyncio.get_running_loop()
+            if delay := self._bucket.wait(loop.time()):
+                self._counters["throttled"] += 1
+                while delay:
+                    await asyncio.sleep(delay)
+                    delay = self._bucket.wait(loop.time())
+        self._pending, self._left = bytes(header), length
+        return True
+
+    async def _refuse_oversize(self, kind: int, length: int, total: int) -> None:
+        """Close the connection over a packet too large; tell the owner which topic it was for."""
+        self._counters["oversize"] += 1
+        topic = None
+        if kind == _PUBLISH and length >= 2:
+            with contextlib.suppress(asyncio.IncompleteReadError, ConnectionError,
+                                     UnicodeDecodeError, TimeoutError):
+                async with asyncio.timeout(self._limits.connect_timeout):
+                    (size,) = struct.unpack(">H", await self._reader.readexactly(2))
+                    if size <= min(1024, length - 2):
+                        topic = (await self._reader.readexactly(size)).decode("utf-8")
+        logger.warning("refused a %d-byte MQTT packet (limit %d) from %r on %r: disconnected",
+                       total, self._limits.max_packet_size, self._identity, topic)
+        self._writer.abort()
+        if self._on_oversize is not None and self._identity is not None:
+            try:
+                self._on_oversize(self._identity, topic, total)
+            except Exception:  # the owner's bug must not keep the connection open
+                logger.exception("the oversize handler failed")
+
+
+class _GuardedWriter(WriterAdapter):
+    """amqtt's writer for one client; a client that stops reading is disconnected.
+
+    amqtt waits for each packet to be written (``drain``) with no time
+    limit: a client that never reads held its deliveries, and their
+    messages, forever. Here a drain that does not end within
+    ``write_stall_timeout`` closes the connection, which ends them.
+    """
+
+    def __init__(self, writer: asyncio.StreamWriter, *, identity: str | None,
+                 limits: BrokerLimits, counters: dict[str, int], repeats: RepeatLog) -> None:
+        self._writer, self._identity, self._limits = writer, identity, limits
+        self._counters, self._repeats = counters, repeats
+        self.is_closed = False
+
+    def write(self, data: bytes) -> None:
+        if not self.is_closed:
+            self._writer.write(data)
+
+    async def drain(self) -> None:
+        if self.is_closed:
+            return
+        try:
+            async with asyncio.timeout(self._limits.write_stall_timeout):
+                await self._writer.drain()
+        except TimeoutError:
+            self._counters["stalled"] += 1
+            self._repeats.log(("stalled", self._identity),
+                              "MQTT client %r read nothing for %.0f s: disconnected",
+                              self._identity, self._limits.write_stall_timeout)
+            self.abort()
+            raise ConnectionResetError("the client stopped reading") from None
+
+    def get_peer_info(self) -> tuple[str, int] | None:
+        peer = self._writer.get_extra_info("peername")
+        if not peer or len(peer) < 2:
+            return None
+        return peer[0], peer[1]
+
+    def get_ssl_info(self) -> ssl.SSLObject | None:
+        return cast("ssl.SSLObject | None", self._writer.get_extra_info("ssl_object"))
+
+    def abort(self) -> None:
+        """Drop the connection now, unsent data included (the refusals and the stalled)."""
+        self.is_closed = True
+        self._writer.transport.abort()
+
+    async def close(self) -> None:
+        if self.is_closed:
+            return
+        self.is_closed = True
+        with contextlib.suppress(ConnectionError, ssl.SSLError, TimeoutError):
+            async with asyncio.timeout(self._limits.write_stall_timeout):
+                await self._writer.drain()
+        self._writer.close()
+        with contextlib.suppress(ConnectionError, ssl.SSLError, TimeoutError):
+            async with asyncio.timeout(self._limits.write_stall_timeout):
+                await self._writer.wait_closed()
+
+
+@dataclass
+class _Gatekeeper:
+    """What every connection's hand-over shares: the policy, the limits, the counters."""
+
+    acl: BrokerAcl
+    limits: BrokerLimits
+    on_oversize: OversizeHandler | None
+    counters: dict[str, int] = field(default_factory=lambda: {
+        name: 0 for name in ("refused_connects", "oversize", "throttled", "stalled")})
+    repeats: RepeatLog = field(default_factory=lambda: RepeatLog(logger))
+
+    async def refuse(self, writer: _GuardedWriter, code: ConnackCode, identity: str | None,
+                     request: ConnectRequest) -> None:
+        """Answer CONNACK ``code`` and close: amqtt never sees this connection."""
+        self.counters["refused_connects"] += 1
+        self.repeats.log(("refused", identity, code),
+                         "refused MQTT CONNECT of %r as client id %r: %s", identity,
+                         request.client_id[:80], code.name.lower())
+        writer.write(bytes((0x20, 0x02, 0x00, code)))
+        await writer.close()
+
+
+async def _hand_over(broker: Broker, gate: _Gatekeeper, reader: asyncio.StreamReader,
                      writer: asyncio.StreamWriter) -> None:
-    """One verified TLS connection (its own task): note its identity, let amqtt run it."""
+    """One verified TLS connection (its own task): check its CONNECT, then let amqtt run it.
+
+    The client id is checked against the certificate here, before amqtt
+    reads the CONNECT: amqtt drops the session holding a client id (its
+    subscriptions, and with them a device's or the whole fleet's fetches)
+    before it asks any plugin who is connecting, so a refusal there would
+    come too late. A refused CONNECT is answered here and changes nothing.
+    """
     ssl_object = writer.get_extra_info("ssl_object")
     der = ssl_object.getpeercert(binary_form=True) if ssl_object is not None else None
-    _connection_identity.set(certificate_identity(der) if der else None)
+    identity = certificate_identity(der) if der else None
+    limits = gate.limits
+    guarded_writer = _GuardedWriter(writer, identity=identity, limits=limits,
+                                    counters=gate.counters, repeats=gate.repeats)
+    paced = identity is not None and identity != gate.acl.server_identity
+    guarded_reader = _GuardedReader(
+        reader, guarded_writer, identity=identity, limits=limits,
+        bucket=TokenBucket(limits.device_publish_rate, limits.device_publish_burst)
+        if paced else None, counters=gate.counters, on_oversize=gate.on_oversize)
     try:
-        await broker.external_connected(StreamReaderAdapter(reader),
-                                        StreamWriterAdapter(writer), _LISTENER)
-    except (ConnectionError, ssl.SSLError, TimeoutError) as e:
-        # A client gone mid-way (often just after a refused CONNECT): its connection only.
+        async with asyncio.timeout(limits.connect_timeout):
+            request = parse_connect(await guarded_reader.first_packet())
+        verdict = gate.acl.connect_verdict(identity, request)
+        if verdict is not ConnackCode.ACCEPTED:
+            await gate.refuse(guarded_writer, verdict, identity, request)
+            return
+        _connection_identity.set(identity)
+        await broker.external_connected(guarded_reader, guarded_writer, _LISTENER)
+    except (ConnectionError, ssl.SSLError, TimeoutError, asyncio.IncompleteReadError,
+            MalformedPacketError) as e:
+        # A client gone mid-way, silent, or not speaking MQTT: its connection only.
         logger.debug("MQTT connection ended: %s", e)
-        writer.close()
+        guarded_writer.abort()
     except Exception:  # a bug in one connection ends that connection, never the listener
         logger.exception("MQTT connection failed")
-        writer.close()
+        guarded_writer.abort()
 
 
 # --- the broker on its own thread -------------------------------------------------------------
@@ -412,6 +821,8 @@ class EmbeddedBroker:
         topics: Topics = Topics(),  # noqa: B008 - Topics is frozen
         hostnames: Sequence[str] = ("localhost",),
         ips: Sequence[str] = ("127.0.0.1",),
+        limits: BrokerLimits = BrokerLimits(),
+        on_oversize: OversizeHandler | None = None,
     ) -> None:
         if ":" in host:
             # amqtt's bind parser keeps the brackets of "[::1]:port".
@@ -431,6 +842,16 @@ class EmbeddedBroker:
         self._ready = threading.Event()
         self._error: BaseException | None = None
         self._workdir: Path | None = None
+        self.limits = limits
+        self._gate = _Gatekeeper(BrokerAcl(topics), limits, on_oversize)
+        self._amqtt: Broker | None = None
+
+    def counters(self) -> BrokerCounters:
+        """What the broker refused so far (read from another thread: a snapshot, not a lock)."""
+        plugin = (self._amqtt.plugins_manager.get_plugin(CertificateAclPlugin.__name__)
+                  if self._amqtt is not None else None)
+        dropped = plugin.dropped if isinstance(plugin, CertificateAclPlugin) else 0
+        return BrokerCounters(dropped=dropped, **self._gate.counters)
 
     @property
     def ca_cert(self) -> Path:
@@ -464,6 +885,8 @@ class EmbeddedBroker:
             "plugins": {
                 f"{CertificateAclPlugin.__module__}.{CertificateAclPlugin.__qualname__}": {
                     "prefix": self.topics.prefix,
+                    "max_queued": self.limits.max_queued,
+                    "server_max_queued": self.limits.server_max_queued,
                 },
             },
         }
@@ -536,10 +959,11 @@ class EmbeddedBroker:
         self._stop = asyncio.Event()
         broker = _EdgeotaBroker(config, loop=asyncio.get_running_loop())
         await broker.start()
+        self._amqtt = broker
         try:
             listener = await asyncio.start_server(
-                functools.partial(_hand_over, broker), self.host, self._requested_port,
-                ssl=tls, reuse_address=True)
+                functools.partial(_hand_over, broker, self._gate), self.host,
+                self._requested_port, ssl=tls, reuse_address=True)
         except BaseException:
             await asyncio.wait_for(broker.shutdown(), START_TIMEOUT / 2)
             raise

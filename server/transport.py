@@ -7,9 +7,12 @@ set up by ``edgeota broker-config``). Either way the bridge authenticates
 with the server's own client certificate (CN ``_edgeota-server``), issued
 from the fleet CA into a private folder at start.
 
-On an external broker several ``edgeota serve`` replicas may share the work:
-each connects with a client id of its own (the broker would otherwise
-disconnect one replica whenever another connects with the same id) and
+On an external broker the bridge connects to its *server listener* (see
+:mod:`edgeota.server.broker_config`), with a certificate from the services
+CA kept beside the fleet CA, which no device holds. There several ``edgeota
+serve`` replicas may share the work: each connects with a client id of its
+own, ``_edgeota-server-{tag}`` (the broker would otherwise disconnect one
+replica whenever another connects with the same id) and
 subscribes through the shared-subscription group :data:`REPLICA_GROUP`, so
 every fetch request and every device report reaches exactly one replica
 (two replicas ingesting the same report would see the second copy as a
@@ -35,6 +38,7 @@ from edgeota.protocol.errors import EdgeotaError
 from edgeota.protocol.fetch import MqttTls
 from edgeota.protocol.files import atomic_write, write_private_file
 from edgeota.protocol.identity import CA_CERT_FILE, SERVER_IDENTITY
+from edgeota.server.broker_config import service_ca
 from edgeota.server.embedded_broker import EmbeddedBroker
 from edgeota.server.fleet_ca import FleetCA, certificate_pem, private_key_pem
 from edgeota.server.mqtt_bridge import FetchBridge
@@ -111,7 +115,10 @@ class MqttTransport:
         return BrokerAddress(self.broker.host, self.broker.port)
 
     def _server_identity(self) -> MqttTls:
+        """The bridge's client certificate: from the fleet CA (embedded) or the services CA."""
         ca = FleetCA.load(self._ca_dir)
+        if self._external is not None:
+            ca = service_ca(ca)  # what the generated server listener trusts, alone
         key, cert = ca.issue_service_client_certificate(SERVER_IDENTITY)
         self._identity_dir = Path(tempfile.mkdtemp(prefix="edgeota-bridge-"))  # 0700
         cert_file = self._identity_dir / "bridge.crt.pem"

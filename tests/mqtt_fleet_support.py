@@ -6,8 +6,9 @@ writes the broker files exactly as ``edgeota broker-config`` does
 (``write_mosquitto_files``: TLS, client certificates required, the fleet ACL)
 and runs them through ``mosquitto_support.MosquittoBroker``, so ``restart()``
 and ``kill()`` work as for the plain broker. Device identities are issued on
-demand with ``write_device_tls``, the server identity is the bridge
-certificate the broker files hold.
+demand with ``write_device_tls`` and connect to ``port`` (the device
+listener); the server identity is the bridge certificate the broker files
+hold (from the services CA) and connects to ``server_port``.
 """
 
 from __future__ import annotations
@@ -45,7 +46,13 @@ class TlsFleetBroker:
 
     @property
     def port(self) -> int:
+        """The device listener."""
         return self.broker.port
+
+    @property
+    def server_port(self) -> int:
+        """The server listener (services CA certificates only): where bridges connect."""
+        return self.files.server_port
 
     @property
     def server_tls(self) -> MqttTls:
@@ -73,9 +80,11 @@ def running_fleet_mosquitto(ca: FleetCA, folder: Path) -> Iterator[TlsFleetBroke
     run_as = "root" if os.geteuid() == 0 else None
     last_error: Exception | None = None
     for attempt in range(3):  # another process may take the free port first
-        port = _free_port(HOST)
+        port, server_port = _free_port(HOST), _free_port(HOST)
+        if server_port == port:
+            continue
         files = write_mosquitto_files(ca, folder / f"tls-broker-{attempt}", host=HOST,
-                                      port=port, run_as=run_as)
+                                      port=port, server_port=server_port, run_as=run_as)
         broker = MosquittoBroker(HOST, port, None, files.folder)  # type: ignore[arg-type]
         try:
             broker.start()

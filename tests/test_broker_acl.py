@@ -77,7 +77,8 @@ class Fleet:
 @dataclass(frozen=True)
 class RunningBroker:
     name: str
-    port: int
+    port: int  # where devices connect
+    server_port: int  # where the server identity connects (Mosquitto: the server listener)
     ca_cert: Path
     server: Credentials  # the server identity's client certificate
 
@@ -104,7 +105,7 @@ def acl_mosquitto(fleet: Fleet) -> Iterator[RunningBroker]:
     ca = FleetCA.load(fleet.ca_dir)
     with running_fleet_mosquitto(ca, fleet.work / "mosquitto") as broker:
         files = broker.files
-        yield RunningBroker("mosquitto", broker.port, files.ca_cert,
+        yield RunningBroker("mosquitto", broker.port, broker.server_port, files.ca_cert,
                             Credentials(files.bridge_cert, files.bridge_key))
 
 
@@ -118,7 +119,7 @@ def acl_embedded(fleet: Fleet) -> Iterator[RunningBroker]:
     (folder / "bridge.key.pem").write_bytes(private_key_pem(key))
     (folder / "bridge.key.pem").chmod(0o600)
     with EmbeddedBroker(fleet.ca_dir) as broker:
-        yield RunningBroker("embedded", broker.port, broker.ca_cert,
+        yield RunningBroker("embedded", broker.port, broker.port, broker.ca_cert,
                             Credentials(folder / "bridge.crt.pem", folder / "bridge.key.pem"))
 
 
@@ -131,15 +132,31 @@ def broker(request: pytest.FixtureRequest) -> RunningBroker:
 # --- a small synchronous MQTT client ----------------------------------------------------------
 
 
+def own_client_id(creds: Credentials | None) -> str:
+    """The client id a certificate may use: its CN (the server: a replica id of its own)."""
+    if creds is None:
+        return f"anonymous-{uuid.uuid4().hex[:8]}"
+    cert = x509.load_pem_x509_certificate(creds.cert.read_bytes())
+    identity = certificate_identity(cert.public_bytes(Encoding.DER)) or "no-cn"
+    return f"{identity}-{uuid.uuid4().hex[:8]}" if identity == SERVER_IDENTITY else identity
+
+
 class Client:
-    """paho (MQTT 3.1.1, TLS) with blocking connect/subscribe/publish and a message queue."""
+    """paho (MQTT 3.1.1, TLS) with blocking connect/subscribe/publish and a message queue.
+
+    The client id is the certificate's own unless ``client_id`` claims
+    another; the server's certificate connects where the broker takes the
+    server (Mosquitto's server listener), every other one where devices do.
+    """
 
     def __init__(self, broker: RunningBroker, creds: Credentials | None,
                  *, ca_cert: Path | None = None, username: str | None = None,
-                 client_id: str | None = None, clean_session: bool = True) -> None:
-        self.port = broker.port
-        self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2,
-                                  client_id=client_id or f"test-{uuid.uuid4().hex[:12]}",
+                 client_id: str | None = None, clean_session: bool = True,
+                 port: int | None = None) -> None:
+        self.port = port or (broker.server_port if creds == broker.server else broker.port)
+        self.client_id = client_id or own_client_id(creds)
+        self.refusal: mqtt.ReasonCode | None = None
+        self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=self.client_id,
                                   clean_session=clean_session, protocol=mqtt.MQTTv311)
         self.client.tls_set(ca_certs=str(ca_cert or broker.ca_cert),
                             certfile=str(creds.cert) if creds else None,
@@ -164,6 +181,8 @@ class Client:
                     _p: object) -> None:
         if not reason.is_failure:
             self._connected.set()
+        elif self.refusal is None:
+            self.refusal = reason
         self._done.set()
 
     def _on_subscribe(self, _c: object, _u: object, mid: int, codes: list[mqtt.ReasonCode],
@@ -327,28 +346,67 @@ def test_server_reaches_every_device_and_reads_them_all(broker: RunningBroker, f
 def test_resuming_another_devices_session_gives_none_of_its_messages(
         broker: RunningBroker, fleet: Fleet, connect) -> None:
     # A persistent session belongs to a client id, which the client chooses.
-    # B taking over A's session id must not inherit A's subscriptions or queue
-    # (amqtt even kept the old connection's certificate on a resumed session).
-    shared_id = f"shared-{uuid.uuid4().hex[:8]}"
-    device_a = Client(broker, fleet.devices["pi-a"], client_id=shared_id, clean_session=False)
-    assert device_a.connect()
+    # B asking for A's client id must not inherit A's subscriptions or queue
+    # (amqtt even kept the old connection's certificate on a resumed session),
+    # nor take A's session away: the embedded broker refuses the CONNECT,
+    # Mosquitto connects B as itself (use_username_as_clientid).
+    device_a = connect(fleet.devices["pi-a"], clean_session=False)
     device_a.subscribe(t("pi-a", DeviceTopic.RX))
-    device_a.close()
     server = connect(broker.server)
-    server.publish(t("pi-a", DeviceTopic.RX), b"queued for a")
-    device_b = Client(broker, fleet.devices["pi-b"], client_id=shared_id, clean_session=False)
+    device_b = Client(broker, fleet.devices["pi-b"], client_id="pi-a", clean_session=False)
     try:
-        if not device_b.connect():
-            return  # refusing the takeover (the embedded broker) is safe too
-        device_b.subscribe(t("pi-b", DeviceTopic.RX))
-        server.publish(t("pi-a", DeviceTopic.RX), b"live for a")
-        server.publish(t("pi-b", DeviceTopic.RX), b"control")
-        assert device_b.until(t("pi-b", DeviceTopic.RX), b"control") == []
+        if device_b.connect():
+            assert broker.name == "mosquitto"
+            device_b.subscribe(t("pi-b", DeviceTopic.RX))
+            server.publish(t("pi-a", DeviceTopic.RX), b"live for a")
+            server.publish(t("pi-b", DeviceTopic.RX), b"control")
+            assert device_b.until(t("pi-b", DeviceTopic.RX), b"control") == []
+        else:
+            assert device_b.refusal is not None and "identifier" in str(device_b.refusal).lower()
+            server.publish(t("pi-a", DeviceTopic.RX), b"live for a")
     finally:
         device_b.close()
-        cleanup = Client(broker, fleet.devices["pi-b"], client_id=shared_id)  # clean session
-        cleanup.connect()
-        cleanup.close()
+    # A kept its connection and its subscription.
+    assert device_a.until(t("pi-a", DeviceTopic.RX), b"live for a") == []
+
+
+def test_no_certificate_connects_under_another_clients_id(broker: RunningBroker, fleet: Fleet,
+                                                          connect) -> None:
+    # Issue 21 item 1: a broker drops whoever holds a client id when a client
+    # connects with it. pi-a's certificate asking for pi-b's id, or the
+    # server's, must leave pi-b and the server connected and subscribed: the
+    # embedded broker refuses (identifier rejected), Mosquitto connects it as
+    # pi-a whatever it asked for.
+    server = connect(broker.server)
+    server.subscribe(TOPICS.all_devices(DeviceTopic.FETCH))
+    victim = connect(fleet.devices["pi-b"])
+    victim.subscribe(t("pi-b", DeviceTopic.RX))
+    for claimed in ("pi-b", server.client_id, SERVER_IDENTITY, f"{SERVER_IDENTITY}-x"):
+        attacker = Client(broker, fleet.devices["pi-a"], client_id=claimed)
+        try:
+            accepted = attacker.connect()
+            if broker.name == "embedded":
+                assert not accepted, claimed
+                assert "identifier" in str(attacker.refusal).lower(), attacker.refusal
+            else:
+                assert accepted, claimed  # as pi-a: it publishes on pi-a's topics only
+                attacker.publish(t("pi-a", DeviceTopic.FETCH), claimed.encode())
+                assert server.until(t("pi-a", DeviceTopic.FETCH), claimed.encode()) == []
+        finally:
+            attacker.close()
+    # Both kept their connection and their subscriptions.
+    for n in range(3):
+        server.publish(t("pi-b", DeviceTopic.RX), f"frame {n}".encode())
+    assert victim.until(t("pi-b", DeviceTopic.RX), b"frame 2") == [
+        (t("pi-b", DeviceTopic.RX), b"frame 0"), (t("pi-b", DeviceTopic.RX), b"frame 1")]
+    victim.publish(t("pi-b", DeviceTopic.FETCH), b"control")
+    assert server.until(t("pi-b", DeviceTopic.FETCH), b"control") == []
+    if broker.name == "mosquitto":  # a device certificate is not even let in where the server is
+        intruder = Client(broker, fleet.devices["pi-a"], port=broker.server_port)
+        try:
+            assert not intruder.connect()
+        finally:
+            intruder.close()
 
 
 def test_last_will_on_another_devices_topic_is_dropped(broker: RunningBroker, fleet: Fleet,
@@ -357,14 +415,14 @@ def test_last_will_on_another_devices_topic_is_dropped(broker: RunningBroker, fl
     server.subscribe(f"{PREFIX}/devices/#")
     liar = Client(broker, fleet.devices["pi-b"])
     liar.client.will_set(t("pi-a", DeviceTopic.ONLINE), b"forged will", qos=1)
-    honest = Client(broker, fleet.devices["pi-b"])
-    honest.client.will_set(t("pi-b", DeviceTopic.ONLINE), b"control", qos=1)
+    honest = Client(broker, fleet.devices["pi-a"])  # its own client id: the liar's is pi-b
+    honest.client.will_set(t("pi-a", DeviceTopic.ONLINE), b"control", qos=1)
     for client in (liar, honest):  # a refused CONNECT would also do for the liar
         assert client.connect() or client is liar
     for client in (liar, honest):  # vanish without DISCONNECT: the broker sends the will
         client.client.loop_stop()
         client.client.socket().close()
-    assert server.until(t("pi-b", DeviceTopic.ONLINE), b"control") == []
+    assert server.until(t("pi-a", DeviceTopic.ONLINE), b"control") == []
 
 
 def test_server_replicas_share_fetch_load_on_mosquitto(acl_mosquitto: RunningBroker,
@@ -435,14 +493,23 @@ def test_generated_files_and_modes(fleet: Fleet) -> None:
     files = write_mosquitto_files(ca, fleet.work / "modes", host="0.0.0.0", port=1883,
                                   hostnames=["broker.lan"], ips=["10.0.0.2"])
     conf = files.config.read_text()
-    for line in ("listener 1883 0.0.0.0", "require_certificate true",
-                 "use_identity_as_username true", "allow_anonymous false",
-                 f"acl_file {files.acl}", f"cafile {files.ca_cert}", "max_packet_size 131072"):
+    for line in ("listener 1883 0.0.0.0", "listener 1884 0.0.0.0", "require_certificate true",
+                 "use_identity_as_username true", "use_username_as_clientid true",
+                 "allow_anonymous false", f"acl_file {files.acl}", f"cafile {files.ca_cert}",
+                 f"cafile {files.service_ca_cert}", "max_packet_size 131072"):
         assert line in conf.splitlines()
+    # The client id is the certificate's on the device listener only (replicas keep theirs).
+    device_listener, server_listener = conf.split("listener 1884 0.0.0.0")
+    assert "use_username_as_clientid true" in device_listener
+    assert "use_username_as_clientid true" not in server_listener
+    assert f"cafile {files.ca_cert}" not in server_listener
+    services = x509.load_pem_x509_certificate(files.service_ca_cert.read_bytes())
+    assert services.subject != ca.certificate.subject
     for private in (files.server_key, files.bridge_key, files.acl):
         assert private.stat().st_mode & 0o777 == 0o600
     bridge = x509.load_pem_x509_certificate(files.bridge_cert.read_bytes())
     assert certificate_identity(bridge.public_bytes(Encoding.DER)) == SERVER_IDENTITY
+    assert bridge.issuer == services.subject  # the services CA's, not the fleet CA's
     with pytest.raises(BrokerConfigError):
         write_mosquitto_files(ca, fleet.work / "bad", host="127.0.0.1\nlistener 1 0.0.0.0")
     with pytest.raises(BrokerConfigError):

@@ -6,12 +6,14 @@ moved one of them would otherwise fail silently (an override that no longer
 overrides anything), so each is checked here by name and signature, with a
 message naming the file that relies on it and what to do.
 
-Today: amqtt, for ``server/embedded_broker.py`` (see its module docstring).
+Today: amqtt, for ``server/embedded_broker.py`` (see its module docstring):
+two overrides/replaced attributes, and a few behaviours its limits rely on.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import inspect
 import re
 import tomllib
@@ -20,9 +22,11 @@ from importlib import metadata
 from pathlib import Path
 
 import pytest
-from amqtt.adapters import StreamReaderAdapter, StreamWriterAdapter
+from amqtt.adapters import ReaderAdapter, WriterAdapter
 from amqtt.broker import Broker
 from amqtt.contexts import ListenerType
+from amqtt.mqtt.protocol.handler import ProtocolHandler
+from amqtt.session import Session
 
 from edgeota.server.embedded_broker import AMQTT_ATTRIBUTES, AMQTT_OVERRIDES
 
@@ -86,7 +90,7 @@ def test_the_overridden_retained_message_hook_is_there_and_still_called() -> Non
 
 
 def test_the_replaced_subscription_table_is_what_the_broker_iterates(broker: Broker) -> None:
-    assert AMQTT_ATTRIBUTES == ("_subscriptions",)
+    assert AMQTT_ATTRIBUTES == ("_subscriptions", "_tasks_queue")
     table = vars(broker).get("_subscriptions")
     assert isinstance(table, dict), moved("a Broker has no _subscriptions dict any more")
     assert broker.subscriptions is table, moved(
@@ -96,13 +100,55 @@ def test_the_replaced_subscription_table_is_what_the_broker_iterates(broker: Bro
             f"Broker.{method} no longer uses self._subscriptions")
 
 
+def test_the_replaced_delivery_task_list_is_what_the_broadcast_fills(broker: Broker) -> None:
+    """``_RunningDeliveries`` replaces it: finished deliveries must leave it, not pile up."""
+    tasks = vars(broker).get("_tasks_queue")
+    assert isinstance(tasks, collections.deque) and not tasks, moved(
+        "a Broker has no empty _tasks_queue deque any more")
+    assert "running_tasks.append(" in inspect.getsource(Broker._run_broadcast), moved(
+        "Broker._run_broadcast no longer appends its delivery tasks to the list it is given")
+    assert "self._tasks_queue" in inspect.getsource(Broker._broadcast_loop), moved(
+        "Broker._broadcast_loop no longer runs the broadcast with self._tasks_queue")
+
+
+def test_the_connect_is_read_after_the_hand_over_and_sessions_dropped_before_auth() -> None:
+    """Why the CONNECT is checked before ``external_connected``: amqtt drops first, asks later.
+
+    If an upgrade authenticated before dropping a clean session's
+    predecessor, the check would still be right, only no longer the sole
+    guard; this test then says so, so the docstring can be corrected.
+    """
+    source = inspect.getsource(Broker._initialize_client_session)
+    assert "init_from_connect" in source and "self._delete_session(" in source, moved(
+        "Broker._initialize_client_session no longer reads the CONNECT and drops the old session")
+    assert "_authenticate" not in source, moved(
+        "Broker._initialize_client_session now authenticates before dropping the old session")
+
+
+def test_what_the_queue_bound_counts_is_recorded_before_the_write() -> None:
+    """``CertificateAclPlugin`` counts ``Session.inflight_out`` as "queued to this client"."""
+    assert isinstance(getattr(Session, "inflight_out_count", None), property), moved(
+        "Session.inflight_out_count is gone")
+    assert hasattr(Session(), "retained_messages"), moved("Session.retained_messages is gone")
+    source = inspect.getsource(ProtocolHandler._handle_qos1_message_flow)
+    stored, written = source.find("self.session.inflight_out["), source.find("_send_packet(")
+    assert 0 <= stored < written, moved(
+        "a QoS 1 delivery is no longer in Session.inflight_out while it waits to be written")
+
+
 def test_the_public_amqtt_api_the_embedded_broker_uses_is_there(broker: Broker) -> None:
     """Public, but young: checked too, so an upgrade that moves it fails here, not at start-up."""
     assert ListenerType("external") is ListenerType.EXTERNAL
     assert list(inspect.signature(Broker.external_connected).parameters) == [
         "self", "reader", "writer", "listener_name"], moved("Broker.external_connected changed")
-    assert list(inspect.signature(StreamReaderAdapter).parameters) == ["reader"]
-    assert list(inspect.signature(StreamWriterAdapter).parameters) == ["writer"]
+    # The embedded broker's own reader and writer implement these, and only these.
+    assert ReaderAdapter.__abstractmethods__ == {"read", "feed_eof"}, moved(
+        f"ReaderAdapter now asks for {sorted(ReaderAdapter.__abstractmethods__)}")
+    assert WriterAdapter.__abstractmethods__ == {
+        "write", "drain", "get_peer_info", "get_ssl_info", "close"}, moved(
+        f"WriterAdapter now asks for {sorted(WriterAdapter.__abstractmethods__)}")
+    assert callable(getattr(broker.plugins_manager, "get_plugin", None)), moved(
+        "PluginManager.get_plugin is gone (EmbeddedBroker.counters reads the ACL plugin)")
     topic_check = inspect.signature(broker.plugins_manager.map_plugin_topic)
     assert set(topic_check.parameters) == {"session", "topic", "action"}, moved(
         f"PluginManager.map_plugin_topic now takes {topic_check}")

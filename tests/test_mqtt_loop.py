@@ -343,8 +343,8 @@ def test_a_device_connection_fetches_and_resumes_the_same_on_either_loop(
             messages.append((device_id, kind, payload))
             arrived.notify_all()
 
-    bridge = FetchBridge(store, host=tls_mosquitto.host, port=tls_mosquitto.port,
-                         client_id="edgeota-server-1", tls=tls_mosquitto.server_tls,
+    bridge = FetchBridge(store, host=tls_mosquitto.host, port=tls_mosquitto.server_port,
+                         client_id="_edgeota-server-1", tls=tls_mosquitto.server_tls,
                          chunk_size=CHUNK, max_window=8,
                          reconnect_min_delay=0.02, reconnect_max_delay=0.2,
                          on_device_message=on_device_message)

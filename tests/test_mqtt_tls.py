@@ -22,7 +22,6 @@ import json
 import queue
 import threading
 import time
-import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -62,7 +61,8 @@ ONLINE = b'{"v":1,"online":true}'
 @dataclass(frozen=True)
 class TlsBroker:
     name: str
-    port: int
+    port: int  # where devices connect
+    server_port: int  # where the server connects (Mosquitto: its server listener)
     ca_cert: Path
     server_tls: MqttTls  # the edgeota server identity (CN _edgeota-server)
     shared_group: str | None  # amqtt has no shared subscriptions
@@ -71,8 +71,8 @@ class TlsBroker:
 def _mosquitto(server: RunningServer) -> Iterator[TlsBroker]:
     ca = FleetCA.load(server.config.ca_dir)
     with running_fleet_mosquitto(ca, server.home.parent / "mosquitto") as broker:
-        yield TlsBroker("mosquitto", broker.port, broker.files.ca_cert, broker.server_tls,
-                        shared_group="edgeota-replicas")
+        yield TlsBroker("mosquitto", broker.port, broker.server_port, broker.files.ca_cert,
+                        broker.server_tls, shared_group="edgeota-replicas")
 
 
 def _embedded(server: RunningServer) -> Iterator[TlsBroker]:
@@ -83,7 +83,7 @@ def _embedded(server: RunningServer) -> Iterator[TlsBroker]:
     (folder / "tls.crt.pem").write_bytes(certificate_pem(cert))
     (folder / "tls.key.pem").write_bytes(private_key_pem(key))
     with EmbeddedBroker(ca_dir) as broker:
-        yield TlsBroker("embedded", broker.port, broker.ca_cert,
+        yield TlsBroker("embedded", broker.port, broker.port, broker.ca_cert,
                         MqttTls(broker.ca_cert, folder / "tls.crt.pem", folder / "tls.key.pem"),
                         shared_group=None)
 
@@ -140,7 +140,7 @@ def backend(server: RunningServer, tls_broker: TlsBroker) -> Iterator[Backend]:
                              flush_interval=0.05).start()
     recorder = Recorder(sink)
     bridge = FetchBridge(
-        server.ctx.store, host=HOST, port=tls_broker.port, client_id="edgeota-server-1",
+        server.ctx.store, host=HOST, port=tls_broker.server_port, client_id="_edgeota-server-1",
         tls=tls_broker.server_tls, shared_group=tls_broker.shared_group,
         on_device_message=recorder, reconnect_min_delay=0.05, reconnect_max_delay=0.5)
     bridge.start(timeout=WAIT)
@@ -174,10 +174,10 @@ class DeviceClient:
     """A device's raw MQTT connection (TLS, its own certificate), with blocking calls."""
 
     def __init__(self, broker: TlsBroker, tls: MqttTls | None,
-                 will: tuple[str, bytes] | None = None) -> None:
+                 will: tuple[str, bytes] | None = None, *,
+                 client_id: str = "anonymous") -> None:
         self.port = broker.port
-        self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2,
-                                  client_id=f"device-{uuid.uuid4().hex[:12]}",
+        self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id,
                                   clean_session=True, protocol=mqtt.MQTTv311)
         self.client.tls_set(ca_certs=str(broker.ca_cert),
                             certfile=str(tls.cert_file) if tls and tls.cert_file else None,
@@ -228,7 +228,7 @@ def device_client(tls_broker: TlsBroker) -> Iterator[Callable[..., DeviceClient]
     opened: list[DeviceClient] = []
 
     def open_client(device: Enrolled, *, will: tuple[str, bytes] | None = None) -> DeviceClient:
-        client = DeviceClient(tls_broker, device.tls(), will)
+        client = DeviceClient(tls_broker, device.tls(), will, client_id=device.device_id)
         opened.append(client)
         assert client.connect(), f"{device.device_id} could not connect to {tls_broker.name}"
         return client
@@ -384,7 +384,7 @@ def test_reports_and_presence_reach_the_database_only_from_their_device(
 
 def test_a_slow_or_failing_handler_never_blocks_the_bridge(
         server: RunningServer, tls_broker: TlsBroker, device_client) -> None:
-    a = enroll(server, "pi-a")
+    a, b = enroll(server, "pi-a"), enroll(server, "pi-b")
     inside, gate = threading.Event(), threading.Event()
     handled: list[bytes] = []
 
@@ -396,8 +396,8 @@ def test_a_slow_or_failing_handler_never_blocks_the_bridge(
             raise RuntimeError("a handler bug")
         handled.append(payload)
 
-    bridge = FetchBridge(server.ctx.store, host=HOST, port=tls_broker.port,
-                         client_id="edgeota-server-2", tls=tls_broker.server_tls,
+    bridge = FetchBridge(server.ctx.store, host=HOST, port=tls_broker.server_port,
+                         client_id="_edgeota-server-2", tls=tls_broker.server_tls,
                          on_device_message=handler, max_device_queue=2)
     bridge.start(timeout=WAIT)
     try:
@@ -408,8 +408,9 @@ def test_a_slow_or_failing_handler_never_blocks_the_bridge(
         for payload in (b"boom", b"queued", b"dropped"):  # the queue holds two
             device.publish(topic, payload)
         wait_for(lambda: bridge.counters().device_dropped == 1, WAIT, "the dropped message")
-        # The network thread is free all along: fetches are still answered.
-        with DeviceConnection("pi-a", host=HOST, port=tls_broker.port, tls=a.tls()) as conn:
+        # The network thread is free all along: fetches are still answered (pi-b's:
+        # pi-a's client id is taken by the publisher above).
+        with DeviceConnection("pi-b", host=HOST, port=tls_broker.port, tls=b.tls()) as conn:
             assert conn.wait_ready(WAIT)
             fetcher = MqttFetcher(conn, timeout=WAIT)
             assert fetcher.download_bytes(url("image/metadata/timestamp.json"), 100_000)

@@ -38,7 +38,7 @@ def test_replicas_split_fetches_and_ingest_each_report_once(tmp_path: Path,
         try:
             for replica in (first.ctx, second.ctx):
                 transport = MqttTransport(first.config.ca_dir, replica.store,
-                                          broker_url=f"mqtts://127.0.0.1:{broker.port}",
+                                          broker_url=f"mqtts://127.0.0.1:{broker.server_port}",
                                           sessions=replica.sessions, clock=replica.clock)
                 transport.start()
                 replica.notify = transport.notify
