@@ -13,11 +13,12 @@ import re
 from collections import Counter
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import httpx
 import pytest
 from browser_support import artifacts_dir, chromium, require_browser, severe_console_entries
-from server_support import RunningServer
+from server_support import RunningServer, running_server
 from sqlalchemy import func, select
 
 from edgeota.server.api.routes.dashboard import COOKIE_NAME, STATIC_FILES
@@ -30,6 +31,7 @@ from edgeota.server.db.models import (
     Device,
     StatusEvent,
 )
+from edgeota.server.home import HomeOptions
 from edgeota.server.services.dashboard import (
     MAX_AUDIT_ENTRIES,
     MAX_CHART_POINTS,
@@ -489,3 +491,59 @@ def test_dashboard_in_headless_chromium(server: RunningServer, rollout: Rollout)
 
         severe = severe_console_entries(driver)
         assert severe == [], severe
+
+
+def test_sign_in_and_out_refuse_cross_site_posts_and_forged_sessions(
+    server: RunningServer,
+) -> None:
+    viewer = server.token(Role.VIEWER)
+    with client(server) as http:
+        for headers in ({"Origin": "https://evil.example"}, {"Origin": "null"},
+                        {"Sec-Fetch-Site": "cross-site"}, {"Sec-Fetch-Site": "same-site"},
+                        {"Sec-Fetch-Site": "cross-site", "Origin": server.url}):
+            refused = http.post("/login", data={"token": viewer}, headers=headers)
+            assert refused.status_code == 403, headers
+            assert "cross-site sign-in refused" in refused.text
+            assert "set-cookie" not in refused.headers
+        # The browser's own form: Sec-Fetch-Site same-origin, or an Origin naming this site.
+        assert http.post("/login", data={"token": viewer},
+                         headers={"Sec-Fetch-Site": "same-origin"}).status_code == 303
+        assert http.post("/login", data={"token": viewer},
+                         headers={"Origin": server.url}).status_code == 303
+        # Another site cannot sign the browser out either.
+        out = http.post("/logout", headers={"Origin": "https://evil.example"})
+        assert out.status_code == 403 and "set-cookie" not in out.headers
+        assert http.get("/").status_code == 200
+
+        session = http.cookies[COOKIE_NAME]
+        prefix, token_id, expires, nonce, mac = session.split(".")
+        for forged in (f"{prefix}.{token_id}.{int(expires) + 86400}.{nonce}.{mac}",
+                       f"{prefix}.{token_id}.{expires}.{nonce}.{'0' * len(mac)}",
+                       viewer):  # the raw token is no session either
+            answer = httpx.get(f"{server.url}/dashboard/data", cookies={COOKIE_NAME: forged})
+            assert answer.status_code == 401, forged
+        # A session lasts [http] session_hours, judged by the server's clock.
+        real_clock = server.ctx.clock
+        later = datetime.now(UTC) + timedelta(hours=server.config.http_limits.session_hours)
+        server.ctx.set_clock(lambda: later)
+        try:
+            expired = http.get("/dashboard/data")
+            assert expired.status_code == 401 and "expired" in expired.json()["detail"]
+        finally:
+            server.ctx.set_clock(real_clock)
+        assert http.get("/dashboard/data").status_code == 200
+
+
+def test_session_cookie_is_secure_when_the_public_url_is_https(
+    tmp_path: Path, db_url: str,
+) -> None:
+    options = HomeOptions(bin_bits=4, public_url="https://ota.example")
+    with running_server(tmp_path, db_url, options) as server:
+        viewer = server.token(Role.VIEWER)
+        with client(server) as http:
+            good = http.post("/login", data={"token": viewer},
+                             headers={"Origin": "https://ota.example"})
+            assert good.status_code == 303
+            attributes = {part.strip().lower()
+                          for part in good.headers["set-cookie"].split(";")[1:]}
+            assert {"secure", "httponly", "samesite=strict"} <= attributes

@@ -12,15 +12,19 @@ from sqlalchemy.orm import Session
 from edgeota.server.db.models import ROLE_VALUES, ApiToken, Base, Device
 from edgeota.server.tokens import (
     LAST_USED_RESOLUTION,
+    SESSION_PREFIX,
     TOKEN_PREFIX,
     AuthenticationError,
     Principal,
     Role,
     TokenNotFoundError,
     authenticate,
+    authenticate_session,
     hash_token,
+    issue_session,
     issue_token,
     revoke,
+    session_key,
 )
 
 T0 = datetime(2025, 6, 1, 12, 0, tzinfo=UTC)
@@ -202,3 +206,54 @@ def test_database_enforces_device_binding(db_session: Session) -> None:
             ),
             {"h": "0" * 64, "t": T0},
         )
+
+
+# -- dashboard sessions ------------------------------------------------------------------
+
+KEY = session_key(b"a server secret of thirty-two b.")
+
+
+def _session(db_session: Session, role: Role = Role.VIEWER) -> tuple[ApiToken, str]:
+    row, token = issue_token(db_session, name="browser", role=role, now=T0)
+    principal = authenticate(db_session, token, now=T0)
+    return row, issue_session(db_session, principal, KEY, lifetime=timedelta(hours=12), now=T0)
+
+
+def test_a_session_is_signed_and_holds_no_token(db_session: Session) -> None:
+    row, session = _session(db_session)
+    assert session.startswith(f"{SESSION_PREFIX}.{row.id}.")
+    assert row.token_hash not in session
+    principal = authenticate_session(db_session, session, KEY, now=T0 + timedelta(hours=11))
+    assert (principal.token_id, principal.role) == (row.id, Role.VIEWER)
+    # Not an API credential: the bearer path refuses it.
+    with pytest.raises(AuthenticationError, match="malformed API token"):
+        authenticate(db_session, session, now=T0)
+
+
+def test_forged_expired_and_revoked_sessions_are_refused(db_session: Session) -> None:
+    row, session = _session(db_session)
+    prefix, token_id, expires, nonce, mac = session.split(".")
+    other_row, _ = issue_token(db_session, name="other", role=Role.ADMIN, now=T0)
+    forged = {
+        "a later expiry": f"{prefix}.{token_id}.{int(expires) + 86400}.{nonce}.{mac}",
+        "another token's id": f"{prefix}.{other_row.id}.{expires}.{nonce}.{mac}",
+        "a changed mac": f"{prefix}.{token_id}.{expires}.{nonce}.{mac[:-1]}"
+                         f"{'0' if mac[-1] != '0' else '1'}",
+        "an unknown token id": f"{prefix}.999999.{expires}.{nonce}.{mac}",
+        "an id past 64 bits": f"{prefix}.{'9' * 19}.{expires}.{nonce}.{mac}",
+    }
+    for what, value in forged.items():
+        with pytest.raises(AuthenticationError, match="unknown session"):
+            authenticate_session(db_session, value, KEY, now=T0)
+            pytest.fail(f"a session with {what} was accepted")
+    with pytest.raises(AuthenticationError, match="unknown session"):
+        authenticate_session(db_session, session, session_key(b"another secret"), now=T0)
+    for malformed in ("", "eos1", "eos1.1.2.3", "eos2." + session[5:], session + ".x",
+                      "eos1.x.1.n.m", "eos1.1.1.n.m" + "m" * 300):
+        with pytest.raises(AuthenticationError, match="malformed session"):
+            authenticate_session(db_session, malformed, KEY, now=T0)
+    with pytest.raises(AuthenticationError, match="expired"):
+        authenticate_session(db_session, session, KEY, now=T0 + timedelta(hours=12))
+    revoke(db_session, row.id, now=T0)
+    with pytest.raises(AuthenticationError, match="revoked"):
+        authenticate_session(db_session, session, KEY, now=T0)
