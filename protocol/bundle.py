@@ -275,7 +275,7 @@ def open_bundle(
             opener = StreamOpener(raw_in, content_key, new_digest=new_digest,
                                   hash_sealed=expected_sealed_sha256 is not None)
             members = iter_members_from_blocks(
-                opener.chunks(),
+                opener.blocks(),
                 staging,
                 limits,
                 on_bytes=progress,

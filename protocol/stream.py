@@ -292,6 +292,38 @@ class StreamSealer(io.RawIOBase):
         return self._sealed_hash.hexdigest()
 
 
+class _BufferPool:
+    """Plaintext buffers handed out again once nothing views them any more.
+
+    Zeroing a fresh 1 MiB ``bytearray`` for every block cost ~10 ms of a
+    128 MiB open. A buffer is reused only when no ``memoryview`` of it is
+    alive anywhere (a digest thread's queue, a write batch): CPython refuses
+    to resize a ``bytearray`` that is still exported (``BufferError``), and
+    that refusal is the test. So whoever holds a view of a block sees it
+    unchanged for as long as it holds it.
+    """
+
+    def __init__(self, size: int, keep: int = 8) -> None:
+        self._size = size
+        self._keep = keep
+        self._buffers: list[bytearray] = []
+
+    def get(self) -> bytearray:
+        for buffer in self._buffers:
+            try:
+                buffer.append(0)  # raises while any view of the buffer is alive
+            except BufferError:
+                continue
+            del buffer[-1]
+            return buffer
+        buffer = bytearray(self._size + 1)
+        del buffer[-1]  # room for the probe's byte: it never reallocates
+        if len(self._buffers) < self._keep:
+            self._buffers.append(buffer)
+        return buffer
+
+
+
 class StreamOpener(io.RawIOBase):
     """A readable stream of authenticated plaintext from a sealed source.
 
@@ -340,6 +372,7 @@ class StreamOpener(io.RawIOBase):
         )
         self._stride = self.header.chunk_size + TAG_SIZE
         self._block_size = read_chunks * self._stride
+        self._buffers = _BufferPool(read_chunks * self.header.chunk_size)
         self._counter = 0
         self._done = False
         self._chunks: Iterator[memoryview] | None = None
@@ -380,17 +413,30 @@ class StreamOpener(io.RawIOBase):
     def chunks(self) -> Iterator[memoryview]:
         """Yield the plaintext chunk by chunk, each one authenticated before it is yielded.
 
-        Each chunk is a read-only view of a buffer that is never written again,
-        so a consumer may keep it (or hand it to another thread) without a
-        copy. Exhausting the iterator means the last chunk authenticated; any
-        defect raises instead. Use either this or ``read``, not both.
+        Each chunk is a read-only view of a buffer that is not written again
+        while any view of it lives, so a consumer may keep it (or hand it to
+        another thread) without a copy. Exhausting the iterator means the last
+        chunk authenticated; any defect raises instead. Use one of ``chunks``,
+        ``blocks`` and ``read``.
         """
+        return self._start(per_chunk=True)
+
+    def blocks(self) -> Iterator[memoryview]:
+        """Like ``chunks``, but one view per read block (``read_chunks`` chunks, ~1 MiB).
+
+        A block is yielded once every chunk in it authenticated, so a defect
+        anywhere in a block withholds all of it; in exchange the consumer
+        handles 16 times fewer pieces (``open_bundle`` uses this).
+        """
+        return self._start(per_chunk=False)
+
+    def _start(self, *, per_chunk: bool) -> Iterator[memoryview]:
         if self._chunks is not None:
             raise RuntimeError("the plaintext of this opener is already being read")
-        self._chunks = self._iter_chunks()
+        self._chunks = self._iter_plaintext(per_chunk)
         return self._chunks
 
-    def _iter_chunks(self) -> Iterator[memoryview]:
+    def _iter_plaintext(self, per_chunk: bool) -> Iterator[memoryview]:
         stride, chunk_size = self._stride, self.header.chunk_size
         block = self._read_block()
         while True:
@@ -399,10 +445,10 @@ class StreamOpener(io.RawIOBase):
             following = self._read_block() if len(block) == self._block_size else b""
             sealed_view = memoryview(block)
             count = max(1, -(-len(block) // stride))
-            # The block's chunks are decrypted side by side into one fresh
-            # buffer, so the plaintext digest takes the block in one update
-            # (one hand-over to its thread instead of one per chunk).
-            plain = memoryview(bytearray(max(0, len(block) - count * TAG_SIZE)))
+            # The block's chunks are decrypted side by side into one buffer, so
+            # the plaintext digest takes the block in one update (one hand-over
+            # to its thread instead of one per chunk).
+            plain = memoryview(self._buffers.get())
             used = 0
             for index in range(count):
                 sealed = sealed_view[index * stride : (index + 1) * stride]
@@ -412,7 +458,10 @@ class StreamOpener(io.RawIOBase):
                 used += size
                 if index == count - 1:  # the whole block authenticated: hash it
                     self._plain_hash.update(plain[:used].toreadonly())
-                yield chunk
+                if per_chunk:
+                    yield chunk
+            if not per_chunk:
+                yield plain[:used].toreadonly()
             if not following:
                 return
             block = following
@@ -482,7 +531,7 @@ class StreamOpener(io.RawIOBase):
     def readinto(self, buffer: bytearray | memoryview) -> int:  # type: ignore[override]
         target = memoryview(buffer).cast("B")
         if self._chunks is None:
-            self._chunks = self._iter_chunks()
+            self._chunks = self._iter_plaintext(per_chunk=True)
         while not self._pending:
             chunk = next(self._chunks, None)
             if chunk is None:

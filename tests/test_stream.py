@@ -247,3 +247,34 @@ def test_plaintext_digest_is_complete_once_the_last_byte_is_read() -> None:
     assert read == data
     assert opener.finished
     assert opener.plaintext_sha256 == hashlib.sha256(data).hexdigest()
+
+
+@pytest.mark.parametrize("size", BLOCK_SIZES)
+def test_blocks_yield_the_plaintext_a_read_block_at_a_time(size: int) -> None:
+    data = os.urandom(size)
+    opener = StreamOpener(io.BytesIO(seal(data)), KEY, read_chunks=2)
+    blocks = list(opener.blocks())
+    assert b"".join(blocks) == data
+    assert all(b.readonly for b in blocks)
+    assert [len(b) for b in blocks[:-1]] == [2 * CHUNK] * (len(blocks) - 1)
+    assert opener.finished
+
+
+def test_a_bad_chunk_withholds_its_whole_block() -> None:
+    data = os.urandom(5 * CHUNK)
+    sealed = bytearray(seal(data))
+    sealed[chunk_span(3).start] ^= 1  # second chunk of the second block of two
+    blocks = StreamOpener(io.BytesIO(bytes(sealed)), KEY, read_chunks=2).blocks()
+    assert next(blocks) == data[: 2 * CHUNK]
+    with pytest.raises(ChunkAuthenticationError, match="chunk 3"):
+        next(blocks)  # chunk 2 authenticated, but is not handed out without chunk 3
+
+
+def test_a_kept_chunk_stays_unchanged_while_later_buffers_are_recycled() -> None:
+    data = os.urandom(40 * CHUNK + 3)
+    opener = StreamOpener(io.BytesIO(seal(data)), KEY, read_chunks=2)
+    chunks = opener.chunks()
+    kept = next(chunks)  # its buffer must not be reused while this view lives
+    copied = [bytes(kept)] + [bytes(c) for c in chunks]  # the other views die at once
+    assert b"".join(copied) == data
+    assert kept == data[:CHUNK]
