@@ -69,6 +69,7 @@ __all__ = [
     "InferRequest",
     "InferenceServer",
     "InferenceServerError",
+    "RequestError",
     "build_app",
     "decode_infer_request",
     "encode_infer_response",
@@ -107,8 +108,12 @@ class InferenceServerError(EdgeotaError):
     """The endpoint could not start or stop (port taken, uvicorn failed, timeout)."""
 
 
-class _RequestError(Exception):
-    """A request refused with an HTTP status; the message becomes ``{"error": ...}``."""
+class RequestError(Exception):
+    """A request refused with an HTTP status; the message becomes ``{"error": ...}``.
+
+    The only exception :func:`decode_infer_request` raises on any body (the
+    fuzz harness holds it to that): a client's mistake, never the model's.
+    """
 
     def __init__(self, status: int, message: str) -> None:
         super().__init__(message)
@@ -138,56 +143,56 @@ def _status_of(error: ModelHostError) -> int:
 
 def _tensor_meta(item: Any, where: str) -> tuple[str, str, tuple[int, ...], Mapping[str, Any]]:
     if not isinstance(item, Mapping):
-        raise _RequestError(400, f"{where} must be an object")
+        raise RequestError(400, f"{where} must be an object")
     name, datatype, shape = item.get("name"), item.get("datatype"), item.get("shape")
     if not isinstance(name, str) or not name:
-        raise _RequestError(400, f"{where}.name must be a non-empty string")
+        raise RequestError(400, f"{where}.name must be a non-empty string")
     if datatype not in _DTYPES:
-        raise _RequestError(400, f"input {name!r}: datatype {datatype!r} is not an OIP v2 type")
+        raise RequestError(400, f"input {name!r}: datatype {datatype!r} is not an OIP v2 type")
     if (
         not isinstance(shape, list)
         or len(shape) > _MAX_RANK
         or not all(isinstance(d, int) and not isinstance(d, bool) and 0 <= d <= _MAX_DIM
                    for d in shape)
     ):
-        raise _RequestError(
+        raise RequestError(
             400, f"input {name!r}: shape must be a list of at most {_MAX_RANK} integers "
             f"from 0 to {_MAX_DIM}"
         )
     parameters = item.get("parameters") or {}
     if not isinstance(parameters, Mapping):
-        raise _RequestError(400, f"input {name!r}: parameters must be an object")
+        raise RequestError(400, f"input {name!r}: parameters must be an object")
     return name, datatype, tuple(shape), parameters
 
 
 def _from_json(name: str, datatype: str, shape: tuple[int, ...], data: Any) -> np.ndarray:
     """A JSON tensor (flat or nested row-major ``data``) as an array of its datatype."""
     if not isinstance(data, list):
-        raise _RequestError(400, f"input {name!r} has no data list (nor binary_data_size)")
+        raise RequestError(400, f"input {name!r} has no data list (nor binary_data_size)")
     count = math.prod(shape)
     try:
         if datatype == "BYTES":
             arr = np.array(data, dtype=object)
             if not all(isinstance(v, str) for v in arr.flat):
-                raise _RequestError(400, f"input {name!r}: BYTES data must be strings")
+                raise RequestError(400, f"input {name!r}: BYTES data must be strings")
         else:
             arr = np.asarray(data)
     except ValueError as e:  # ragged nesting
-        raise _RequestError(400, f"input {name!r}: data is not a regular array: {e}") from e
+        raise RequestError(400, f"input {name!r}: data is not a regular array: {e}") from e
     except RecursionError as e:
-        raise _RequestError(400, f"input {name!r}: data is nested too deeply") from e
+        raise RequestError(400, f"input {name!r}: data is nested too deeply") from e
     if arr.size != count:
-        raise _RequestError(
+        raise RequestError(
             400, f"input {name!r}: data has {arr.size} values, shape {list(shape)} needs {count}"
         )
     if datatype != "BYTES" and arr.size:
         if arr.dtype.kind not in _JSON_KINDS[datatype]:
-            raise _RequestError(400, f"input {name!r}: data holds values that are not {datatype}")
+            raise RequestError(400, f"input {name!r}: data holds values that are not {datatype}")
         target = _DTYPES[datatype]
         if target.kind in "iu":
             info = np.iinfo(target)
             if arr.min() < info.min or arr.max() > info.max:
-                raise _RequestError(400, f"input {name!r}: a value is out of range for {datatype}")
+                raise RequestError(400, f"input {name!r}: a value is out of range for {datatype}")
     return arr.astype(_DTYPES[datatype]).reshape(shape)
 
 
@@ -199,24 +204,24 @@ def _from_binary(name: str, datatype: str, shape: tuple[int, ...], raw: bytes) -
         offset = 0
         while offset < len(raw):
             if offset + _BYTES_LENGTH_PREFIX > len(raw):
-                raise _RequestError(400, f"input {name!r}: truncated BYTES element")
+                raise RequestError(400, f"input {name!r}: truncated BYTES element")
             length = int.from_bytes(raw[offset : offset + _BYTES_LENGTH_PREFIX], "little")
             offset += _BYTES_LENGTH_PREFIX
             if offset + length > len(raw):
-                raise _RequestError(400, f"input {name!r}: truncated BYTES element")
+                raise RequestError(400, f"input {name!r}: truncated BYTES element")
             try:
                 values.append(raw[offset : offset + length].decode("utf-8"))
             except UnicodeDecodeError as e:
-                raise _RequestError(400, f"input {name!r}: BYTES element is not UTF-8") from e
+                raise RequestError(400, f"input {name!r}: BYTES element is not UTF-8") from e
             offset += length
         if len(values) != count:
-            raise _RequestError(
+            raise RequestError(
                 400, f"input {name!r}: {len(values)} BYTES elements, shape needs {count}"
             )
         return np.array(values, dtype=object).reshape(shape)
     dtype = _DTYPES[datatype]
     if len(raw) != count * dtype.itemsize:
-        raise _RequestError(
+        raise RequestError(
             400,
             f"input {name!r}: {len(raw)} bytes of binary data, shape {list(shape)} of "
             f"{datatype} needs {count * dtype.itemsize}",
@@ -247,62 +252,62 @@ def decode_infer_request(body: bytes, header_length: str | None) -> InferRequest
         try:
             size = int(header_length)
         except ValueError as e:
-            raise _RequestError(400, "Inference-Header-Content-Length is not an integer") from e
+            raise RequestError(400, "Inference-Header-Content-Length is not an integer") from e
         if not 0 <= size <= len(body):
-            raise _RequestError(400, f"Inference-Header-Content-Length {size} exceeds the body")
+            raise RequestError(400, f"Inference-Header-Content-Length {size} exceeds the body")
         head, binary = body[:size], body[size:]
     try:
         doc = json.loads(head)
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise _RequestError(400, f"the request is not valid JSON: {e}") from e
+        raise RequestError(400, f"the request is not valid JSON: {e}") from e
     except RecursionError as e:  # nesting deeper than the parser's stack
-        raise _RequestError(400, "the request's JSON is nested too deeply") from e
+        raise RequestError(400, "the request's JSON is nested too deeply") from e
     if not isinstance(doc, dict):
-        raise _RequestError(400, "the request must be a JSON object")
+        raise RequestError(400, "the request must be a JSON object")
     request_id = doc.get("id")
     if request_id is not None and not isinstance(request_id, str):
-        raise _RequestError(400, "id must be a string")
+        raise RequestError(400, "id must be a string")
     parameters = doc.get("parameters") or {}
     if not isinstance(parameters, Mapping):
-        raise _RequestError(400, "parameters must be an object")
+        raise RequestError(400, "parameters must be an object")
 
     raw_inputs = doc.get("inputs")
     if not isinstance(raw_inputs, list) or not raw_inputs:
-        raise _RequestError(400, "inputs must be a non-empty list")
+        raise RequestError(400, "inputs must be a non-empty list")
     inputs: dict[str, np.ndarray] = {}
     offset = 0
     for i, item in enumerate(raw_inputs):
         name, datatype, shape, params = _tensor_meta(item, f"inputs[{i}]")
         if name in inputs:
-            raise _RequestError(400, f"input {name!r} is given twice")
+            raise RequestError(400, f"input {name!r} is given twice")
         data_size = params.get("binary_data_size")
         if data_size is None:
             inputs[name] = _from_json(name, datatype, shape, item.get("data"))
             continue
         if not isinstance(data_size, int) or isinstance(data_size, bool) or data_size < 0:
-            raise _RequestError(400, f"input {name!r}: binary_data_size must be an integer >= 0")
+            raise RequestError(400, f"input {name!r}: binary_data_size must be an integer >= 0")
         if offset + data_size > len(binary):
-            raise _RequestError(400, f"input {name!r}: binary data ends early")
+            raise RequestError(400, f"input {name!r}: binary data ends early")
         inputs[name] = _from_binary(name, datatype, shape, binary[offset : offset + data_size])
         offset += data_size
     if offset != len(binary):
-        raise _RequestError(400, f"{len(binary) - offset} bytes of binary data belong to no input")
+        raise RequestError(400, f"{len(binary) - offset} bytes of binary data belong to no input")
 
     outputs: tuple[str, ...] | None = None
     binary_flags: dict[str, bool] = {}
     raw_outputs = doc.get("outputs")
     if raw_outputs is not None:
         if not isinstance(raw_outputs, list):
-            raise _RequestError(400, "outputs must be a list")
+            raise RequestError(400, "outputs must be a list")
         names: list[str] = []
         for i, item in enumerate(raw_outputs):
             output = item.get("name") if isinstance(item, Mapping) else None
             if not isinstance(output, str):
-                raise _RequestError(400, f"outputs[{i}].name must be a string")
+                raise RequestError(400, f"outputs[{i}].name must be a string")
             names.append(output)
             output_parameters = item.get("parameters") or {}
             if not isinstance(output_parameters, Mapping):
-                raise _RequestError(400, f"outputs[{i}].parameters must be an object")
+                raise RequestError(400, f"outputs[{i}].parameters must be an object")
             if "binary_data" in output_parameters:
                 binary_flags[output] = bool(output_parameters["binary_data"])
         outputs = tuple(names)
@@ -480,7 +485,7 @@ class _Endpoints:
     async def _read_body(self, request: Request) -> bytes:
         declared = request.headers.get("content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.max_body_bytes:
-            raise _RequestError(
+            raise RequestError(
                 413, f"request body of {declared} bytes exceeds {self.max_body_bytes}"
             )
         chunks: list[bytes] = []
@@ -488,7 +493,7 @@ class _Endpoints:
         async for chunk in request.stream():
             size += len(chunk)
             if size > self.max_body_bytes:
-                raise _RequestError(413, f"request body exceeds {self.max_body_bytes} bytes")
+                raise RequestError(413, f"request body exceeds {self.max_body_bytes} bytes")
             chunks.append(chunk)
         return b"".join(chunks)
 
@@ -504,7 +509,7 @@ class _Endpoints:
         encoding = request.headers.get("content-encoding", "identity").strip().lower()
         try:
             if encoding not in ("", "identity"):
-                raise _RequestError(415, f"Content-Encoding {encoding!r} is not supported")
+                raise RequestError(415, f"Content-Encoding {encoding!r} is not supported")
             body = await self._read_body(request)
             payload, headers = await self._offload(
                 partial(
@@ -515,7 +520,7 @@ class _Endpoints:
                     request.headers.get("inference-header-content-length"),
                 )
             )
-        except _RequestError as e:
+        except RequestError as e:
             return _error(e.status, str(e))
         except ModelHostError as e:
             return _error(_status_of(e), str(e))
