@@ -14,6 +14,7 @@ help:
 	@echo "make test   - install into .venv (and mosquitto) and run ruff, mypy --strict and the whole test suite"
 	@echo "make bench  - run the benchmarks in bench/ (prints ratios against measured limits)"
 	@echo "make conformance - the tuf-conformance suite against the device's TUF client"
+	@echo "make fuzz-api - schemathesis on /api/v1 and hypothesis on the inference endpoint, long budget"
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -60,6 +61,15 @@ test: $(STAMP) system-deps lint typecheck
 # needs a checkout of the suite (see scripts/conformance.sh) and Debian's faketime.
 conformance: $(STAMP)
 	@bash scripts/conformance.sh
+
+# schemathesis against the live OpenAPI of /api/v1 (and hypothesis against the agent's
+# inference endpoint) with a long budget; `make test` runs the same tests with a few
+# examples per operation. FUZZ_API_EXAMPLES: examples per operation and role.
+FUZZ_API_EXAMPLES ?= 300
+.PHONY: fuzz-api
+fuzz-api: $(STAMP)
+	EDGEOTA_FUZZ_API_EXAMPLES=$(FUZZ_API_EXAMPLES) $(BIN)/pytest -p no:cacheprovider -s -q \
+	  tests/test_api_fuzz.py
 
 bench: $(STAMP)
 	@for b in bench/*.py; do \

@@ -35,6 +35,7 @@ from starlette.exceptions import HTTPException
 from edgeota.protocol.errors import EdgeotaError, ProtocolError
 from edgeota.server.api.limits import RequestGuard
 from edgeota.server.api.routes import admin, dashboard, deployments, devices, releases, repo
+from edgeota.server.api.schemas import ErrorOut
 from edgeota.server.context import ServerContext
 from edgeota.server.db.session import lock
 from edgeota.server.metrics import CONTENT_TYPE
@@ -57,6 +58,16 @@ _HTTP_CODES = {
     408: ErrorCode.REQUEST_TIMEOUT,
     409: ErrorCode.CONFLICT,
     413: ErrorCode.TOO_LARGE,
+}
+_ERROR_RESPONSES = {
+    400: "refused: bad data or an impossible request",
+    401: "no valid bearer token",
+    403: "the token's role may not do this",
+    404: "no such object",
+    408: "the body stalled or came too slowly",
+    409: "clashes with the current state",
+    413: "a body above its limit, or past the uploads' quota",
+    422: "fields that do not match the schema (invalid_body), or a refused release",
 }
 _MAX_VALIDATION_ERRORS = 32  # listed in a 422; the rest are counted
 _MAX_DETAIL = 1000  # characters of one error sentence
@@ -104,6 +115,9 @@ def create_app(ctx: ServerContext, *, background_refresh: bool = True,
         lifespan=lifespan,
         docs_url=None,
         redoc_url=None,
+        # Documented on every route, so a client (and schemathesis) knows each refusal.
+        responses={status: {"model": ErrorOut, "description": description}
+                   for status, description in _ERROR_RESPONSES.items()},
     )
     app.state.ctx = ctx
     app.add_middleware(RequestGuard, ctx=ctx)

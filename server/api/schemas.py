@@ -237,3 +237,18 @@ class AuditOut(BaseModel):
     first_bad_id: int | None
     reason: str
     head_hash: str | None = None
+
+
+class FieldError(BaseModel):
+    """One reason a request's fields were refused (never the input itself)."""
+
+    type: str
+    loc: list[str | int]
+    msg: str
+
+
+class ErrorOut(BaseModel):
+    """Every error body: a sentence (or, for 422 ``invalid_body``, the fields) and a code."""
+
+    detail: str | list[FieldError]
+    code: str  # an ErrorCode value: clients decide on this, never on ``detail``
