@@ -147,8 +147,9 @@ def _tensor_meta(item: Any, where: str) -> tuple[str, str, tuple[int, ...], Mapp
     name, datatype, shape = item.get("name"), item.get("datatype"), item.get("shape")
     if not isinstance(name, str) or not name:
         raise RequestError(400, f"{where}.name must be a non-empty string")
-    if datatype not in _DTYPES:
-        raise RequestError(400, f"input {name!r}: datatype {datatype!r} is not an OIP v2 type")
+    if not isinstance(datatype, str) or datatype not in _DTYPES:  # a list is not hashable
+        shown = repr(datatype[:32]) if isinstance(datatype, str) else type(datatype).__name__
+        raise RequestError(400, f"input {name!r}: datatype {shown} is not an OIP v2 type")
     if (
         not isinstance(shape, list)
         or len(shape) > _MAX_RANK
@@ -258,10 +259,14 @@ def decode_infer_request(body: bytes, header_length: str | None) -> InferRequest
         head, binary = body[:size], body[size:]
     try:
         doc = json.loads(head)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise RequestError(400, f"the request is not valid JSON: {e}") from e
+    # ValueError: bad UTF-8 or syntax (both subclass it) and integers past CPython's
+    # 4300-digit limit, which json raises as a plain ValueError.
+    except ValueError as e:
+        raise RequestError(400, f"the request is not valid JSON: {str(e)[:200]}") from e
     except RecursionError as e:  # nesting deeper than the parser's stack
         raise RequestError(400, "the request's JSON is nested too deeply") from e
+    except ValueError as e:  # e.g. an integer past sys.get_int_max_str_digits() digits
+        raise RequestError(400, f"the request is not JSON this endpoint reads: {e}") from e
     if not isinstance(doc, dict):
         raise RequestError(400, "the request must be a JSON object")
     request_id = doc.get("id")

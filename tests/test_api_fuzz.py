@@ -246,9 +246,6 @@ def test_inference_endpoint_never_fails_on_client_input(
     assert httpx.get(f"{inference.url}/v2/health/live", timeout=5).status_code == 200
 
 
-@pytest.mark.xfail(strict=True, reason="agent/inference_server.py answers 500: its JSON "
-                   "decoding catches RecursionError but not the ValueError json raises for an "
-                   "integer over 4300 digits (reported to the agent endpoint's owner)")
 @pytest.mark.parametrize("body", HUGE_INT_BODIES, ids=["id", "shape"])
 def test_inference_endpoint_refuses_integers_past_4300_digits(
     inference: InferenceServer, body: bytes,
