@@ -9,6 +9,13 @@ The signature covers the exact report bytes (bound to the device id by
 that must grow, so a report can be neither forged, replayed, nor passed off
 as another device's. The broker topic (and, behind it, the TLS certificate)
 names the sender; the server checks that it matches the report's device id.
+
+Everything in a report comes from outside, so parsing refuses, as
+:class:`MalformedReportError` (audited by the server like any bad report),
+what ``json`` would otherwise turn into another exception or a value no
+database stores: nesting deeper than :data:`MAX_JSON_DEPTH`, an integer
+longer than the interpreter converts (4 300 digits), ``NaN``, ``Infinity``
+and numbers too large for a float.
 """
 
 from __future__ import annotations
@@ -17,21 +24,71 @@ import base64
 import binascii
 import functools
 import json
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
 from edgeota.protocol.errors import ProtocolError
 from edgeota.protocol.identity import DeviceIdentity, validate_device_id
 
-__all__ = ["MAX_REPORT_SIZE", "MalformedReportError", "SignedReport", "StatusReport"]
+__all__ = [
+    "MAX_JSON_DEPTH",
+    "MAX_REPORT_SIZE",
+    "MalformedReportError",
+    "SignedReport",
+    "StatusReport",
+]
 
 MAX_REPORT_SIZE = 16 * 1024  # bytes of the whole envelope
+MAX_JSON_DEPTH = 8  # nested objects and arrays in a report (its "detail" included)
 _FORMAT = 1
 _MAX_TEXT = 512
 
 
 class MalformedReportError(ProtocolError):
     """A report envelope or body that does not parse or breaks a bound."""
+
+
+def _refuse_constant(name: str) -> None:
+    raise MalformedReportError(f"report holds {name}, which is not a JSON number")
+
+
+def _finite(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise MalformedReportError(f"report holds a number too large for a float: {text[:40]}")
+    return value
+
+
+def _depth(value: object) -> int:
+    """How deep objects and arrays nest in ``value`` (iterative: no recursion to exhaust)."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        item, level = stack.pop()
+        if isinstance(item, dict):
+            children: Any = item.values()
+        elif isinstance(item, list):
+            children = item
+        else:
+            continue
+        deepest = max(deepest, level)
+        if deepest > MAX_JSON_DEPTH:
+            return deepest
+        stack.extend((child, level + 1) for child in children)
+    return deepest
+
+
+def _load_json(raw: bytes, what: str) -> Any:
+    """``json.loads`` with every way it can fail, or accept the unstorable, made a refusal."""
+    try:
+        data = json.loads(raw, parse_constant=_refuse_constant, parse_float=_finite)
+    except RecursionError as e:  # nesting past the interpreter's stack
+        raise MalformedReportError(f"{what} nests deeper than {MAX_JSON_DEPTH}") from e
+    except ValueError as e:  # not JSON, not UTF-8, or an integer past 4 300 digits
+        raise MalformedReportError(f"{what} is not JSON: {str(e)[:200]}") from e
+    if _depth(data) > MAX_JSON_DEPTH:
+        raise MalformedReportError(f"{what} nests deeper than {MAX_JSON_DEPTH}")
+    return data
 
 
 @dataclass(frozen=True)
@@ -54,10 +111,12 @@ class StatusReport:
 
     @classmethod
     def from_bytes(cls, raw: bytes) -> StatusReport:
-        try:
-            data = json.loads(raw)
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise MalformedReportError(f"report is not JSON: {e}") from e
+        """Parse and bound-check a report body.
+
+        Raises:
+            MalformedReportError: not the documented JSON, or beyond a bound.
+        """
+        data = _load_json(raw, "report")
         if not isinstance(data, dict) or set(data) != {
             "device_id", "seq", "state", "release", "progress", "error", "detail"
         }:
@@ -114,14 +173,18 @@ class SignedReport:
 
     @classmethod
     def from_bytes(cls, raw: bytes) -> SignedReport:
+        """Split an envelope into the signed bytes and the signature (neither checked yet).
+
+        Raises:
+            MalformedReportError: too large, not the envelope JSON, or not base64.
+        """
         if len(raw) > MAX_REPORT_SIZE:
             raise MalformedReportError(f"report exceeds {MAX_REPORT_SIZE} bytes")
+        envelope = _load_json(raw, "report envelope")
         try:
-            envelope = json.loads(raw)
             if not isinstance(envelope, dict) or envelope.get("v") != _FORMAT:
                 raise MalformedReportError("unknown report envelope version")
             return cls(base64.b64decode(envelope["report"], validate=True),
                        base64.b64decode(envelope["sig"], validate=True))
-        except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError,
-                binascii.Error) as e:
+        except (KeyError, TypeError, binascii.Error) as e:
             raise MalformedReportError(f"report envelope does not parse: {e}") from e

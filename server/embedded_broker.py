@@ -589,10 +589,11 @@ class _GuardedReader(ReaderAdapter):
 
     def __init__(self, reader: asyncio.StreamReader, writer: _GuardedWriter, *,
                  identity: str | None, limits: BrokerLimits, bucket: TokenBucket | None,
-                 counters: dict[str, int], on_oversize: OversizeHandler | None) -> None:
+                 counters: dict[str, int], on_oversize: OversizeHandler | None,
+                 repeats: RepeatLog) -> None:
         self._reader, self._writer = reader, writer
         self._identity, self._limits, self._bucket = identity, limits, bucket
-        self._counters, self._on_oversize = counters, on_oversize
+        self._counters, self._on_oversize, self._repeats = counters, on_oversize, repeats
         self._pending = b""  # header bytes of the current packet not yet handed to amqtt
         self._left = 0  # body bytes of the current packet not yet handed to amqtt
         self._ended = False
@@ -667,8 +668,9 @@ class _GuardedReader(ReaderAdapter):
                     (size,) = struct.unpack(">H", await self._reader.readexactly(2))
                     if size <= min(1024, length - 2):
                         topic = (await self._reader.readexactly(size)).decode("utf-8")
-        logger.warning("refused a %d-byte MQTT packet (limit %d) from %r on %r: disconnected",
-                       total, self._limits.max_packet_size, self._identity, topic)
+        self._repeats.log(("oversize", self._identity),
+                          "refused a %d-byte MQTT packet (limit %d) from %r on %r: disconnected",
+                          total, self._limits.max_packet_size, self._identity, topic)
         self._writer.abort()
         if self._on_oversize is not None and self._identity is not None:
             try:
@@ -779,7 +781,8 @@ async def _hand_over(broker: Broker, gate: _Gatekeeper, reader: asyncio.StreamRe
     guarded_reader = _GuardedReader(
         reader, guarded_writer, identity=identity, limits=limits,
         bucket=TokenBucket(limits.device_publish_rate, limits.device_publish_burst)
-        if paced else None, counters=gate.counters, on_oversize=gate.on_oversize)
+        if paced else None, counters=gate.counters, on_oversize=gate.on_oversize,
+        repeats=gate.repeats)
     try:
         async with asyncio.timeout(limits.connect_timeout):
             request = parse_connect(await guarded_reader.first_packet())

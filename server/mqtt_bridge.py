@@ -43,7 +43,9 @@ device's ``status``, ``telemetry`` and ``online`` topics (through the same
 shared-subscription group) and hands each message on as ``(device id, kind,
 payload)``, the device id taken from the topic, which the ACL ties to the
 sender's certificate. Payloads above ``max_device_payload`` are dropped and
-counted. The network thread only puts messages on a bounded queue; one
+counted; if the handler has an ``oversize(device_id, kind, size)`` method it
+is told the size (never the payload), so a refused report is still audited.
+The network thread only puts messages on a bounded queue; one
 dispatcher thread calls the callback, so database work (see
 :class:`edgeota.server.mqtt_ingest.DeviceMessageSink`) never stalls the fetch
 traffic, and a full queue drops (and counts) instead of blocking. Brokers do
@@ -283,6 +285,7 @@ class _DeviceMessage:
     kind: DeviceTopic
     payload: bytes
     retained: bool = False  # replayed by the broker from its retained store
+    oversize: int | None = None  # dropped for this size: ``payload`` is empty
 
 
 def file_identity(request_path: str, opened: BinaryIO) -> tuple[bytes, bool]:
@@ -361,6 +364,7 @@ class FetchBridge:
         if max_device_queue < 1 or max_device_payload < 0:
             raise ValueError("max_device_queue must be positive, max_device_payload not negative")
         self._store = store
+        self._client_id = client_id
         self._host, self._port, self._keepalive = host, port, keepalive
         self._topics = topics or Topics()
         self._max_window = max_window
@@ -374,6 +378,8 @@ class FetchBridge:
             for kind in kinds
         )
         self._on_device_message = on_device_message
+        self._oversize_hook: Callable[[str, DeviceTopic, int], None] | None = getattr(
+            on_device_message, "oversize", None)
         self._max_device_payload = max_device_payload
         self._device_queue: queue.Queue[_DeviceMessage | None] = queue.Queue(
             maxsize=max_device_queue)
@@ -505,6 +511,11 @@ class FetchBridge:
         self.stop()
 
     @property
+    def client_id(self) -> str:
+        """The MQTT client id the bridge connects with."""
+        return self._client_id
+
+    @property
     def connections(self) -> int:
         """How many times the bridge has been connected and subscribed (reconnects included)."""
         with self._lock:
@@ -634,7 +645,11 @@ class FetchBridge:
             self._counters.bump("device_oversize")
             # Debug only: a device could flood the log; the counter shows it.
             logger.debug("dropped a %d-byte %s message from %s (limit %d)",
-                           len(payload), kind, device_id, self._max_device_payload)
+                         len(payload), kind, device_id, self._max_device_payload)
+            if self._oversize_hook is not None:
+                with contextlib.suppress(queue.Full):
+                    self._device_queue.put_nowait(
+                        _DeviceMessage(device_id, kind, b"", oversize=len(payload)))
             return
         try:
             self._device_queue.put_nowait(_DeviceMessage(device_id, kind, bytes(payload),
@@ -750,6 +765,10 @@ class FetchBridge:
         replayed: DeviceMessageHandler = getattr(handler, "retained", handler)
         while (item := self._device_queue.get()) is not None:
             try:
+                if item.oversize is not None:
+                    if self._oversize_hook is not None:
+                        self._oversize_hook(item.device_id, item.kind, item.oversize)
+                    continue
                 (replayed if item.retained else handler)(item.device_id, item.kind, item.payload)
             except Exception:
                 # One bad message must not end the dispatcher; the handler owns its errors.

@@ -15,7 +15,10 @@ ACL ties to the sender's certificate):
 * ``status`` -- a signed report (:mod:`edgeota.protocol.reports`), checked and
   stored by :func:`edgeota.server.services.reports.ingest_report`, which also
   audits every rejection (and keeps the telemetry already in
-  ``Device.reported_state``). One addition here: a *redelivery* of the
+  ``Device.reported_state``). A report too large to be read whole (refused
+  by the bridge above its payload bound, or by the embedded broker above its
+  packet bound) reaches :meth:`~DeviceMessageSink.oversize` as its size only
+  and is audited as rejected, ``too_large``. One addition here: a *redelivery* of the
   report last accepted (same sequence number, valid signature: a QoS 1
   duplicate, or the retained report a broker replays when the server
   subscribes again) is counted as a duplicate instead of being audited as a
@@ -45,7 +48,10 @@ ACL ties to the sender's certificate):
   previous one.
 
 Per-message problems are logged at debug level only (a device could flood
-the log); :meth:`DeviceMessageSink.counters` shows them. An empty payload (a
+the log); :meth:`DeviceMessageSink.counters` shows them. For the same reason
+the audit log takes at most :data:`AUDIT_BURST` rejected reports of one
+device at once and :data:`AUDIT_RATE` a second after that; the others are
+counted (``unaudited``) and a warning says so, at most once a minute. An empty payload (a
 retained message being cleared) is ignored. A payload
 that does not parse, or comes from a device that is not enrolled, is counted
 as rejected and changes nothing. If a batch's transaction fails, it is rolled
@@ -71,7 +77,7 @@ from sqlalchemy.orm import Session
 
 from edgeota.protocol.errors import EdgeotaError, ProtocolError
 from edgeota.protocol.identity import DevicePublicIdentity, verify_report
-from edgeota.protocol.reports import SignedReport
+from edgeota.protocol.reports import MAX_REPORT_SIZE, SignedReport
 from edgeota.protocol.telemetry import (
     MAX_TELEMETRY_MODELS,
     MAX_TELEMETRY_SIZE,
@@ -82,10 +88,13 @@ from edgeota.protocol.telemetry import (
 )
 from edgeota.protocol.topics import DeviceTopic
 from edgeota.server.db.models import Device
-from edgeota.server.services.reports import ReportRejection, ingest_report
+from edgeota.server.ratelimit import RateLimiter, RepeatLog
+from edgeota.server.services.reports import ReportRejection, ingest_report, reject_report
 from edgeota.server.services.rollouts import ReportableAssignments, reportable_assignments
 
 __all__ = [
+    "AUDIT_BURST",
+    "AUDIT_RATE",
     "MAX_TELEMETRY_MODELS",
     "MAX_TELEMETRY_SIZE",
     "DeviceMessageSink",
@@ -111,6 +120,8 @@ class SinkCounters:
     accepted: int = 0  # committed with an effect on the device
     rejected: int = 0  # refused: malformed, unknown device, bad signature, replay (no effect)
     malformed: int = 0  # the part of ``rejected`` whose payload did not parse
+    oversize: int = 0  # the part of ``rejected`` refused for its size (never read whole)
+    unaudited: int = 0  # rejected reports past their device's audit budget (counted only)
     duplicates: int = 0  # a redelivery of the last accepted report (no effect, not audited)
     ignored: int = 0  # empty payloads: a retained message being cleared
     dropped: int = 0  # never processed: queue full, unknown topic kind, sink not running
@@ -122,6 +133,7 @@ class _Outcome(enum.Enum):
     ACCEPTED = "accepted"
     REJECTED = "rejected"
     MALFORMED = "malformed"
+    OVERSIZE = "oversize"
     DUPLICATE = "duplicates"
     IGNORED = "ignored"
 
@@ -132,6 +144,7 @@ class _Message:
     kind: DeviceTopic
     payload: bytes
     retained: bool = False  # replayed by the broker, not sent by the device now
+    oversize: int | None = None  # refused for this size: ``payload`` is empty
 
 
 @dataclass(frozen=True)
@@ -144,6 +157,10 @@ class _Marker:
 
 _HANDLED = (DeviceTopic.STATUS, DeviceTopic.TELEMETRY, DeviceTopic.ONLINE)
 MAX_VERSIONS_PER_MODEL = 3
+# Rejected reports of one device audited: a burst, then one every 6 s (a
+# device that keeps sending bad reports leaves 14 400 entries a day, not millions).
+AUDIT_BURST = 20
+AUDIT_RATE = 1 / 6  # per second
 
 
 class DeviceMessageSink:
@@ -179,6 +196,8 @@ class DeviceMessageSink:
         self._counts: dict[str, int] = {f.name: 0 for f in dataclasses.fields(SinkCounters)}
         self._thread: threading.Thread | None = None
         self._running = False
+        self._audit_budget = RateLimiter(AUDIT_RATE, AUDIT_BURST)
+        self._repeats = RepeatLog(logger)
 
     # -- lifecycle ----------------------------------------------------------
 
@@ -266,6 +285,23 @@ class DeviceMessageSink:
         """Queue a message the broker replayed from its retained store (the bridge's hook)."""
         self.submit(device_id, kind, payload, retained=True)
 
+    def oversize(self, device_id: str, kind: DeviceTopic, size: int) -> None:
+        """Note a message refused for its ``size`` before it was read (the bridge's hook).
+
+        Only the size travels, never the payload: a status report is audited
+        as rejected (``too_large``), like one that does not parse; telemetry
+        and presence are only counted.
+        """
+        if kind not in _HANDLED or not self._running:
+            self._bump("dropped")
+            return
+        try:
+            self._queue.put_nowait(_Message(device_id, kind, b"", oversize=size))
+        except queue.Full:
+            self._bump("dropped")
+            return
+        self._bump("received")
+
     # -- the worker -----------------------------------------------------------
 
     def _bump(self, name: str, by: int = 1) -> None:
@@ -337,11 +373,17 @@ class DeviceMessageSink:
             self._counts["batches"] += 1
             for outcome in outcomes:
                 self._counts[outcome.value] += 1
-                if outcome is _Outcome.MALFORMED:
+                if outcome in (_Outcome.MALFORMED, _Outcome.OVERSIZE):
                     self._counts["rejected"] += 1
 
     def _apply(self, session: Session, message: _Message, report: SignedReport | None,
                assignments: ReportableAssignments) -> _Outcome:
+        if message.oversize is not None:
+            if message.kind is DeviceTopic.STATUS:
+                reject_report(session, message.device_id, ReportRejection.TOO_LARGE,
+                              f"a {message.oversize}-byte report (at most {MAX_REPORT_SIZE})",
+                              may_audit=self._may_audit(message.device_id))
+            return _Outcome.OVERSIZE
         if not message.payload:
             return _Outcome.IGNORED
         if message.kind is DeviceTopic.STATUS:
@@ -356,12 +398,26 @@ class DeviceMessageSink:
         if device is not None and report is not None and _is_redelivery(device, report):
             return _Outcome.DUPLICATE
         outcome = ingest_report(session, message.device_id, message.payload, clock=self._clock,
-                                device_locked=True, parsed=report, assignments=assignments)
+                                device_locked=True, parsed=report, assignments=assignments,
+                                may_audit=self._may_audit(message.device_id))
         if not outcome.accepted:
             if outcome.reason is ReportRejection.MALFORMED:
                 return _Outcome.MALFORMED
             return _Outcome.REJECTED
         return _Outcome.ACCEPTED
+
+    def _may_audit(self, device_id: str) -> Callable[[], bool]:
+        """The question ``ingest_report`` asks before auditing a rejection of ``device_id``."""
+
+        def ask() -> bool:
+            if self._audit_budget.allow(device_id):
+                return True
+            self._bump("unaudited")
+            self._repeats.log(("unaudited", device_id), "rejected reports of %s beyond its "
+                              "audit budget: counted, not audited", device_id)
+            return False
+
+        return ask
 
     def _presence(self, session: Session, message: _Message) -> _Outcome:
         try:

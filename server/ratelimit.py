@@ -116,5 +116,5 @@ class RepeatLog:
         if held:
             message += " (%d more like this in the last %.0f s)"
             args = (*args, held, now - when if when is not None else 0.0)
-        self._logger.log(self._level, message, *args)
+        self._logger.log(self._level, message, *args, stacklevel=2)
         return True

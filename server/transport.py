@@ -38,10 +38,11 @@ from edgeota.protocol.errors import EdgeotaError
 from edgeota.protocol.fetch import MqttTls
 from edgeota.protocol.files import atomic_write, write_private_file
 from edgeota.protocol.identity import CA_CERT_FILE, SERVER_IDENTITY
+from edgeota.protocol.topics import Topics
 from edgeota.server.broker_config import service_ca
-from edgeota.server.embedded_broker import EmbeddedBroker
+from edgeota.server.embedded_broker import BrokerLimits, EmbeddedBroker
 from edgeota.server.fleet_ca import FleetCA, certificate_pem, private_key_pem
-from edgeota.server.mqtt_bridge import FetchBridge
+from edgeota.server.mqtt_bridge import DEVICE_MESSAGE_TOPICS, FetchBridge
 from edgeota.server.mqtt_ingest import DeviceMessageSink
 from edgeota.server.repo.storage import RepoStore
 
@@ -93,8 +94,10 @@ class MqttTransport:
         embedded_port: int = 0,
         sessions: Callable[[], Session] | None = None,
         clock: Callable[[], datetime] | None = None,
+        broker_limits: BrokerLimits = BrokerLimits(),  # noqa: B008 - frozen
     ) -> None:
         self._ca_dir = ca_dir
+        self._broker_limits = broker_limits
         self._store = store
         self._external = parse_broker_url(broker_url) if broker_url else None
         self._embedded_host = embedded_host
@@ -132,7 +135,9 @@ class MqttTransport:
         try:
             if self._external is None:
                 self.broker = EmbeddedBroker(self._ca_dir, host=self._embedded_host,
-                                             port=self._embedded_port)
+                                             port=self._embedded_port,
+                                             limits=self._broker_limits,
+                                             on_oversize=self._refused_for_size)
                 self.broker.start()
             address = self.address
             if self.sink is not None:
@@ -149,6 +154,22 @@ class MqttTransport:
             self.stop()
             raise
         logger.info("MQTT transport on %s", self.address.url)
+
+    def _refused_for_size(self, identity: str, topic: str | None, size: int) -> None:
+        """The embedded broker closed a connection over a packet too large (its thread).
+
+        A device's status report among them is audited as rejected, as the
+        bridge does for one above its payload bound (the threat model says
+        rejected reports leave a trace); only the size is known.
+        """
+        if self.sink is None or topic is None:
+            return
+        try:
+            device_id, kind = Topics().parse(topic)
+        except ValueError:
+            return
+        if device_id == identity and kind in DEVICE_MESSAGE_TOPICS:
+            self.sink.oversize(device_id, kind, size)
 
     def notify(self, device_id: str) -> None:
         if self.bridge is not None:

@@ -41,6 +41,7 @@ __all__ = [
     "SeqCheck",
     "check_seq",
     "ingest_report",
+    "reject_report",
 ]
 
 # What a status report leaves in Device.reported_state (it replaces the rest).
@@ -79,7 +80,10 @@ def check_seq(last: int, window: int, seq: int) -> SeqCheck:
 
 
 class ReportRejection(enum.StrEnum):
-    MALFORMED = "malformed"
+    """Why a report was refused: the ``reason`` of its ``report.rejected`` audit entry."""
+
+    MALFORMED = "malformed"  # does not parse, or breaks a bound (deep JSON, NaN, ...)
+    TOO_LARGE = "too_large"  # over MAX_REPORT_SIZE: refused before it was read whole
     UNKNOWN_DEVICE = "unknown_device"
     WRONG_DEVICE = "wrong_device"
     BAD_SIGNATURE = "bad_signature"
@@ -93,9 +97,19 @@ class ReportOutcome:
     report: StatusReport | None = None
 
 
-def _reject(session: Session, sender: str, reason: ReportRejection, detail: str) -> ReportOutcome:
-    audit.append(session, actor=f"device:{sender}", action="report.rejected", subject=sender,
-                 detail={"reason": str(reason), "detail": detail[:300]})
+def reject_report(session: Session, sender: str, reason: ReportRejection, detail: str, *,
+                  may_audit: Callable[[], bool] | None = None) -> ReportOutcome:
+    """Audit a report from ``sender`` as rejected (``report.rejected``); nothing else changes.
+
+    Also for refusals made before a report reaches :func:`ingest_report`:
+    one too large to be read whole, by the MQTT bridge or the embedded
+    broker. ``may_audit``, if given, is asked first (a per-device budget: a
+    device sending rejected reports without end must not grow the audit
+    log without end); ``False`` leaves the rejection to the caller's count.
+    """
+    if may_audit is None or may_audit():
+        audit.append(session, actor=f"device:{sender}", action="report.rejected",
+                     subject=sender, detail={"reason": str(reason), "detail": detail[:300]})
     return ReportOutcome(False, reason)
 
 
@@ -108,6 +122,7 @@ def ingest_report(
     device_locked: bool = False,
     parsed: SignedReport | None = None,
     assignments: ReportableAssignments | None = None,
+    may_audit: Callable[[], bool] | None = None,
 ) -> ReportOutcome:
     """Verify and store one report that arrived from ``sender`` (the topic's device id).
 
@@ -117,7 +132,13 @@ def ingest_report(
     a whole batch's devices in one query instead of one per report, and loads
     their ``assignments`` in one more (see :func:`record_report`). ``parsed``
     is ``raw`` already parsed by the caller (it is verified here all the same).
+    ``may_audit`` is asked before a rejection is audited (see :func:`reject_report`).
     """
+
+    def _reject(session: Session, sender: str, reason: ReportRejection,
+                detail: str) -> ReportOutcome:
+        return reject_report(session, sender, reason, detail, may_audit=may_audit)
+
     try:
         signed = parsed if parsed is not None else SignedReport.from_bytes(raw)
         report = signed.report

@@ -1,0 +1,463 @@
+"""Attacks on the MQTT side (issue 21): real brokers over sockets, the real server, real devices.
+
+Each test is one attack from a device that holds a valid certificate (the
+hardest attacker the broker cannot simply refuse), and asserts the precise
+refusal, that the server's memory stayed bounded (the server runs in this
+process: psutil's RSS of it, sampled while the attack lasts), that the other
+devices kept fetching and reporting, and that nothing changed:
+
+* session takeover: a client id is the certificate's (item 1), on the
+  embedded broker (refused, CONNACK 2) and on Mosquitto as ``edgeota
+  broker-config`` writes it (connected as itself whatever id it asked for);
+* a 200 MB PUBLISH refused from its fixed header (item 3), a 1 MB and a
+  100 KB status report refused and audited ``too_large``;
+* a device flooding ~5 000 fetch requests a second (item 4): the others'
+  fetch latency, against their own unloaded latency in the same test;
+* a device that never acknowledges, or never reads, what it asked for;
+* reports over MQTT with JSON nested past the parser's stack, integers past
+  4 300 digits, NaN and 1e999: rejected and audited like over HTTP (item 6).
+
+Waits are on conditions with timeouts; every loop is bounded in count and time.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import socket
+import ssl
+import statistics
+import struct
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import psutil
+import pytest
+from mqtt_fleet_support import running_fleet_mosquitto
+from server_support import RunningServer, running_server, wait_for
+from sqlalchemy import select
+
+from edgeota.agent.config import AgentConfig
+from edgeota.agent.mqtt_fetcher import MQTT_REPOSITORY_URL, MqttFetcher
+from edgeota.agent.mqtt_session import DeviceConnection
+from edgeota.protocol.fetch import FetchRequest, MqttTls, encode_request
+from edgeota.protocol.identity import SERVER_IDENTITY, DeviceIdentity
+from edgeota.protocol.reports import SignedReport, StatusReport
+from edgeota.protocol.topics import DeviceTopic, Topics
+from edgeota.server.db.models import AuditEntry, Device
+from edgeota.server.embedded import bind_loopback
+from edgeota.server.embedded_broker import BrokerLimits
+from edgeota.server.fleet_ca import FleetCA
+from edgeota.server.home import HomeOptions
+from edgeota.server.transport import MqttTransport
+
+TOPICS = Topics()
+HOST = "127.0.0.1"
+WAIT = 10.0  # seconds: the bound on every wait for something that must happen
+MIB = 1024 * 1024
+RSS_BOUND = 64 * MIB  # the most the server's memory may grow during one attack
+TIMESTAMP = f"{MQTT_REPOSITORY_URL}/image/metadata/timestamp.json"
+
+
+# -- the world: a server with its MQTT side, enrolled devices ------------------------------------
+
+
+@dataclass(frozen=True)
+class Enrolled:
+    device_id: str
+    config: AgentConfig
+    identity: DeviceIdentity
+
+    def tls(self) -> MqttTls:
+        return MqttTls(self.config.ca_cert, self.config.tls_cert, self.config.tls_key)
+
+
+@dataclass
+class World:
+    """A running server, its MQTT transport (embedded broker, or a Mosquitto) and devices."""
+
+    server: RunningServer
+    transport: MqttTransport
+    device_port: int  # where devices connect
+    broker_name: str
+
+    def enroll(self, device_id: str) -> Enrolled:
+        folder = self.server.enroll(device_id, "rpi4")
+        config = AgentConfig.load(folder / "agent.toml")
+        return Enrolled(device_id, config, DeviceIdentity.load(folder / "identity"))
+
+    @contextlib.contextmanager
+    def connection(self, device: Enrolled) -> Iterator[DeviceConnection]:
+        with DeviceConnection(device.device_id, host=HOST, port=self.device_port,
+                              tls=device.tls(), reconnect_min_delay=0.05,
+                              reconnect_max_delay=0.5) as connection:
+            assert connection.wait_ready(WAIT), f"{device.device_id} did not connect"
+            yield connection
+
+    def flush(self) -> None:
+        assert self.transport.sink is not None
+        self.transport.sink.flush()
+
+    def audited(self, device_id: str) -> list[dict[str, object]]:
+        """The ``report.rejected`` audit details of ``device_id``, oldest first."""
+        with self.server.ctx.sessions() as session:
+            details = session.scalars(select(AuditEntry.detail).where(
+                AuditEntry.action == "report.rejected", AuditEntry.subject == device_id)
+                .order_by(AuditEntry.id)).all()
+        return [json.loads(detail) for detail in details]
+
+    def device(self, device_id: str) -> Device:
+        with self.server.ctx.sessions() as session:
+            found = session.get(Device, device_id)
+            assert found is not None
+            return found
+
+
+@contextlib.contextmanager
+def embedded_world(tmp_path: Path, db_url: str | None = None,
+                   limits: BrokerLimits = BrokerLimits()) -> Iterator[World]:  # noqa: B008
+    """``edgeota serve`` in this process: the embedded broker, the bridge, the sink."""
+    probe = bind_loopback()
+    port = probe.getsockname()[1]
+    probe.close()  # the embedded broker binds it next
+    options = HomeOptions(bin_bits=4, mqtt=f"{HOST}:{port}")
+    with running_server(tmp_path, db_url or f"sqlite:///{tmp_path / 'edgeota.db'}",
+                        options) as server:
+        transport = MqttTransport(server.config.ca_dir, server.ctx.store, embedded_port=port,
+                                  sessions=server.ctx.sessions, clock=server.ctx.clock,
+                                  broker_limits=limits)
+        transport.start()
+        server.ctx.notify = transport.notify
+        try:
+            yield World(server, transport, port, "embedded")
+        finally:
+            transport.stop()
+
+
+@contextlib.contextmanager
+def mosquitto_world(tmp_path: Path) -> Iterator[World]:
+    """``edgeota serve --broker`` against Mosquitto as ``edgeota broker-config`` sets it up."""
+    with running_server(tmp_path, f"sqlite:///{tmp_path / 'edgeota.db'}") as server, \
+            running_fleet_mosquitto(FleetCA.load(server.config.ca_dir),
+                                    tmp_path / "mosquitto") as broker:
+        transport = MqttTransport(server.config.ca_dir, server.ctx.store,
+                                  broker_url=f"mqtts://{HOST}:{broker.server_port}",
+                                  sessions=server.ctx.sessions, clock=server.ctx.clock)
+        transport.start()
+        server.ctx.notify = transport.notify
+        try:
+            yield World(server, transport, broker.port, "mosquitto")
+        finally:
+            transport.stop()
+
+
+def fetch_seconds(connection: DeviceConnection) -> float:
+    """One fetch of the image timestamp (a few hundred bytes, one frame), timed."""
+    started = time.perf_counter()
+    assert MqttFetcher(connection, timeout=WAIT).download_bytes(TIMESTAMP, 100_000)
+    return time.perf_counter() - started
+
+
+class PeakRss:
+    """The largest RSS of this process (the server's) seen while the block runs."""
+
+    def __init__(self) -> None:
+        self._process = psutil.Process()
+        self.before = self._process.memory_info().rss
+        self.peak = self.before
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+
+    def _sample(self) -> None:
+        while not self._stop.wait(0.02):
+            self.peak = max(self.peak, self._process.memory_info().rss)
+
+    def __enter__(self) -> PeakRss:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self._stop.set()
+        self._thread.join(WAIT)
+        self.peak = max(self.peak, self._process.memory_info().rss)
+
+    @property
+    def growth(self) -> int:
+        return self.peak - self.before
+
+
+# -- a raw MQTT 3.1.1 client: what an attacker writes, byte by byte -------------------------------
+
+
+def _remaining_length(length: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte, length = length % 128, length // 128
+        out.append(byte | (0x80 if length else 0))
+        if not length:
+            return bytes(out)
+
+
+def _string(text: str) -> bytes:
+    raw = text.encode()
+    return struct.pack(">H", len(raw)) + raw
+
+
+class RawClient:
+    """A TLS socket speaking just enough MQTT to misbehave: no automatic PUBACK, no reads."""
+
+    def __init__(self, port: int, tls: MqttTls, client_id: str) -> None:
+        context = ssl.create_default_context(cafile=str(tls.ca_file))
+        context.load_cert_chain(str(tls.cert_file), str(tls.key_file))
+        self.sock = context.wrap_socket(socket.create_connection((HOST, port), timeout=WAIT),
+                                        server_hostname="localhost")
+        body = _string("MQTT") + bytes((4, 0x02)) + struct.pack(">H", 60) + _string(client_id)
+        self.sock.sendall(b"\x10" + _remaining_length(len(body)) + body)
+        self.connack = self._read(4)
+
+    def _read(self, n: int) -> bytes:
+        data = b""
+        while len(data) < n:
+            chunk = self.sock.recv(n - len(data))
+            if not chunk:
+                raise ConnectionError("the broker closed the connection")
+            data += chunk
+        return data
+
+    @property
+    def accepted(self) -> bool:
+        return self.connack == b"\x20\x02\x00\x00"
+
+    def subscribe(self, topic: str) -> None:
+        body = struct.pack(">H", 1) + _string(topic) + b"\x01"
+        self.sock.sendall(b"\x82" + _remaining_length(len(body)) + body)
+
+    def publish(self, topic: str, payload: bytes) -> None:
+        """QoS 0: nothing comes back."""
+        head = _string(topic)
+        self.sock.sendall(b"\x30" + _remaining_length(len(head) + len(payload)) + head + payload)
+
+    def stream_publish(self, topic: str, size: int, *, chunk: int = MIB) -> int:
+        """Announce a ``size``-byte PUBLISH and send its payload until the broker hangs up.
+
+        Returns the payload bytes the socket took before the connection ended.
+        """
+        head = _string(topic)
+        self.sock.sendall(b"\x30" + _remaining_length(len(head) + size) + head)
+        block, sent = b" " * chunk, 0
+        with contextlib.suppress(OSError):  # ssl.SSLError, BrokenPipe, ConnectionReset
+            while sent < size:
+                piece = block[:size - sent]
+                self.sock.sendall(piece)
+                sent += len(piece)
+        return sent
+
+    def closed_by_broker(self, timeout: float = WAIT) -> bool:
+        """Whether the broker ends the connection within ``timeout`` (reading what it sends)."""
+        self.sock.settimeout(timeout)
+        deadline = time.monotonic() + timeout
+        try:
+            while time.monotonic() < deadline:
+                if not self.sock.recv(65536):
+                    return True
+        except TimeoutError:
+            return False
+        except OSError:  # ssl.SSLError: the broker dropped the connection
+            return True
+        return False
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self.sock.close()
+
+
+def signed(device: Enrolled, body: bytes) -> bytes:
+    """An envelope around ``body`` (any bytes), signed by the device: only the body is hostile."""
+    return SignedReport(body, device.identity.sign_report(body)).to_bytes()
+
+
+def report(device: Enrolled, seq: int, state: str) -> bytes:
+    return signed(device, StatusReport(device.device_id, seq, state).to_bytes())
+
+
+# -- item 1: session takeover ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("broker", ["embedded", "mosquitto"])
+def test_a_certificate_cannot_take_another_clients_session(tmp_path: Path, broker: str) -> None:
+    make = embedded_world if broker == "embedded" else mosquitto_world
+    with make(tmp_path) as world:
+        attacker, victim, bystander = (world.enroll(d) for d in ("pi-a", "pi-b", "pi-c"))
+        bridge = world.transport.bridge
+        assert bridge is not None
+        notified = threading.Event()
+        with world.connection(victim) as connection:
+            connection.on_notify = notified.set
+            before = fetch_seconds(connection)
+            claims = ["pi-b", SERVER_IDENTITY, bridge.client_id, f"{SERVER_IDENTITY}-x"]
+            for claimed in claims:
+                raw = RawClient(world.device_port, attacker.tls(), claimed)
+                try:
+                    if world.broker_name == "embedded":  # CONNACK 2: identifier rejected
+                        assert raw.connack == b"\x20\x02\x00\x02", (claimed, raw.connack)
+                        assert raw.closed_by_broker()
+                    else:
+                        # Mosquitto cannot refuse it: it connects pi-a as pi-a
+                        # (use_username_as_clientid), whatever it asked for.
+                        assert raw.accepted, (claimed, raw.connack)
+                finally:
+                    raw.close()
+            # Nothing changed: the victim and the bridge never lost their connection
+            # or their subscriptions; the victim fetches and is notified, as is pi-c.
+            assert connection.counters().connections == 1
+            assert bridge.connections == 1
+            notified.clear()
+            world.transport.notify("pi-b")
+            assert notified.wait(WAIT), "the victim's notify subscription is gone"
+            assert fetch_seconds(connection) < WAIT
+            with world.connection(bystander) as other:
+                assert fetch_seconds(other) < WAIT
+        if world.broker_name == "embedded":
+            assert world.transport.broker is not None
+            assert world.transport.broker.counters().refused_connects == len(claims)
+        assert before < WAIT
+
+
+def test_a_device_certificate_gets_nowhere_near_the_mosquitto_server_listener(
+        tmp_path: Path) -> None:
+    with running_server(tmp_path, f"sqlite:///{tmp_path / 'edgeota.db'}") as server, \
+            running_fleet_mosquitto(FleetCA.load(server.config.ca_dir),
+                                    tmp_path / "mosquitto") as broker:
+        folder = server.enroll("pi-a", "rpi4")
+        config = AgentConfig.load(folder / "agent.toml")
+        with pytest.raises(ssl.SSLError):  # the handshake fails: only the services CA counts
+            RawClient(broker.server_port, MqttTls(config.ca_cert, config.tls_cert,
+                                                  config.tls_key), "pi-a")
+
+
+# -- item 3 and resource limits: packets too large ------------------------------------------------
+
+
+@pytest.mark.parametrize("broker", ["embedded", "mosquitto"])
+def test_a_200_mb_publish_is_refused_from_its_header(tmp_path: Path, broker: str) -> None:
+    make = embedded_world if broker == "embedded" else mosquitto_world
+    with make(tmp_path) as world:
+        attacker, other = world.enroll("pi-a"), world.enroll("pi-b")
+        with world.connection(other) as connection:
+            fetch_seconds(connection)  # warm: the first fetch opens files and caches
+            raw = RawClient(world.device_port, attacker.tls(), "pi-a")
+            try:
+                assert raw.accepted
+                with PeakRss() as rss:
+                    sent = raw.stream_publish(TOPICS.device("pi-a", DeviceTopic.TELEMETRY),
+                                              200 * MIB)
+                    assert raw.closed_by_broker()
+            finally:
+                raw.close()
+            # Refused long before the end: the broker read the header, not the body.
+            assert sent < 64 * MIB, sent
+            assert rss.growth < RSS_BOUND, rss.growth
+            assert fetch_seconds(connection) < WAIT  # the others never noticed
+        if world.broker_name == "embedded":
+            assert world.transport.broker is not None
+            assert world.transport.broker.counters().oversize == 1
+        world.flush()
+        assert world.audited("pi-a") == []  # telemetry: counted, not a report
+
+
+@pytest.mark.parametrize("size", [1 * MIB, 100 * 1024])
+def test_an_oversized_status_report_is_refused_audited_and_bounded(tmp_path: Path,
+                                                                    size: int) -> None:
+    # 1 MiB: above the broker's 128 KiB packet bound (the connection is closed);
+    # 100 KiB: within it, above the bridge's 16 KiB (dropped there). Both are
+    # audited as rejected reports (QoS 0 from a raw client: paho would send a
+    # refused QoS 1 message again after every reconnection); the device
+    # reports normally afterwards.
+    with embedded_world(tmp_path) as world:
+        device = world.enroll("pi-a")
+        raw = RawClient(world.device_port, device.tls(), "pi-a")
+        try:
+            assert raw.accepted
+            with PeakRss() as rss:
+                raw.stream_publish(TOPICS.device("pi-a", DeviceTopic.STATUS), size)
+
+                def audited() -> bool:
+                    world.flush()
+                    return bool(world.audited("pi-a"))
+
+                wait_for(audited, WAIT, "the audited refusal")
+            assert raw.closed_by_broker(0.5 if size < MIB else WAIT) is (size >= MIB)
+        finally:
+            raw.close()
+        assert rss.growth < RSS_BOUND, rss.growth
+        (entry,) = world.audited("pi-a")
+        assert entry["reason"] == "too_large", entry
+        refused = int(str(entry["detail"]).removeprefix("a ").partition("-byte")[0])
+        assert size <= refused < size + 100, entry  # the payload, or the packet's whole size
+        with world.connection(device) as connection:
+            assert connection.publish(DeviceTopic.STATUS, report(device, 1, "idle"))
+
+            def accepted() -> bool:
+                world.flush()
+                return world.device("pi-a").report_seq == 1
+
+            wait_for(accepted, WAIT, "the next report accepted")
+        assert world.device("pi-a").reported_state["state"] == "idle"
+        assert world.transport.sink is not None
+        assert world.transport.sink.counters().oversize == 1
+
+
+# -- item 6: reports that break the JSON parser, over MQTT ----------------------------------------
+
+
+def _report_json(seq: object, detail: str = "{}", progress: str = "null") -> bytes:
+    return (f'{{"detail":{detail},"device_id":"pi-a","error":null,"progress":{progress},'
+            f'"release":null,"seq":{seq},"state":"committed"}}').encode()
+
+
+HOSTILE_REPORTS: dict[str, Callable[[Enrolled], bytes]] = {
+    # Signed by the device itself: the signature is fine, the body is not.
+    "deep detail": lambda d: signed(d, _report_json(1, "[" * 5000 + "]" * 5000)),
+    "detail past the depth bound": lambda d: signed(d, _report_json(1, '{"a":' * 9 + "1"
+                                                                    + "}" * 9)),
+    "5000-digit seq": lambda d: signed(d, _report_json("9" * 5000)),
+    "NaN progress": lambda d: signed(d, _report_json(1, progress="NaN")),
+    "Infinity in detail": lambda d: signed(d, _report_json(1, '{"x":Infinity}')),
+    "1e999 in detail": lambda d: signed(d, _report_json(1, '{"x":1e999}')),
+    # The envelope itself.
+    "deep envelope": lambda _d: b"[" * 8000 + b"]" * 8000,
+    "5000-digit envelope version": lambda _d: b'{"v":' + b"1" * 5000 + b',"report":"","sig":""}',
+}
+
+
+def test_reports_that_break_the_parser_are_rejected_and_audited_over_mqtt(
+        tmp_path: Path, db_url: str) -> None:
+    with embedded_world(tmp_path, db_url) as world:
+        device = world.enroll("pi-a")
+        with world.connection(device) as connection:
+            assert connection.publish(DeviceTopic.STATUS, report(device, 1, "downloading"))
+            for name, build in HOSTILE_REPORTS.items():
+                payload = build(device)
+                assert len(payload) <= 16 * 1024, name  # within the size bound: the parser's job
+                assert connection.publish(DeviceTopic.STATUS, payload), name
+            control = report(device, 2, "idle")
+            assert connection.publish(DeviceTopic.STATUS, control)
+
+            def settled() -> bool:
+                world.flush()
+                return world.device("pi-a").report_seq == 2
+
+            wait_for(settled, WAIT, "the control report")
+        # Each one rejected as malformed, audited, and nothing stored from it.
+        reasons = [entry["reason"] for entry in world.audited("pi-a")]
+        assert reasons == ["malformed"] * len(HOSTILE_REPORTS), reasons
+        row = world.device("pi-a")
+        assert row.reported_state["state"] == "idle" and row.report_seq == 2
+        assert world.transport.sink is not None
+        counters = world.transport.sink.counters()
+        assert (counters.malformed, counters.failed) == (len(HOSTILE_REPORTS), 0), counters
