@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from conftest import SealedFixture, make_manifest
 
-from edgeota.protocol.bundle import inspect_bundle, open_bundle, seal_bundle
+from edgeota.protocol.bundle import OpenedBundle, inspect_bundle, open_bundle, seal_bundle
 from edgeota.protocol.errors import (
     ChunkAuthenticationError,
     ChunkOrderError,
@@ -32,7 +32,7 @@ STRIDE = CHUNK + TAG_SIZE
 SealRandom = Callable[..., SealedFixture]
 
 
-def open_into(path: Path, key: bytes, dest: Path, **kwargs: object):
+def open_into(path: Path, key: bytes, dest: Path, **kwargs: object) -> OpenedBundle:
     return open_bundle(path, key, dest, **kwargs)  # type: ignore[arg-type]
 
 

@@ -105,7 +105,8 @@ def _run_child(mode: str, folder: Path) -> dict[str, object]:
         check=False,
     )
     assert done.returncode == 0, f"{mode} child failed:\n{done.stdout}\n{done.stderr}"
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    figures: dict[str, object] = json.loads(done.stdout.strip().splitlines()[-1])
+    return figures
 
 
 @pytest.mark.slow
