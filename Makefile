@@ -15,6 +15,7 @@ help:
 	@echo "make bench  - run the benchmarks in bench/ (prints ratios against measured limits)"
 	@echo "make conformance - the tuf-conformance suite against the device's TUF client"
 	@echo "make fuzz-api - schemathesis on /api/v1 and hypothesis on the inference endpoint, long budget"
+	@echo "make fuzz   - atheris + hypothesis on every parser (tests/fuzz/), FUZZ_SECONDS each"
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -70,6 +71,26 @@ FUZZ_API_EXAMPLES ?= 300
 fuzz-api: $(STAMP)
 	EDGEOTA_FUZZ_API_EXAMPLES=$(FUZZ_API_EXAMPLES) $(BIN)/pytest -p no:cacheprovider -s -q \
 	  tests/test_api_fuzz.py
+
+# Coverage-guided fuzzing of every parser of outside bytes (tests/fuzz/fuzz_*.py):
+# FUZZ_SECONDS of atheris per harness, then a merge of what added coverage into
+# tests/fuzz/corpus/<target>/ (crashes land there too), then its hypothesis
+# properties; `make test` replays that corpus (tests/test_fuzz_corpus.py).
+# FUZZ_TARGETS=manifest,journal runs a few. atheris comes with the dev extra
+# (a wheel on x86_64); elsewhere it is built here, which needs clang and libFuzzer.
+FUZZ_SECONDS ?= 60
+FUZZ_TARGETS ?=
+.PHONY: fuzz fuzz-deps
+fuzz: $(STAMP) fuzz-deps
+	$(BIN)/python tests/fuzz/run_fuzz.py --seconds $(FUZZ_SECONDS) --targets "$(FUZZ_TARGETS)"
+
+fuzz-deps: $(STAMP)
+	@$(BIN)/python -c "import atheris" 2>/dev/null || { \
+	  command -v clang >/dev/null 2>&1 || { \
+	    echo "installing clang and libclang-rt-dev (Debian packages, to build atheris)"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+	      clang libclang-rt-dev >/dev/null; }; \
+	  CLANG_BIN=clang $(BIN)/pip install --quiet atheris; }
 
 bench: $(STAMP)
 	@for b in bench/*.py; do \
