@@ -131,11 +131,19 @@ def _int(value: Any, where: str, minimum: int = 0) -> int:
     return value
 
 
+def _finite(value: float) -> bool:
+    """``math.isfinite`` that answers False, instead of raising, for an int beyond any float."""
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # JSON integers are unbounded: 1 followed by 400 zeros
+        return False
+
+
 def _float(value: Any, where: str, minimum: float = 0.0) -> float:
     _require(
         isinstance(value, int | float)
         and not isinstance(value, bool)
-        and math.isfinite(value)
+        and _finite(value)
         and value >= minimum,
         f"{where} must be a finite number >= {minimum}",
     )
@@ -212,8 +220,8 @@ class Tensor:
                 _require(_value_is(value, kind),
                          f"{where}.data holds {value!r}, not {spec.datatype}")
         # Python's json reads NaN and Infinity; no tolerance can compare them.
-        if kind is float and not all(map(math.isfinite, values)):
-            bad = next(v for v in values if not math.isfinite(v))
+        if kind is float and not all(map(_finite, values)):
+            bad = next(v for v in values if not _finite(v))
             _require(False, f"{where}.data holds {bad!r}: values must be finite")
         return cls(spec.name, spec.datatype, shape, tuple(values))
 
@@ -487,6 +495,8 @@ class Manifest:
         )
         try:
             data = json.loads(raw)
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        # ValueError: bad UTF-8 or syntax, and integers past CPython's 4300-digit
+        # limit; RecursionError: nesting deeper than the parser's stack.
+        except (ValueError, RecursionError) as e:
             raise ManifestError(f"manifest is not valid JSON: {e}") from e
         return cls.from_dict(data)
