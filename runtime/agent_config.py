@@ -94,24 +94,38 @@ class AgentConfig:
             raise AgentConfigError(f"{path} is larger than {_MAX_SIZE} bytes")
         try:
             data = tomllib.loads(raw.decode("utf-8"))
-        except (UnicodeDecodeError, tomllib.TOMLDecodeError) as e:
+        # ValueError: bad UTF-8 or TOML (both subclass it) and integers past CPython's
+        # 4300-digit limit; RecursionError: arrays or tables nested past the parser's stack.
+        except (ValueError, RecursionError) as e:
             raise AgentConfigError(f"{path}: not valid TOML: {e}") from e
         folder = path.parent.resolve()
 
+        def table(section: str) -> dict[str, Any]:
+            value = data.get(section, {})
+            if not isinstance(value, dict):
+                raise AgentConfigError(f"{path}: [{section}] must be a table")
+            return value
+
         def get(section: str, key: str) -> str:
-            value = data.get(section, {}).get(key)
+            value = table(section).get(key)
             if not isinstance(value, str) or not value:
                 raise AgentConfigError(f"{path}: missing {section}.{key}")
             return value
 
         def file(section: str, key: str) -> Path:
-            candidate = Path(get(section, key))
+            value = get(section, key)
+            if "\x00" in value:  # no file system call takes it: refuse it here, by name
+                raise AgentConfigError(f"{path}: {section}.{key} holds a NUL character")
+            candidate = Path(value)
             return candidate if candidate.is_absolute() else folder / candidate
 
         try:
             device_id = validate_device_id(get("device", "id"))
         except ValueError as e:
             raise AgentConfigError(f"{path}: {e}") from e
+        mqtt_url = table("mqtt").get("url")
+        if mqtt_url is not None and not isinstance(mqtt_url, str):
+            raise AgentConfigError(f"{path}: mqtt.url must be a string")
         return cls(
             folder=folder,
             device_id=device_id,
@@ -125,5 +139,5 @@ class AgentConfig:
             tls_cert=file("tls", "cert"),
             tls_key=file("tls", "key"),
             state_dir=file("state", "dir"),
-            mqtt_url=data.get("mqtt", {}).get("url") or None,
+            mqtt_url=mqtt_url or None,
         )
