@@ -47,6 +47,8 @@ SERVER_CONFIG = "server.toml"
 OPERATOR_CONFIG = "operator.toml"
 DEFAULT_HTTP = "127.0.0.1:8742"
 _MAX_CONFIG_SIZE = 256 * 1024
+_MAX_EXPIRY_DAYS = 100 * 366  # a century: beyond any key's life, far from datetime's end
+_MAX_REFRESH_SECONDS = 30 * 86400
 _Limits = TypeVar("_Limits", "HttpLimits", "UploadLimits")
 
 
@@ -240,7 +242,9 @@ def _read(home: Path, name: str) -> dict[str, Any]:
         raise ConfigError(f"{path} is larger than {_MAX_CONFIG_SIZE} bytes")
     try:
         return tomllib.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, tomllib.TOMLDecodeError) as e:
+    # ValueError: bad UTF-8 or TOML (both subclass it) and integers past CPython's
+    # 4300-digit limit; RecursionError: arrays or tables nested past the parser's stack.
+    except (ValueError, RecursionError) as e:
         raise ConfigError(f"{path}: not valid TOML: {e}") from e
 
 
@@ -271,7 +275,9 @@ def _key(home: Path, data: dict[str, Any], dotted: str, where: Path) -> KeyRef:
 def parse_http(value: str, where: str) -> tuple[str, int]:
     """``HOST:PORT`` -> (host, port), with a clear error."""
     host, sep, port = value.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 <= int(port) < 65536:
+    # isascii: str.isdigit also accepts digits int() cannot read ("²").
+    if (not sep or not host or not port.isascii() or not port.isdigit()
+            or not 0 <= int(port) < 65536):
         raise ConfigError(f"{where}: HTTP address {value!r} is not HOST:PORT")
     return host.strip("[]"), int(port)
 
@@ -289,8 +295,12 @@ def load_server_config(home: Path) -> ServerConfig:
     if unknown:
         raise ConfigError(f"{where}: unknown expiry settings {sorted(unknown)}")
     for name, value in expiry_table.items():
-        if not isinstance(value, int | float) or isinstance(value, bool) or value <= 0:
-            raise ConfigError(f"{where}: expiry.{name} must be a positive number")
+        # Bounded, so every period is a timedelta that dates can add (no inf, NaN, or
+        # a root expiring past the year 9999): the server converts them on start.
+        limit = _MAX_REFRESH_SECONDS if name == "refresh_interval_seconds" else _MAX_EXPIRY_DAYS
+        if (not isinstance(value, int | float) or isinstance(value, bool)
+                or not 0 < value <= limit):
+            raise ConfigError(f"{where}: expiry.{name} must be a number in (0, {limit}]")
     return ServerConfig(
         home=home,
         database_url=_field(data, "server.database", str, where),
