@@ -89,7 +89,8 @@ class AgentConfig:
     def load(cls, path: Path) -> AgentConfig:
         if not path.is_file():
             raise AgentConfigError(f"{path} not found (write one with `edgeota device enroll`)")
-        raw = path.read_bytes()
+        with path.open("rb") as source:  # at most one byte past the bound, whatever the size
+            raw = source.read(_MAX_SIZE + 1)
         if len(raw) > _MAX_SIZE:
             raise AgentConfigError(f"{path} is larger than {_MAX_SIZE} bytes")
         try:

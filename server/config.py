@@ -237,7 +237,8 @@ def _read(home: Path, name: str) -> dict[str, Any]:
     if not path.is_file():
         raise ConfigError(f"{path} not found: is {home} an edgeota home? (create one with "
                           "`edgeota init --home DIR`)")
-    raw = path.read_bytes()
+    with path.open("rb") as source:  # at most one byte past the bound, whatever the size
+        raw = source.read(_MAX_CONFIG_SIZE + 1)
     if len(raw) > _MAX_CONFIG_SIZE:
         raise ConfigError(f"{path} is larger than {_MAX_CONFIG_SIZE} bytes")
     try:
