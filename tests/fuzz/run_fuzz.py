@@ -8,8 +8,10 @@ For each ``fuzz_<target>.py`` (or those named with ``--targets``):
    written into ``tests/fuzz/corpus/<target>/`` (``crash-<sha1>`` ...), where
    the pytest replay picks it up as a regression case; the run of that
    harness ends there, as libFuzzer's do.
-2. ``-merge=1`` of the working corpus into the saved one: only inputs that
-   add coverage are kept, so the saved corpus stays small.
+2. a set-cover merge of the saved and the working corpus: the smallest inputs
+   that cover everything found so far, of which the saved corpus keeps the
+   smallest up to ``--corpus-kib`` (besides its seeds and failures), so the
+   repository's copy stays a few hundred KiB; the working corpus keeps all.
 3. its hypothesis properties (``--property``) for ``--property-seconds``.
 
 A table of executions, corpus sizes and failures per harness is printed and
@@ -20,12 +22,15 @@ The log of each run is ``build/fuzz/<target>.log``.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import re
+import shutil
 import subprocess
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import IO
 
 from fuzz_support import CORPUS, FAILURE_PREFIXES, FUZZ_DIR, SCRATCH
 
@@ -66,7 +71,43 @@ def _saved(target: str) -> set[str]:
     return {p.name for p in folder.iterdir()} if folder.is_dir() else set()
 
 
-def run_one(path: Path, seconds: int, property_seconds: int) -> Outcome:
+def _kept(name: str) -> bool:
+    """Files the saved corpus always keeps: the seeds and every failure ever found."""
+    return name.startswith(("seed-", *FAILURE_PREFIXES))
+
+
+def minimize(path: Path, target: str, budget: int, out: IO[str]) -> None:
+    """Replace the saved corpus's found inputs by the smallest of a set cover, up to ``budget``.
+
+    The cover is taken over the saved corpus and the working one, so nothing
+    found in an earlier run is lost unless something smaller covers it.
+    """
+    saved, work = CORPUS / target, SCRATCH / target
+    merged = SCRATCH / f"{target}.merged"
+    shutil.rmtree(merged, ignore_errors=True)
+    merged.mkdir(parents=True)
+    run = subprocess.run([sys.executable, "-W", "ignore", str(path), "-set_cover_merge=1",
+                          str(merged), str(saved), str(work)],
+                         stdout=out, stderr=subprocess.STDOUT, timeout=900, check=False)
+    if run.returncode != 0:  # keep the saved corpus as it was
+        out.write(f"\nset-cover merge failed ({run.returncode}): saved corpus unchanged\n")
+        return
+    known = {hashlib.sha1(p.read_bytes()).hexdigest()  # the names libFuzzer gives inputs
+             for p in saved.iterdir() if _kept(p.name)}
+    for p in saved.iterdir():
+        if not _kept(p.name):
+            p.unlink()
+    used = 0
+    for p in sorted(merged.iterdir(), key=lambda p: (p.stat().st_size, p.name)):
+        size = p.stat().st_size
+        if p.name in known or used + size > budget:
+            continue
+        shutil.copyfile(p, saved / p.name)
+        used += size
+    shutil.rmtree(merged)
+
+
+def run_one(path: Path, seconds: int, property_seconds: int, budget: int) -> Outcome:
     target = path.stem.removeprefix("fuzz_")
     work = SCRATCH / target
     work.mkdir(parents=True, exist_ok=True)
@@ -91,9 +132,8 @@ def run_one(path: Path, seconds: int, property_seconds: int) -> Outcome:
         outcome.executions = int(done.group(1))
     outcome.failures = tuple(sorted(n for n in _saved(target) - before
                                     if n.startswith(FAILURE_PREFIXES)))
-    with log.open("a") as out:  # keep only what adds coverage
-        subprocess.run([*python, "-merge=1", str(CORPUS / target), str(work)],
-                       stdout=out, stderr=subprocess.STDOUT, timeout=600, check=False)
+    with log.open("a") as out:
+        minimize(path, target, budget, out)
     outcome.corpus_after = len(_saved(target))
     if property_seconds > 0:
         prop = subprocess.run([*python, "--property", f"--seconds={property_seconds}"],
@@ -137,14 +177,28 @@ def main() -> int:
     parser.add_argument("--property-seconds", type=int, default=None,
                         help="hypothesis time per harness (default: a quarter of --seconds)")
     parser.add_argument("--targets", default="", help="comma-separated harness names")
+    parser.add_argument("--corpus-kib", type=int, default=24,
+                        help="found inputs the saved corpus keeps per harness (KiB)")
+    parser.add_argument("--minimize-only", action="store_true",
+                        help="only re-minimize the saved corpora from the working ones")
     args = parser.parse_args()
+    budget = args.corpus_kib * 1024
+    if args.minimize_only:
+        for path in harness_files([t for t in args.targets.split(",") if t]):
+            target = path.stem.removeprefix("fuzz_")
+            (SCRATCH / target).mkdir(parents=True, exist_ok=True)
+            with (SCRATCH / f"{target}.log").open("a") as out:
+                minimize(path, target, budget, out)
+            print(f"{target}: {len(_saved(target))} files, "
+                  f"{sum(p.stat().st_size for p in (CORPUS / target).iterdir())} bytes")
+        return 0
     property_seconds = (args.seconds // 4 if args.property_seconds is None
                         else args.property_seconds)
     outcomes = []
     for path in harness_files([t for t in args.targets.split(",") if t]):
         print(f"== {path.name}: {args.seconds} s of atheris, {property_seconds} s of properties",
               flush=True)
-        outcome = run_one(path, args.seconds, property_seconds)
+        outcome = run_one(path, args.seconds, property_seconds, budget)
         outcomes.append(outcome)
         print(f"   {outcome.executions} executions, corpus {outcome.corpus_before} -> "
               f"{outcome.corpus_after}, failures {len(outcome.failures)}, properties "
