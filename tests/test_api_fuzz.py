@@ -203,6 +203,7 @@ _BODY = st.one_of(
     _JSON.map(lambda v: json.dumps(v).encode()),
     st.binary(max_size=200),
     st.integers(1, 5000).map(lambda n: b'{"inputs": ' + b"[" * n + b"]" * n + b"}"),
+    st.integers(4301, 6000).map(lambda n: b'{"inputs": [], "id": ' + b"9" * n + b"}"),
 )
 # An integer past sys.get_int_max_str_digits() (4300): Python's json raises ValueError.
 HUGE_INT_BODIES = [b'{"inputs": [], "id": ' + b"9" * 4301 + b"}",
