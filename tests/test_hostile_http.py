@@ -23,6 +23,7 @@ import socket
 import subprocess
 import sys
 import time
+import tomllib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,10 +31,12 @@ from pathlib import Path
 import httpx
 import psutil
 import pytest
+import tomli_w
 from server_support import run_cli, wait_for
 
 from edgeota.runtime.agent_config import AgentConfig
 from edgeota.server.config import (
+    ConfigError,
     HttpLimits,
     UploadLimits,
     load_operator_config,
@@ -534,3 +537,29 @@ def test_client_mistakes_are_4xx_with_a_code(served: Served, case: Case) -> None
     if body["code"] == str(ErrorCode.INVALID_BODY):  # fields named, the input never echoed
         assert all(set(e) <= {"type", "loc", "msg"} for e in body["detail"]), body
     served.healthy_within(2.0)
+
+
+# -- the limits are settings: validated when server.toml is read -------------------------
+
+
+@pytest.mark.parametrize(("section", "name", "value", "error"), [
+    ("http", "head_timeout_seconds", 0, "must be a positive number"),
+    ("http", "max_json_bytes", 1.5, "must be a positive integer"),
+    ("http", "body_min_bytes_per_second", True, "must be a positive integer"),
+    ("http", "body_idle_seconds", float("nan"), "must be a positive number"),
+    ("uploads", "quota_bytes", -1, "must be a positive integer"),
+    ("uploads", "stale_hours", "24", "must be a positive number"),
+    ("uploads", "max_bundle", 1, "unknown uploads settings"),
+])
+def test_limits_in_server_toml_are_validated(tmp_path: Path, section: str, name: str,
+                                             value: object, error: str) -> None:
+    home = tmp_path / "home"
+    init_home(home, HomeOptions(bin_bits=4))
+    config = load_server_config(home)
+    assert (config.http_limits, config.uploads) == (HttpLimits(), UploadLimits())
+    path = home / "server.toml"
+    data = tomllib.loads(path.read_text())
+    data[section][name] = value
+    path.write_text(tomli_w.dumps(data))
+    with pytest.raises(ConfigError, match=error):
+        load_server_config(home)

@@ -128,7 +128,8 @@ def _json_error(status: int, code: ErrorCode, detail: str,
     start: Message = {
         "type": "http.response.start", "status": status,
         "headers": [(b"content-type", b"application/json"),
-                    (b"content-length", str(len(body)).encode()), _CLOSE, *extra],
+                    (b"content-length", str(len(body)).encode()), _CLOSE, *_API_HEADERS,
+                    *extra],
     }
     return start, {"type": "http.response.body", "body": body}
 
