@@ -35,6 +35,7 @@ import tomli_w
 from server_support import run_cli, wait_for
 
 from edgeota.runtime.agent_config import AgentConfig
+from edgeota.server.api.app import redact_paths
 from edgeota.server.config import (
     ConfigError,
     HttpLimits,
@@ -563,3 +564,20 @@ def test_limits_in_server_toml_are_validated(tmp_path: Path, section: str, name:
     path.write_text(tomli_w.dumps(data))
     with pytest.raises(ConfigError, match=error):
         load_server_config(home)
+
+
+def test_error_details_name_no_server_path() -> None:
+    roots = ("/srv/edgeota/home", "/tmp")
+    onnx = ("[ONNXRuntimeError] : 3 : NO_SUCHFILE : Load model from "
+            "/srv/edgeota/home/blobs/uploads/tmpab12/bundle/model.onnx failed")
+    assert redact_paths(onnx, roots) == (
+        "[ONNXRuntimeError] : 3 : NO_SUCHFILE : Load model from <path> failed")
+    # A home whose name has a space is still found whole.
+    assert redact_paths("cannot open '/srv/my home/server.toml'", ("/srv/my home",)) == (
+        "cannot open '<path>'")
+    assert redact_paths("[Errno 2] No such file: '/var/lib/x/y.json'") == (
+        "[Errno 2] No such file: '<path>'")
+    # What is not a server path stays: target paths, URLs, versions, ratios.
+    kept = ("target path must be 'digits/1.0.0.bundle'; see http://127.0.0.1:8742/repo/x "
+            "(1/2 phases, ratio 3/4)")
+    assert redact_paths(kept, roots) == kept

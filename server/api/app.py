@@ -213,8 +213,8 @@ def redact_paths(text: str, roots: Iterable[str] = ()) -> str:
     model file it failed to load, the OS names the file it could not open):
     the client needs the reason, not where the server keeps its files.
     """
-    for root in roots:
-        text = text.replace(root, "<path>")
+    for root in roots:  # the server's own folders first: their names may hold spaces
+        text = re.sub(re.escape(root) + r"(?:/[^\s'\",;)]*)?(?![\w.+@-])", "<path>", text)
     return _ABSOLUTE_PATH.sub("<path>", text)
 
 
