@@ -133,9 +133,11 @@ AMQTT_OVERRIDES = (
 AMQTT_ATTRIBUTES = (
     "_subscriptions",  # the subscription table, replaced by one iterated over a snapshot
     "_tasks_queue",  # the broadcast's delivery tasks, replaced by one that keeps running ones only
+    "_broadcast_queue",  # messages received and not yet broadcast: only its length is read
 )
 # A replica's client id: the server identity, '-' and this (e.g. a random hex tag).
 _REPLICA_SUFFIX_RE = re.compile(r"-[A-Za-z0-9_-]{1,48}")
+_BACKLOG_POLL = 0.002  # seconds between looks at the broadcast backlog while it is full
 _PUBLISH = 3  # MQTT control packet types (the high nibble of the first byte)
 _CONNECT = 1
 # The certificate identity (CN) of the connection whose task is running: set by
@@ -168,24 +170,32 @@ class BrokerLimits:
     device's PUBLISH packets are paced to ``device_publish_rate`` a second
     (``device_publish_burst`` saved up): beyond it the broker stops reading
     that connection for a while, so TCP slows the sender down and nobody
-    else waits (a device fetching at 250 MB/s in 512 KiB windows sends 500
-    requests a second). QoS 1 messages on their way to one client -- sent
-    and not yet acknowledged, waiting to be written, or kept for an offline
-    persistent session -- are at most ``max_queued`` for a device
+    else waits (a device fetching 100 MB/s in 256 KiB windows asks 400 times a
+    second, twice what the embedded broker carries; the burst is what every device may send at
+    once without waiting, so it is also what one device can put in front of
+    the others in amqtt's single broadcast queue). QoS 1 messages on their
+    way to one client -- sent and not yet acknowledged, waiting to be
+    written, or kept for an offline persistent session -- are at most
+    ``max_queued`` for a device
     (``server_max_queued`` for the server, which reads every device's
     messages); beyond that new ones are dropped for that client, as
     Mosquitto's ``max_queued_messages`` does, and a device that never
-    acknowledges holds at most that many. A client that leaves its socket
+    acknowledges holds at most that many. amqtt acknowledges a PUBLISH
+    before it broadcasts it, into a queue with no bound: while
+    ``max_backlog`` messages wait there, no client's next PUBLISH is read,
+    so a sender (the bridge, pushing windows no device acknowledges) waits
+    in its own bounded queue instead of filling the broker's memory. A client that leaves its socket
     unread for ``write_stall_timeout`` seconds while the broker has data for
     it is disconnected, and one that sends no CONNECT within
     ``connect_timeout`` seconds of its TLS handshake too.
     """
 
     max_packet_size: int = MAX_PACKET_SIZE  # bytes
-    device_publish_rate: float = 500.0  # PUBLISH packets per second
-    device_publish_burst: int = 1000
+    device_publish_rate: float = 400.0  # PUBLISH packets per second
+    device_publish_burst: int = 200
     max_queued: int = 128  # messages to one device
     server_max_queued: int = 16384  # messages to the server identity
+    max_backlog: int = 64  # messages received and not yet broadcast
     connect_timeout: float = 10.0  # seconds
     write_stall_timeout: float = 30.0  # seconds
 
@@ -194,7 +204,7 @@ class BrokerLimits:
             raise ValueError("max_packet_size must allow at least 1 KiB")
         if self.device_publish_rate <= 0 or self.device_publish_burst < 1:
             raise ValueError("the device publish rate and burst must be positive")
-        if self.max_queued < 1 or self.server_max_queued < 1:
+        if self.max_queued < 1 or self.server_max_queued < 1 or self.max_backlog < 1:
             raise ValueError("the queue bounds must be positive")
         if self.connect_timeout <= 0 or self.write_stall_timeout <= 0:
             raise ValueError("the timeouts must be positive")
@@ -500,6 +510,45 @@ class _SnapshotSubscriptions(dict[str, list[tuple[Session, int]]]):
         return list(super().items())
 
 
+# amqtt's loggers whose warnings a client can provoke once per message (a PUBACK
+# that never comes, a refused publish, a takeover): the broker filters them.
+_AMQTT_LOGGERS = ("amqtt.broker", "amqtt.mqtt.protocol.handler", "amqtt.session")
+_VARYING = re.compile(r"\d+|'[^']*'|\"[^\"]*\"")  # ids, packet numbers, topics
+
+
+class _RepeatFilter(logging.Filter):
+    """Lets an amqtt warning through once a minute per kind, with a count of the held ones.
+
+    amqtt writes a warning per message in several places (each PUBACK a
+    device never sends is one), and formats the ids into the text, so the
+    kind is the text with numbers and quoted parts blanked. Records below
+    WARNING pass untouched. Installed on amqtt's loggers while a broker runs.
+    """
+
+    def __init__(self, interval: float = 60.0) -> None:
+        super().__init__()
+        self._interval = interval
+        self._seen: dict[tuple[str, str], tuple[float, int]] = {}
+        self._lock = threading.Lock()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno < logging.WARNING:
+            return True
+        key = (record.name, _VARYING.sub("#", str(record.msg))[:120])
+        now = record.created
+        with self._lock:
+            when, held = self._seen.get(key, (None, 0))
+            if when is not None and now - when < self._interval:
+                self._seen[key] = (when, held + 1)
+                return False
+            if len(self._seen) > 1024:
+                self._seen.clear()
+            self._seen[key] = (now, 0)
+        if held and when is not None:
+            record.msg = f"{record.msg} ({held} more like this in the last {now - when:.0f} s)"
+        return True
+
+
 class _RunningDeliveries(deque[asyncio.Task[OutgoingApplicationMessage]]):
     """amqtt's list of delivery tasks, holding only those still running.
 
@@ -541,6 +590,13 @@ class _EdgeotaBroker(Broker):
             raise EmbeddedBrokerError("this amqtt keeps its delivery tasks elsewhere than "
                                       "Broker._tasks_queue: cannot bound what they hold")
         self._tasks_queue = _RunningDeliveries()
+        if not isinstance(vars(self).get("_broadcast_queue"), asyncio.Queue):
+            raise EmbeddedBrokerError("this amqtt keeps its broadcast queue elsewhere than "
+                                      "Broker._broadcast_queue: cannot bound its backlog")
+
+    def broadcast_backlog(self) -> int:
+        """Messages received (and acknowledged to their sender) and not yet broadcast."""
+        return self._broadcast_queue.qsize()
 
     async def _publish_retained_messages_for_subscription(
         self, subscription: tuple[str, int], session: Session
@@ -590,10 +646,11 @@ class _GuardedReader(ReaderAdapter):
     def __init__(self, reader: asyncio.StreamReader, writer: _GuardedWriter, *,
                  identity: str | None, limits: BrokerLimits, bucket: TokenBucket | None,
                  counters: dict[str, int], on_oversize: OversizeHandler | None,
-                 repeats: RepeatLog) -> None:
+                 repeats: RepeatLog, backlog: Callable[[], int]) -> None:
         self._reader, self._writer = reader, writer
         self._identity, self._limits, self._bucket = identity, limits, bucket
         self._counters, self._on_oversize, self._repeats = counters, on_oversize, repeats
+        self._backlog = backlog
         self._pending = b""  # header bytes of the current packet not yet handed to amqtt
         self._left = 0  # body bytes of the current packet not yet handed to amqtt
         self._ended = False
@@ -647,13 +704,16 @@ class _GuardedReader(ReaderAdapter):
         if total > self._limits.max_packet_size:
             await self._refuse_oversize(kind, length, total)
             return False
-        if kind == _PUBLISH and self._bucket is not None:
-            loop = asyncio.get_running_loop()
-            if delay := self._bucket.wait(loop.time()):
-                self._counters["throttled"] += 1
-                while delay:
-                    await asyncio.sleep(delay)
-                    delay = self._bucket.wait(loop.time())
+        if kind == _PUBLISH:
+            if self._bucket is not None:
+                loop = asyncio.get_running_loop()
+                if delay := self._bucket.wait(loop.time()):
+                    self._counters["throttled"] += 1
+                    while delay:
+                        await asyncio.sleep(delay)
+                        delay = self._bucket.wait(loop.time())
+            while self._backlog() >= self._limits.max_backlog:
+                await asyncio.sleep(_BACKLOG_POLL)
         self._pending, self._left = bytes(header), length
         return True
 
@@ -761,7 +821,7 @@ class _Gatekeeper:
         await writer.close()
 
 
-async def _hand_over(broker: Broker, gate: _Gatekeeper, reader: asyncio.StreamReader,
+async def _hand_over(broker: _EdgeotaBroker, gate: _Gatekeeper, reader: asyncio.StreamReader,
                      writer: asyncio.StreamWriter) -> None:
     """One verified TLS connection (its own task): check its CONNECT, then let amqtt run it.
 
@@ -782,7 +842,7 @@ async def _hand_over(broker: Broker, gate: _Gatekeeper, reader: asyncio.StreamRe
         reader, guarded_writer, identity=identity, limits=limits,
         bucket=TokenBucket(limits.device_publish_rate, limits.device_publish_burst)
         if paced else None, counters=gate.counters, on_oversize=gate.on_oversize,
-        repeats=gate.repeats)
+        repeats=gate.repeats, backlog=broker.broadcast_backlog)
     try:
         async with asyncio.timeout(limits.connect_timeout):
             request = parse_connect(await guarded_reader.first_packet())
@@ -948,6 +1008,9 @@ class EmbeddedBroker:
     def _run(self, config: dict[str, Any], tls: ssl.SSLContext) -> None:
         loop = asyncio.new_event_loop()
         self._loop = loop
+        repeats = _RepeatFilter()
+        for name in _AMQTT_LOGGERS:
+            logging.getLogger(name).addFilter(repeats)
         try:
             loop.run_until_complete(self._serve(config, tls))
         except Exception as e:  # handed to start() on the caller's thread
@@ -955,6 +1018,8 @@ class EmbeddedBroker:
                 logger.exception("embedded broker failed while running")
             self._error = e
         finally:
+            for name in _AMQTT_LOGGERS:
+                logging.getLogger(name).removeFilter(repeats)
             self._ready.set()
             loop.close()
 

@@ -16,8 +16,26 @@ chunks (a bundle served to a fleet is checksummed once, not once per device).
 Windows of one request id are served one after another, in the order they
 were asked, never by two workers at once: a device keeps two windows
 outstanding (pipelining) and must get the frames of one fetch in order.
-Windows of different fetches interleave, window by window, so one large
-download cannot starve the others.
+Windows of different fetches interleave, window by window, and the work
+queue is fair between *devices* (:class:`_FairQueue`: each device has its
+own line, served round-robin), so neither one large download nor one device
+running its four fetches at once can starve the others.
+
+One device cannot flood the bridge either: each device's fetch requests are
+bounded (``max_request_rate`` a second, ``request_burst`` saved up, a
+:class:`~edgeota.server.ratelimit.RateLimiter` checked before the request is
+even decoded); beyond that they are dropped and counted (``rate_limited``),
+never answered, so a flood costs the bridge a dictionary lookup per message
+and no frame. The bound is far above what a device needs (a request brings
+a window of chunks: a device on loopback fetching 200 MB/s in 256 KiB
+windows asks 800 times a second), because a legitimate request dropped
+costs that device a fetch timeout. The refusals the bridge answers at once
+(429 busy, 503, 400) are bounded too, ``max_refusal_rate`` a second per
+device; past it they are dropped and counted (``refusals_dropped``): the
+device times out instead of hearing "busy" again. Warnings a device can
+provoke (frames that could not be queued, windows abandoned, a device over
+its rate) are written once and then at most once a minute with a count
+(:class:`~edgeota.server.ratelimit.RepeatLog`).
 
 Back-pressure instead of loss: a worker publishes a frame only while fewer
 than ``max_queued_frames`` frames wait in paho for the broker's PUBACK, and
@@ -108,6 +126,7 @@ from edgeota.protocol.fetch import (
     pack_chunk,
 )
 from edgeota.protocol.topics import DeviceTopic, Topics
+from edgeota.server.ratelimit import RateLimiter, RepeatLog
 from edgeota.server.repo.storage import DIRECTOR, IMAGE, RepoFileNotFoundError, RepoStore
 
 __all__ = [
@@ -200,6 +219,8 @@ class BridgeCounters:
     device_errors: int = 0  # the handler raised (logged; the message is lost)
     backpressure_waits: int = 0  # frames that waited for room in the outgoing queue
     send_stalls: int = 0  # windows abandoned: no room for send_timeout seconds
+    rate_limited: int = 0  # fetch requests dropped: their device was over its rate
+    refusals_dropped: int = 0  # 429/503/400 answers not sent: the device was over its rate
 
     def served_bytes(self, device_id: str, path: str) -> int:
         """File bytes sent to ``device_id`` for ``path`` (re-sent windows included)."""
@@ -232,7 +253,8 @@ class _Counters:
         self._values: dict[str, int] = dict.fromkeys(
             ("requests", "chunks_sent", "bytes_sent", "frame_bytes_sent", "rejected",
              "duplicates", "cancels", "frames_dropped", "device_messages", "device_oversize",
-             "device_dropped", "device_errors", "backpressure_waits", "send_stalls"), 0)
+             "device_dropped", "device_errors", "backpressure_waits", "send_stalls",
+             "rate_limited", "refusals_dropped"), 0)
         self._errors: dict[int, int] = {}
         self._served: OrderedDict[tuple[str, str], int] = OrderedDict()
 
@@ -266,6 +288,65 @@ class _Counters:
 class _Job:
     device_id: str
     request: FetchRequest
+
+
+class _FairQueue:
+    """The workers' queue: one line per device, the devices served in turn.
+
+    A device with four fetches queued and another with one each get every
+    other turn, instead of four turns in five. ``put_nowait`` refuses beyond
+    ``maxsize`` jobs in all (``queue.Full``); ``get`` blocks until a job or a
+    stop (``None``, one per :meth:`stop` call) is there. Thread-safe.
+    """
+
+    def __init__(self, maxsize: int) -> None:
+        self._maxsize = maxsize
+        self._lines: dict[str, collections.deque[_Job]] = {}  # insertion order: the turn
+        self._size = 0
+        self._stops = 0
+        self._cond = threading.Condition()
+
+    def put_nowait(self, job: _Job) -> None:
+        with self._cond:
+            if self._size >= self._maxsize:
+                raise queue.Full
+            line = self._lines.get(job.device_id)
+            if line is None:
+                self._lines[job.device_id] = collections.deque((job,))
+            else:
+                line.append(job)
+            self._size += 1
+            self._cond.notify()
+
+    def get(self) -> _Job | None:
+        with self._cond:
+            while not self._size and not self._stops:
+                self._cond.wait()
+            if self._stops:
+                self._stops -= 1
+                return None
+            device_id, line = next(iter(self._lines.items()))
+            job = line.popleft()
+            del self._lines[device_id]
+            if line:
+                self._lines[device_id] = line  # to the back: the others go first
+            self._size -= 1
+            return job
+
+    def empty(self) -> bool:
+        with self._cond:
+            return not self._size
+
+    def clear(self) -> None:
+        with self._cond:
+            self._lines.clear()
+            self._size = 0
+
+    def stop(self) -> None:
+        """Make one waiting (or the next) ``get`` return ``None``."""
+        with self._cond:
+            self._stops += 1
+            self._cond.notify()
 
 
 @dataclass
@@ -325,6 +406,10 @@ class FetchBridge:
     thread in arrival order; ``max_device_queue`` bounds the messages waiting
     for it and ``max_device_payload`` the size of each (larger ones are
     dropped and counted).
+
+    ``max_request_rate`` (``request_burst`` saved up) bounds each device's
+    fetch requests; beyond it they are dropped unanswered and counted, as
+    are refusals (429, 503, 400) beyond ``max_refusal_rate`` a second.
     """
 
     def __init__(
@@ -342,7 +427,7 @@ class FetchBridge:
         workers: int = 4,
         max_requests_per_device: int = 4,
         max_queue: int = 256,
-        max_queued_frames: int = 1024,
+        max_queued_frames: int = 256,  # ~17 MiB of chunk frames; paho has 20 on the wire
         send_timeout: float = 30.0,  # seconds a worker waits for room in paho's queue
         keepalive: int = 30,
         reconnect_min_delay: float = 0.5,  # seconds; paho doubles it up to the max
@@ -352,6 +437,9 @@ class FetchBridge:
         on_device_message: DeviceMessageHandler | None = None,
         max_device_queue: int = 4096,
         max_device_payload: int = MAX_DEVICE_PAYLOAD,  # bytes
+        max_request_rate: float = 2000.0,  # fetch requests per second and device
+        request_burst: int = 2000,
+        max_refusal_rate: float = 50.0,  # 429/503/400 answers per second and device
     ) -> None:
         if not 1 <= max_window <= MAX_WINDOW:
             raise ValueError(f"max_window must be 1..{MAX_WINDOW}")
@@ -363,6 +451,9 @@ class FetchBridge:
             raise ValueError("max_queued_frames and send_timeout must be positive")
         if max_device_queue < 1 or max_device_payload < 0:
             raise ValueError("max_device_queue must be positive, max_device_payload not negative")
+        if max_request_rate <= 0 or request_burst < 1 or max_refusal_rate <= 0:
+            raise ValueError("max_request_rate, request_burst and max_refusal_rate must be "
+                             "positive")
         self._store = store
         self._client_id = client_id
         self._host, self._port, self._keepalive = host, port, keepalive
@@ -384,7 +475,10 @@ class FetchBridge:
         self._device_queue: queue.Queue[_DeviceMessage | None] = queue.Queue(
             maxsize=max_device_queue)
         self._dispatcher: threading.Thread | None = None
-        self._queue: queue.Queue[_Job | None] = queue.Queue(maxsize=max_queue)
+        self._queue = _FairQueue(max_queue)
+        self._request_rate = RateLimiter(max_request_rate, request_burst)
+        self._refusal_rate = RateLimiter(max_refusal_rate, 2 * max_refusal_rate)
+        self._repeats = RepeatLog(logger)
         self._lock = threading.Lock()  # guards the five fields below
         # device -> request id -> accepted windows not yet served. The per-device
         # bound counts fetches (request ids), each allowed _MAX_JOBS_PER_FETCH
@@ -488,12 +582,9 @@ class FetchBridge:
             with contextlib.suppress(queue.Full):
                 self._device_queue.put(None, timeout=timeout)
             dispatcher.join(timeout)
-        with contextlib.suppress(queue.Empty):
-            while True:
-                self._queue.get_nowait()
+        self._queue.clear()
         for _ in self._threads:
-            with contextlib.suppress(queue.Full):
-                self._queue.put(None, timeout=timeout)
+            self._queue.stop()
         for thread in self._threads:
             thread.join(timeout)
         alive = [t.name for t in self._threads if t.is_alive()]
@@ -625,6 +716,12 @@ class FetchBridge:
         if kind is not DeviceTopic.FETCH:
             self._counters.bump("rejected")
             return
+        if not self._request_rate.allow(device_id):
+            # Dropped unanswered: an answer per flooded request is what a flood wants.
+            self._counters.bump("rate_limited")
+            self._repeats.log(("rate", device_id), "device %s sends fetch requests beyond its "
+                              "rate: dropped", device_id)
+            return
         try:
             request = decode_request(message.payload)
         except FrameError as e:
@@ -633,7 +730,7 @@ class FetchBridge:
                 code = ErrorCode.BAD_REQUEST
                 if isinstance(e, FrameTooLargeError):
                     code = ErrorCode.TOO_LARGE
-                self._send(device_id, ErrorFrame(e.request_id, code, str(e)[:200]))
+                self._refuse(device_id, ErrorFrame(e.request_id, code, str(e)[:200]))
             return
         self._admit(device_id, request)
 
@@ -672,7 +769,7 @@ class FetchBridge:
             self._counters.bump("cancels")
             return
         if request.window > self._max_window:
-            self._send(device_id, ErrorFrame(
+            self._refuse(device_id, ErrorFrame(
                 rid, ErrorCode.BAD_REQUEST, f"window {request.window} > {self._max_window}"))
             return
         with self._lock:
@@ -682,10 +779,17 @@ class FetchBridge:
         elif outcome == "duplicate":
             self._counters.bump("duplicates")
         elif outcome == "device-busy":
-            self._send(device_id, ErrorFrame(
+            self._refuse(device_id, ErrorFrame(
                 rid, ErrorCode.BUSY, f"more than {self._max_per_device} requests in flight"))
         else:
-            self._send(device_id, ErrorFrame(rid, ErrorCode.UNAVAILABLE, "server busy"))
+            self._refuse(device_id, ErrorFrame(rid, ErrorCode.UNAVAILABLE, "server busy"))
+
+    def _refuse(self, device_id: str, frame: ErrorFrame) -> None:
+        """Answer a request refused at once, within the device's refusal rate (network thread)."""
+        if self._refusal_rate.allow(device_id):
+            self._send(device_id, frame)
+        else:
+            self._counters.bump("refusals_dropped")
 
     def _enqueue_locked(self, device_id: str, request: FetchRequest) -> str:
         """Queue ``request`` unless it is a duplicate or over a bound; say which (lock held)."""
@@ -938,8 +1042,8 @@ class FetchBridge:
                         lambda: self._unacked < self._max_unacked or self._stopping,
                         self._send_timeout) or self._stopping:
                     self._counters.bump("send_stalls")
-                    logger.warning("outgoing queue full for %.0fs: abandoning a window",
-                                   self._send_timeout)
+                    self._repeats.log("stall", "outgoing queue full for %.0fs: abandoning "
+                                      "a window", self._send_timeout)
                     return False
             self._unacked += 1
         info = self._client.publish(topic, data, qos=1)
@@ -950,7 +1054,8 @@ class FetchBridge:
             self._unacked -= 1
             self._room.notify()
         self._counters.bump("frames_dropped")
-        logger.warning("outgoing frame not queued (%s)", mqtt.error_string(info.rc))
+        self._repeats.log(("not queued", info.rc), "outgoing frame not queued (%s)",
+                          mqtt.error_string(info.rc))
         return False
 
 

@@ -90,7 +90,7 @@ def test_the_overridden_retained_message_hook_is_there_and_still_called() -> Non
 
 
 def test_the_replaced_subscription_table_is_what_the_broker_iterates(broker: Broker) -> None:
-    assert AMQTT_ATTRIBUTES == ("_subscriptions", "_tasks_queue")
+    assert AMQTT_ATTRIBUTES == ("_subscriptions", "_tasks_queue", "_broadcast_queue")
     table = vars(broker).get("_subscriptions")
     assert isinstance(table, dict), moved("a Broker has no _subscriptions dict any more")
     assert broker.subscriptions is table, moved(
@@ -100,40 +100,57 @@ def test_the_replaced_subscription_table_is_what_the_broker_iterates(broker: Bro
             f"Broker.{method} no longer uses self._subscriptions")
 
 
-def test_the_replaced_delivery_task_list_is_what_the_broadcast_fills(broker: Broker) -> None:
-    """``_RunningDeliveries`` replaces it: finished deliveries must leave it, not pile up."""
-    tasks = vars(broker).get("_tasks_queue")
-    assert isinstance(tasks, collections.deque) and not tasks, moved(
-        "a Broker has no empty _tasks_queue deque any more")
-    assert "running_tasks.append(" in inspect.getsource(Broker._run_broadcast), moved(
-        "Broker._run_broadcast no longer appends its delivery tasks to the list it is given")
-    assert "self._tasks_queue" in inspect.getsource(Broker._broadcast_loop), moved(
-        "Broker._broadcast_loop no longer runs the broadcast with self._tasks_queue")
+# The other internals AMQTT_ATTRIBUTES names: what each must be on a new Broker.
+ATTRIBUTE_TYPES: dict[str, type] = {
+    "_tasks_queue": collections.deque,  # replaced by _RunningDeliveries (starts empty)
+    "_broadcast_queue": asyncio.Queue,  # only its length is read (the readers' backlog bound)
+}
+
+# Where amqtt does what the embedded broker's limits assume, checked in its source:
+# (owner, method, text that must (True) or must not (False) be there, what it means).
+SOURCE_FACTS: list[tuple[type, str, str, bool, str]] = [
+    (Broker, "_run_broadcast", "running_tasks.append(", True,
+     "the broadcast appends each delivery task to the list it is given (_tasks_queue)"),
+    (Broker, "_broadcast_loop", "self._tasks_queue", True,
+     "the broadcast loop runs with self._tasks_queue as that list"),
+    (Broker, "_broadcast_message", "self._broadcast_queue.put(", True,
+     "a received message waits in self._broadcast_queue to be broadcast"),
+    (Broker, "_run_broadcast", "self._broadcast_queue.get()", True,
+     "the broadcast takes its messages from self._broadcast_queue"),
+    (Broker, "_initialize_client_session", "self._delete_session(", True,
+     "a clean CONNECT drops the session holding its client id"),
+    (Broker, "_initialize_client_session", "_authenticate", False,
+     "... before any authentication: why the hand-over checks the CONNECT first (if this "
+     "fails, amqtt now authenticates first; the check stays right, correct the docstring)"),
+    (ProtocolHandler, "_handle_qos1_message_flow", "self.session.inflight_out[", True,
+     "a QoS 1 delivery is in Session.inflight_out (the queue bound counts it)"),
+]
 
 
-def test_the_connect_is_read_after_the_hand_over_and_sessions_dropped_before_auth() -> None:
-    """Why the CONNECT is checked before ``external_connected``: amqtt drops first, asks later.
-
-    If an upgrade authenticated before dropping a clean session's
-    predecessor, the check would still be right, only no longer the sole
-    guard; this test then says so, so the docstring can be corrected.
-    """
-    source = inspect.getsource(Broker._initialize_client_session)
-    assert "init_from_connect" in source and "self._delete_session(" in source, moved(
-        "Broker._initialize_client_session no longer reads the CONNECT and drops the old session")
-    assert "_authenticate" not in source, moved(
-        "Broker._initialize_client_session now authenticates before dropping the old session")
+def test_the_other_replaced_or_read_attributes_are_there(broker: Broker) -> None:
+    assert set(ATTRIBUTE_TYPES) == set(AMQTT_ATTRIBUTES) - {"_subscriptions"}
+    for name, kind in ATTRIBUTE_TYPES.items():
+        value = vars(broker).get(name)
+        assert isinstance(value, kind), moved(f"a Broker's {name} is no longer a {kind.__name__}")
+    assert not vars(broker).get(next(iter(ATTRIBUTE_TYPES))), moved(
+        "a new Broker's delivery task list is not empty")
 
 
-def test_what_the_queue_bound_counts_is_recorded_before_the_write() -> None:
-    """``CertificateAclPlugin`` counts ``Session.inflight_out`` as "queued to this client"."""
+@pytest.mark.parametrize(("owner", "method", "text", "present", "meaning"), SOURCE_FACTS,
+                         ids=[f"{o.__name__}.{m}:{t}" for o, m, t, _p, _w in SOURCE_FACTS])
+def test_amqtt_still_works_the_way_the_embedded_broker_limits_assume(
+        owner: type, method: str, text: str, present: bool, meaning: str) -> None:
+    function = getattr(owner, method, None)
+    assert function is not None, moved(f"{owner.__name__}.{method} is gone")
+    assert (text in inspect.getsource(function)) is present, moved(
+        f"{owner.__name__}.{method} changed: the embedded broker assumes {meaning}")
+
+
+def test_what_the_queue_bound_counts_is_public() -> None:
+    """``CertificateAclPlugin`` reads ``Session.inflight_out_count`` and ``retained_messages``."""
     assert isinstance(getattr(Session, "inflight_out_count", None), property), moved(
         "Session.inflight_out_count is gone")
     assert hasattr(Session(), "retained_messages"), moved("Session.retained_messages is gone")
-    source = inspect.getsource(ProtocolHandler._handle_qos1_message_flow)
-    stored, written = source.find("self.session.inflight_out["), source.find("_send_packet(")
-    assert 0 <= stored < written, moved(
-        "a QoS 1 delivery is no longer in Session.inflight_out while it waits to be written")
 
 
 def test_the_public_amqtt_api_the_embedded_broker_uses_is_there(broker: Broker) -> None:
