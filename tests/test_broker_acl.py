@@ -37,10 +37,15 @@ from edgeota.server.broker_config import (
 from edgeota.server.config import load_server_config
 from edgeota.server.embedded_broker import (
     BrokerAcl,
+    BrokerLimits,
+    ConnackCode,
+    ConnectRequest,
     EmbeddedBroker,
     EmbeddedBrokerError,
+    MalformedPacketError,
     certificate_identity,
     filters_overlap,
+    parse_connect,
     topic_matches,
 )
 from edgeota.server.fleet_ca import FleetCA, certificate_pem, private_key_pem, write_device_tls
@@ -573,3 +578,61 @@ def test_embedded_broker_refuses_ipv6_literal_and_reports_not_running(fleet: Fle
         EmbeddedBroker(fleet.ca_dir, host="::1")
     with pytest.raises(EmbeddedBrokerError):
         _ = EmbeddedBroker(fleet.ca_dir).port
+
+
+# --- client ids: bound to the certificate (issue 21, item 1), the pure part ----------------------
+
+
+def connect_packet(client_id: bytes, *, level: int = 4, name: bytes = b"MQTT",
+                   flags: int = 0x02) -> bytes:
+    body = (len(name).to_bytes(2, "big") + name + bytes((level, flags)) + b"\x00\x3c"
+            + len(client_id).to_bytes(2, "big") + client_id)
+    assert len(body) < 128
+    return bytes((0x10, len(body))) + body
+
+
+def test_parse_connect_reads_level_clean_session_and_client_id() -> None:
+    assert parse_connect(connect_packet(b"pi-a")) == ConnectRequest(4, True, "pi-a")
+    assert parse_connect(connect_packet(b"", level=3, name=b"MQIsdp", flags=0)) == \
+        ConnectRequest(3, False, "")
+    for bad in (connect_packet(b"pi-a")[:-1], b"\x30\x00", b"\x10",
+                connect_packet(b"\xff\xfe")):
+        with pytest.raises(MalformedPacketError):
+            parse_connect(bad)
+
+
+@pytest.mark.parametrize(("identity", "client_id", "verdict"), [
+    ("pi-a", "pi-a", ConnackCode.ACCEPTED),
+    ("pi-a", "pi-b", ConnackCode.IDENTIFIER_REJECTED),
+    ("pi-a", "pi-a-2", ConnackCode.IDENTIFIER_REJECTED),  # another device's id spelling
+    ("pi-a", "", ConnackCode.IDENTIFIER_REJECTED),  # amqtt would make one up
+    ("pi-a", SERVER_IDENTITY, ConnackCode.IDENTIFIER_REJECTED),
+    ("pi-a", f"{SERVER_IDENTITY}-1", ConnackCode.IDENTIFIER_REJECTED),
+    (SERVER_IDENTITY, SERVER_IDENTITY, ConnackCode.ACCEPTED),
+    (SERVER_IDENTITY, f"{SERVER_IDENTITY}-3fa2c1d0", ConnackCode.ACCEPTED),  # a replica
+    (SERVER_IDENTITY, f"{SERVER_IDENTITY}-", ConnackCode.IDENTIFIER_REJECTED),
+    (SERVER_IDENTITY, f"{SERVER_IDENTITY}x", ConnackCode.IDENTIFIER_REJECTED),
+    (SERVER_IDENTITY, "pi-a", ConnackCode.IDENTIFIER_REJECTED),  # not even the server
+    (SERVER_IDENTITY, f"{SERVER_IDENTITY}-a/b", ConnackCode.IDENTIFIER_REJECTED),
+    ("_edgeota-metrics", "_edgeota-metrics", ConnackCode.NOT_AUTHORIZED),
+    (None, "pi-a", ConnackCode.NOT_AUTHORIZED),
+])
+def test_a_client_id_is_its_certificate_identity(identity: str | None, client_id: str,
+                                                 verdict: ConnackCode) -> None:
+    assert BrokerAcl().connect_verdict(identity, ConnectRequest(4, True, client_id)) is verdict
+
+
+def test_only_mqtt_3_1_and_3_1_1_are_spoken() -> None:
+    acl = BrokerAcl()
+    assert acl.connect_verdict("pi-a", ConnectRequest(5, True, "pi-a")) is \
+        ConnackCode.UNACCEPTABLE_PROTOCOL
+    assert acl.connect_verdict("pi-a", ConnectRequest(3, True, "pi-a")) is ConnackCode.ACCEPTED
+
+
+@pytest.mark.parametrize("bad", [
+    {"max_packet_size": 100}, {"device_publish_rate": 0}, {"device_publish_burst": 0},
+    {"max_queued": 0}, {"max_backlog": 0}, {"connect_timeout": 0}, {"write_stall_timeout": -1},
+])
+def test_broker_limits_refuse_values_that_would_disable_them(bad: dict[str, float]) -> None:
+    with pytest.raises(ValueError):
+        BrokerLimits(**bad)  # type: ignore[arg-type]

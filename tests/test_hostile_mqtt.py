@@ -37,8 +37,10 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import paho.mqtt.client as mqtt
 import psutil
 import pytest
+from mosquitto_support import MosquittoBroker
 from mqtt_fleet_support import running_fleet_mosquitto
 from server_support import RunningServer, running_server, wait_for
 from sqlalchemy import select
@@ -55,6 +57,8 @@ from edgeota.server.embedded import bind_loopback
 from edgeota.server.embedded_broker import BrokerLimits
 from edgeota.server.fleet_ca import FleetCA
 from edgeota.server.home import HomeOptions
+from edgeota.server.mqtt_bridge import FetchBridge, FrameFilter
+from edgeota.server.repo.storage import RepoStore
 from edgeota.server.transport import MqttTransport
 
 TOPICS = Topics()
@@ -640,3 +644,85 @@ def test_a_device_that_never_acknowledges_holds_nothing(
     assert elapsed < WAIT
     assert rss.growth < RSS_BOUND, rss.growth
     assert len(lines) < 20, [r.getMessage() for r in lines][:30]
+
+
+class _Recorder(FrameFilter):
+    """Holds the bridge's one worker on the first window, then records the order windows come in."""
+
+    def __init__(self) -> None:
+        self.order: list[str] = []
+        self.inside, self.release = threading.Event(), threading.Event()
+
+    def on_request(self, device_id: str, request: FetchRequest) -> bool:
+        self.order.append(request.request_id)
+        self.inside.set()
+        assert self.release.wait(WAIT)
+        return True  # handled: dropped, nobody reads the frames here
+
+
+def test_the_bridge_serves_devices_in_turn_not_in_arrival_order(
+        mosquitto: MosquittoBroker, tmp_path: Path) -> None:
+    # pi-a queues four fetches, then pi-b one: pi-b is served second, not fifth.
+    bridge = FetchBridge(RepoStore(tmp_path / "blobs"), host=mosquitto.host,
+                         port=mosquitto.port, client_id="bridge", workers=1)
+    recorder = _Recorder()
+    bridge.add_filter(recorder)
+    bridge.start(timeout=WAIT)
+    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="sender",
+                         protocol=mqtt.MQTTv311)
+    client.connect(mosquitto.host, mosquitto.port)
+    client.loop_start()
+    try:
+        def ask(device_id: str, rid: str) -> None:
+            request = encode_request(FetchRequest(rid, "image/metadata/timestamp.json", 0, 1))
+            info = client.publish(TOPICS.device(device_id, DeviceTopic.FETCH), request, qos=1)
+            info.wait_for_publish(WAIT)
+
+        ask("pi-a", "a1")
+        assert recorder.inside.wait(WAIT)  # the worker holds a1
+        for rid in ("a2", "a3", "a4"):
+            ask("pi-a", rid)
+        ask("pi-b", "b1")
+        wait_for(lambda: bridge.active_windows() == 5, WAIT, "five windows accepted")
+        recorder.release.set()
+        wait_for(lambda: bridge.active_windows() == 0, WAIT, "every window handled")
+    finally:
+        recorder.release.set()
+        client.disconnect()
+        client.loop_stop()
+        bridge.stop()
+    assert recorder.order == ["a1", "a2", "b1", "a3", "a4"]
+
+
+def test_a_silent_or_garbled_connection_is_closed_without_a_session(tmp_path: Path) -> None:
+    # Slowloris for MQTT: a TLS handshake, then nothing (closed after
+    # connect_timeout), or a first packet that is not a CONNECT, or MQTT 5.
+    with embedded_world(tmp_path, limits=BrokerLimits(connect_timeout=1.0)) as world:
+        device = world.enroll("pi-a")
+        tls = device.tls()
+        context = ssl.create_default_context(cafile=str(tls.ca_file))
+        context.load_cert_chain(str(tls.cert_file), str(tls.key_file))
+
+        def opened() -> ssl.SSLSocket:
+            return context.wrap_socket(socket.create_connection((HOST, world.device_port),
+                                                                timeout=WAIT),
+                                       server_hostname="localhost")
+
+        silent, garbled, mqtt5 = opened(), opened(), opened()
+        try:
+            started = time.monotonic()
+            garbled.sendall(b"\x30\x05\x00\x01a12")  # a PUBLISH first
+            body = _string("MQTT") + bytes((5, 0x02)) + b"\x00\x3c\x00" + _string("pi-a")
+            mqtt5.sendall(b"\x10" + _remaining_length(len(body)) + body)
+            assert mqtt5.recv(4) == b"\x20\x02\x00\x01"  # unacceptable protocol version
+            for sock in (garbled, silent):
+                sock.settimeout(WAIT)
+                assert sock.recv(1) == b""  # closed by the broker
+            assert time.monotonic() - started < WAIT
+        finally:
+            for sock in (silent, garbled, mqtt5):
+                sock.close()
+        broker = world.transport.broker
+        assert broker is not None and broker.counters().refused_connects == 1
+        with world.connection(device) as connection:  # and the device connects as ever
+            assert fetch_seconds(connection) < WAIT

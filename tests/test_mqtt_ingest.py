@@ -29,6 +29,7 @@ from edgeota.server.db.models import AuditEntry, Device
 from edgeota.server.db.session import make_session_factory
 from edgeota.server.mqtt_bridge import FetchBridge
 from edgeota.server.mqtt_ingest import (
+    AUDIT_BURST,
     MAX_TELEMETRY_MODELS,
     MAX_TELEMETRY_SIZE,
     DeviceMessageSink,
@@ -391,6 +392,36 @@ def test_reports_accepted_rejected_audited_and_redelivery_tolerated(
     assert sorted(rejections(sessions)) == sorted([
         ("pi-a", "replayed"), ("pi-a", "bad_signature"), ("pi-b", "wrong_device"),
         ("pi-zz", "unknown_device")])
+
+
+def test_a_report_refused_for_its_size_is_audited_from_its_size_alone(
+        make_sink, sessions, identities) -> None:
+    sink = make_sink()
+    sink.oversize("pi-a", STATUS, 1_048_614)  # the bridge's or the broker's hook: no payload
+    sink.oversize("pi-a", TELEMETRY, 20_000)  # counted, not a report: not audited
+    sink.submit("pi-a", STATUS, signed(identities["pi-a"], 1))
+    sink.flush()
+    counters = sink.counters()
+    assert (counters.accepted, counters.rejected, counters.oversize) == (1, 2, 2)
+    assert rejections(sessions) == [("pi-a", "too_large")]
+    assert device(sessions, "pi-a").report_seq == 1
+
+
+def test_a_device_sending_bad_reports_without_end_gets_a_bounded_audit_trail(
+        make_sink, sessions, identities) -> None:
+    # Each rejected report is audited up to the device's budget (AUDIT_BURST at
+    # once); past it the rejections are counted only, and another device's
+    # budget is its own.
+    sink = make_sink(batch_size=500)
+    for _ in range(AUDIT_BURST + 30):
+        sink.submit("pi-a", STATUS, b'{"v": 1, "report": "!!", "sig": ""}')
+    sink.submit("pi-b", STATUS, b"not json")
+    sink.flush()
+    counters = sink.counters()
+    assert (counters.rejected, counters.unaudited) == (AUDIT_BURST + 31, 30)
+    audited = rejections(sessions)
+    assert audited.count(("pi-a", "malformed")) == AUDIT_BURST
+    assert audited.count(("pi-b", "malformed")) == 1
 
 
 # -- the queue ------------------------------------------------------------------------------
