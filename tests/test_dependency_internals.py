@@ -1,4 +1,9 @@
-"""The agent's one reach into a dependency's internals still works, or fails loudly here.
+"""Where product code relies on a dependency's internals: still there, or a loud failure here.
+
+* tuf (agent): see below.
+* uvicorn (server): ``server.api.serving`` subclasses ``H11Protocol`` to give request heads
+  a deadline (slowloris), using its ``conn``, ``transport``, ``loop`` and
+  ``on_response_complete``; uvicorn is pinned to the minor series this was written for.
 
 ``edgeota.agent.repository.set_reference_time`` sets the time ngclient judges
 metadata expiry by (python-tuf 7.0 offers no public way: the trusted set fixes
@@ -58,3 +63,21 @@ def test_setting_the_reference_time_changes_what_ngclient_judges_expired(
     # unexpired, ngclient goes on to a snapshot the repository does not have.
     with pytest.raises(ExpiredMetadataError if expired else DownloadHTTPError):
         updater.refresh()
+
+
+def test_uvicorn_is_the_series_the_head_deadline_was_written_for() -> None:
+    assert version("uvicorn").split(".")[:2] == ["0", "55"], (
+        f"uvicorn {version('uvicorn')}: re-check server/api/serving.py, then the pin")
+
+
+def test_h11_protocol_still_has_what_the_head_deadline_uses() -> None:
+    import inspect
+
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    init = inspect.getsource(H11Protocol.__init__)
+    made = inspect.getsource(H11Protocol.connection_made)
+    assert "self.conn = " in init and "self.loop = " in init
+    assert "self.transport = " in made
+    assert callable(H11Protocol.on_response_complete)
+    assert list(inspect.signature(H11Protocol.on_response_complete).parameters) == ["self"]
