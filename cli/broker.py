@@ -23,7 +23,10 @@ def broker_config(
     home: HomeOption = DEFAULT_HOME,
     host: Annotated[str, typer.Option(
         help="Address the TLS listener binds (0.0.0.0 for every interface).")] = "127.0.0.1",
-    port: Annotated[int, typer.Option(min=1, max=65535, help="Listener port.")] = 8883,
+    port: Annotated[int, typer.Option(min=1, max=65535, help="Device listener port.")] = 8883,
+    server_port: Annotated[int | None, typer.Option(
+        min=1, max=65535,
+        help="Server listener port (edgeota serve --broker; default PORT+1).")] = None,
     hostname: Annotated[list[str] | None, typer.Option(
         "--hostname",
         help="DNS name devices use to reach the broker; repeat or comma-separate. Goes into "
@@ -41,8 +44,9 @@ def broker_config(
 
     \b
     OUT gets:
-      mosquitto.conf   TLS listener on HOST:PORT; a client certificate from the
-                       fleet CA is required and its CN is the MQTT user name
+      mosquitto.conf   TLS listeners on HOST:PORT for devices (a fleet CA
+                       certificate; its CN is the user name and the client id)
+                       and HOST:SERVER_PORT for edgeota serve (services CA only)
       acl              the server identity (_edgeota-server) may use every
                        edgeota/v1/devices/# topic; device X may only publish on
                        devices/X/{fetch,status,telemetry,online} and only
@@ -73,6 +77,7 @@ def broker_config(
         out,
         host=host,
         port=port,
+        server_port=server_port,
         hostnames=split_list(hostname) if hostname else _DEFAULT_HOSTNAMES,
         ips=split_list(ip) if ip else _DEFAULT_IPS,
         run_as=user,
@@ -88,10 +93,13 @@ def broker_config(
             "bridge_cert": str(files.bridge_cert),
             "bridge_key": str(files.bridge_key),
             "listener": f"{files.host}:{files.port}",
+            "server_listener": f"{files.host}:{files.server_port}",
+            "serve_broker_url": files.server_url,
             "command": files.command(),
         })
         return
     typer.echo(f"wrote a Mosquitto setup for the fleet CA of {home} into {files.folder}")
     typer.echo(f"  listener:  {files.host}:{files.port} (TLS, client certificate required)")
+    typer.echo(f"  server:    edgeota serve --broker {files.server_url} (services CA only)")
     typer.echo(f"  server identity for the broker: {files.bridge_cert} + {files.bridge_key}")
     typer.echo(f"  run it:    mosquitto -c {files.config}")

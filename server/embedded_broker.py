@@ -10,11 +10,11 @@ every ``{prefix}/devices/#`` topic; device X may only publish on
 ``devices/X/{notify,rx}``. ``tests/test_broker_acl.py`` runs one suite
 against both brokers.
 
-amqtt (0.12) needs five things from us for that, the first three through its
-public API, the last two through internals (``pyproject.toml`` pins the amqtt
-version they were written for; ``tests/test_dependency_pins.py`` fails, naming
-the internal, when an upgrade moves one, and :meth:`EmbeddedBroker.start`
-refuses to run without them):
+amqtt (0.12) needs these things from us for that, most through its public
+API, a few through internals (``pyproject.toml`` pins the amqtt version they
+were written for; ``tests/test_dependency_pins.py`` fails, naming the
+internal, when an upgrade moves one, and :meth:`EmbeddedBroker.start` and
+:class:`_EdgeotaBroker` refuse to run without them):
 
 * **TLS that requires a client certificate.** amqtt's own listeners ask for
   one but accept connections without (``CERT_OPTIONAL``), so the broker
@@ -34,6 +34,22 @@ refuses to run without them):
   exactly this connection's identity -- never the user name or client id the
   client sends. If amqtt ever ran them elsewhere the variable would be unset
   and every connection refused: fails closed.
+* **A client id is bound to the certificate** (issue 21). amqtt drops the
+  session holding a client id -- its subscriptions, and with the bridge's
+  the whole fleet's fetches -- while it reads the CONNECT, before any auth
+  plugin is asked. So the TLS hand-over reads the CONNECT first
+  (:func:`parse_connect`), answers another identity's id with CONNACK 2
+  itself (:meth:`BrokerAcl.connect_verdict`: a device is its own id, the
+  server its identity or ``{identity}-{tag}``) and hands amqtt only the
+  connections it accepts, replaying their CONNECT. Nothing changes for
+  anyone else.
+* **Limits amqtt does not have** (:class:`BrokerLimits`), applied by the
+  hand-over's reader and writer (:class:`_GuardedReader`,
+  :class:`_GuardedWriter`, amqtt's public adapter interfaces): a packet over
+  ``max_packet_size`` is refused from its fixed header, its body never read;
+  a device's PUBLISH packets are paced; a client that stops reading is
+  disconnected, one that never sends a CONNECT too. The plugin refuses a
+  delivery to a client holding ``max_queued`` messages already.
 * **Retained messages skip the RECEIVE check** (an internal): amqtt sends them on
   SUBSCRIBE and at connect -- the latter for every filter *any* client holds
   -- without the check live messages get. :class:`_EdgeotaBroker` overrides
@@ -45,16 +61,32 @@ refuses to run without them):
   (``Broker._subscriptions``, also what the public ``subscriptions``
   returns) is replaced by one that iterates over a snapshot
   (:class:`_SnapshotSubscriptions`).
+* **Its delivery task list keeps what is finished** (an internal): amqtt
+  lets go of finished deliveries from the front of ``Broker._tasks_queue``
+  only, so one stuck delivery kept every later one and its message; it is
+  replaced by :class:`_RunningDeliveries`.
+* **It acknowledges a PUBLISH before broadcasting it, into a queue with no
+  bound** (an internal, read only): while ``Broker._broadcast_queue`` holds
+  ``max_backlog`` messages, the hand-over's readers read no PUBLISH, so
+  senders wait in their own bounded queues instead of the broker's memory.
+* **It logs a warning per message** in places a client controls (each PUBACK
+  never sent): a filter on its loggers lets each kind through once a minute,
+  with a count (:class:`_RepeatFilter`), while a broker runs.
 
 Differences from Mosquitto 2.0 that remain, none of which lets data through:
 a SUBSCRIBE whose filter can never match a topic the client may read is
 refused (SUBACK 0x80) where Mosquitto grants it and then delivers nothing; a
 certificate CN that is neither a device id nor the server identity is refused
 at CONNECT; a persistent session cannot be resumed under a different
-certificate identity (refused; Mosquitto starts it afresh); amqtt speaks MQTT
-3.1.1 only, has no ``max_packet_size`` and does not implement shared
-subscriptions (a ``$share/...`` filter is checked against the ACL like the
-filter it wraps, then matches nothing).
+certificate identity (refused; Mosquitto starts it afresh); a CONNECT asking
+for another identity's client id is refused (Mosquitto, as ``broker_config``
+sets it up, connects the client under its own id instead); amqtt speaks MQTT
+3.1.1 and 3.1 only (an MQTT 5 CONNECT is answered 1) and does not implement
+shared subscriptions (a ``$share/...`` filter is checked against the ACL like
+the filter it wraps, then matches nothing); a client reconnecting with
+``clean_session`` false onto the session a clean one left keeps amqtt's
+clean-session handling (its offline messages are not kept; agents use clean
+sessions).
 """
 
 from __future__ import annotations

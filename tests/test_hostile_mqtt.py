@@ -379,6 +379,8 @@ def test_a_200_mb_publish_is_refused_from_its_header(tmp_path: Path, broker: str
                     assert raw.closed_by_broker()
             finally:
                 raw.close()
+            print(f"\n{broker}: 200 MB PUBLISH refused after {sent / MIB:.0f} MiB sent; "
+                  f"RSS +{rss.growth / MIB:.1f} MiB")
             # Refused long before the end: the broker read the header, not the body.
             assert sent < 64 * MIB, sent
             assert rss.growth < RSS_BOUND, rss.growth
@@ -414,6 +416,7 @@ def test_an_oversized_status_report_is_refused_audited_and_bounded(tmp_path: Pat
             assert raw.closed_by_broker(0.5 if size < MIB else WAIT) is (size >= MIB)
         finally:
             raw.close()
+        print(f"\n{size // 1024} KiB status report refused; RSS +{rss.growth / MIB:.1f} MiB")
         assert rss.growth < RSS_BOUND, rss.growth
         (entry,) = world.audited("pi-a")
         assert entry["reason"] == "too_large", entry
