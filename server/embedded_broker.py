@@ -841,6 +841,19 @@ class _Gatekeeper:
     counters: dict[str, int] = field(default_factory=lambda: {
         name: 0 for name in ("refused_connects", "oversize", "throttled", "stalled")})
     repeats: RepeatLog = field(default_factory=lambda: RepeatLog(logger))
+    # The hand-over tasks running (each a connection), so a stop can end them all.
+    running: dict[asyncio.Task[None], _GuardedWriter] = field(default_factory=dict)
+
+    async def close_all(self, timeout: float) -> None:
+        """Drop every connection and wait (at most ``timeout``) for their tasks to end."""
+        for writer in list(self.running.values()):
+            writer.abort()
+        if self.running:
+            _done, pending = await asyncio.wait(list(self.running), timeout=timeout)
+            for task in pending:
+                task.cancel()
+            if pending:
+                await asyncio.wait(pending, timeout=timeout)
 
     async def refuse(self, writer: _GuardedWriter, code: ConnackCode, identity: str | None,
                      request: ConnectRequest) -> None:
@@ -875,6 +888,9 @@ async def _hand_over(broker: _EdgeotaBroker, gate: _Gatekeeper, reader: asyncio.
         bucket=TokenBucket(limits.device_publish_rate, limits.device_publish_burst)
         if paced else None, counters=gate.counters, on_oversize=gate.on_oversize,
         repeats=gate.repeats, backlog=broker.broadcast_backlog)
+    task = asyncio.current_task()
+    if task is not None:
+        gate.running[task] = guarded_writer
     try:
         async with asyncio.timeout(limits.connect_timeout):
             request = parse_connect(await guarded_reader.first_packet())
@@ -892,6 +908,9 @@ async def _hand_over(broker: _EdgeotaBroker, gate: _Gatekeeper, reader: asyncio.
     except Exception:  # a bug in one connection ends that connection, never the listener
         logger.exception("MQTT connection failed")
         guarded_writer.abort()
+    finally:
+        if task is not None:
+            gate.running.pop(task, None)
 
 
 # --- the broker on its own thread -------------------------------------------------------------
@@ -1072,7 +1091,10 @@ class EmbeddedBroker:
             self._ready.set()
             await self._stop.wait()
         finally:
-            listener.close()  # no new connections; amqtt's shutdown ends the open ones
+            listener.close()  # no new connections
+            # Every connection dropped first: amqtt's shutdown waits on sessions a
+            # paced, stalled or never-reading client would keep busy.
+            await self._gate.close_all(START_TIMEOUT / 4)
             try:
                 await asyncio.wait_for(broker.shutdown(), START_TIMEOUT / 2)
             except TimeoutError:
