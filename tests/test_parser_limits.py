@@ -4,9 +4,9 @@
   sealed header's chunk size) is refused with a typed error before anything
   that size is allocated or written, and its staging folder is removed.
 * A tar of a million members, generated lazily as a stream (never built in
-  memory or on disk), is refused by the member cap after a few dozen members,
-  quickly and in bounded memory -- through the archive reader and through the
-  whole bundle reader, sealed on the fly into a pipe.
+  memory or on disk), is refused quickly and in bounded memory: by the member
+  cap (64) in the archive reader, and in the whole bundle reader (sealed on
+  the fly into a pipe) by the manifest, which names every member it accepts.
 * The journal, ``agent.toml``, ``server.toml`` and the manifest, huge (a sparse
   file of gigabytes) or nested far deeper than the parser's stack, are
   refused with their own error types, reading no more than their bound.
@@ -180,13 +180,17 @@ MILLION = 1_000_000
 
 
 class LazyTar:
-    """A tar stream of ``count`` empty members, made one header at a time as it is read."""
+    """A tar stream of ``count`` empty members, made one header at a time as it is read,
+    after the members of ``prefix`` (a manifest and its model, for a bundle)."""
 
-    def __init__(self, count: int) -> None:
+    def __init__(self, count: int, prefix: bytes = b"") -> None:
         self.count = count
+        self.prefix = prefix
         self.made = 0
 
     def blocks(self) -> Iterator[bytes]:
+        if self.prefix:
+            yield self.prefix
         for i in range(self.count):
             self.made += 1
             yield tar_header(f"m{i:07d}.bin", 0)
@@ -207,13 +211,20 @@ def test_a_tar_of_a_million_members_is_refused_by_the_member_cap(tmp_path: Path)
 
 
 def test_a_bundle_of_a_million_members_is_refused_while_it_streams(tmp_path: Path) -> None:
-    """Sealed on the fly into a pipe, as a download would stream: the reader stops at the cap
-    and the writer finds the pipe closed, with some hundreds of members made, not a million."""
+    """Sealed on the fly into a pipe, as a download would stream, after a valid manifest and
+    model: the manifest pins every member, which refuses the first one it does not name (the
+    member cap, 64, is looser than the manifest's 1 + 32 files), and the writer finds the pipe
+    closed with some hundreds of members made, not a million."""
     work = tmp_path / "work"
     work.mkdir()
     pipe = work / "bundle.fifo"
     os.mkfifo(pipe)
-    tar = LazyTar(MILLION)
+    empty = tmp_path / "model.onnx"
+    empty.write_bytes(b"")
+    manifest = make_manifest(empty).to_json()
+    prefix = (tar_header(MANIFEST_PATH, len(manifest)) + manifest + bytes(-len(manifest) % 512)
+              + tar_header("model.onnx", 0))
+    tar = LazyTar(MILLION, prefix)
     outcome: list[BaseException | None] = []
 
     def write() -> None:
@@ -236,7 +247,8 @@ def test_a_bundle_of_a_million_members_is_refused_while_it_streams(tmp_path: Pat
             pass
         writer.join(timeout=30)
     assert not writer.is_alive(), "the sealer is still writing into the pipe"
-    assert isinstance(error, UnsafeArchiveError | ManifestError), error
+    assert isinstance(error, UnsafeArchiveError), error
+    assert "'m0000000.bin' is not named by the manifest" in str(error), error
     assert outcome and isinstance(outcome[0], BrokenPipeError), outcome
     assert tar.made < 10_000, f"{tar.made} members were made before the refusal"
     assert_nothing_left(work, pipe.name)
