@@ -32,7 +32,11 @@ windows asks 800 times a second), because a legitimate request dropped
 costs that device a fetch timeout. The refusals the bridge answers at once
 (429 busy, 503, 400) are bounded too, ``max_refusal_rate`` a second per
 device; past it they are dropped and counted (``refusals_dropped``): the
-device times out instead of hearing "busy" again. Warnings a device can
+device times out instead of hearing "busy" again. A device's status,
+telemetry and presence messages are bounded the same way (20 a second, 100
+saved up: an agent sends a few per update and one telemetry message per
+interval), so one device cannot fill the dispatcher's queue, shared by all,
+and crowd the others' reports out (``device_rate_limited``). Warnings a device can
 provoke (frames that could not be queued, windows abandoned, a device over
 its rate) are written once and then at most once a minute with a count
 (:class:`~edgeota.server.ratelimit.RepeatLog`).
@@ -217,6 +221,7 @@ class BridgeCounters:
     device_oversize: int = 0  # dropped: payload above max_device_payload
     device_dropped: int = 0  # dropped: the handler's queue was full
     device_errors: int = 0  # the handler raised (logged; the message is lost)
+    device_rate_limited: int = 0  # dropped: the device was over its message rate
     backpressure_waits: int = 0  # frames that waited for room in the outgoing queue
     send_stalls: int = 0  # windows abandoned: no room for send_timeout seconds
     rate_limited: int = 0  # fetch requests dropped: their device was over its rate
@@ -254,7 +259,7 @@ class _Counters:
             ("requests", "chunks_sent", "bytes_sent", "frame_bytes_sent", "rejected",
              "duplicates", "cancels", "frames_dropped", "device_messages", "device_oversize",
              "device_dropped", "device_errors", "backpressure_waits", "send_stalls",
-             "rate_limited", "refusals_dropped"), 0)
+             "rate_limited", "refusals_dropped", "device_rate_limited"), 0)
         self._errors: dict[int, int] = {}
         self._served: OrderedDict[tuple[str, str], int] = OrderedDict()
 
@@ -409,7 +414,10 @@ class FetchBridge:
 
     ``max_request_rate`` (``request_burst`` saved up) bounds each device's
     fetch requests; beyond it they are dropped unanswered and counted, as
-    are refusals (429, 503, 400) beyond ``max_refusal_rate`` a second.
+    are refusals (429, 503, 400) beyond ``max_refusal_rate`` a second, and
+    status, telemetry and presence messages beyond
+    ``max_device_message_rate`` (``device_message_burst`` saved up; the
+    broker's retained replays are not counted).
     """
 
     def __init__(
@@ -440,6 +448,8 @@ class FetchBridge:
         max_request_rate: float = 2000.0,  # fetch requests per second and device
         request_burst: int = 2000,
         max_refusal_rate: float = 50.0,  # 429/503/400 answers per second and device
+        max_device_message_rate: float = 20.0,  # status/telemetry/online per second and device
+        device_message_burst: int = 100,
     ) -> None:
         if not 1 <= max_window <= MAX_WINDOW:
             raise ValueError(f"max_window must be 1..{MAX_WINDOW}")
@@ -451,9 +461,10 @@ class FetchBridge:
             raise ValueError("max_queued_frames and send_timeout must be positive")
         if max_device_queue < 1 or max_device_payload < 0:
             raise ValueError("max_device_queue must be positive, max_device_payload not negative")
-        if max_request_rate <= 0 or request_burst < 1 or max_refusal_rate <= 0:
-            raise ValueError("max_request_rate, request_burst and max_refusal_rate must be "
-                             "positive")
+        if (max_request_rate <= 0 or request_burst < 1 or max_refusal_rate <= 0
+                or max_device_message_rate <= 0 or device_message_burst < 1):
+            raise ValueError("the request, refusal and device message rates and bursts must "
+                             "be positive")
         self._store = store
         self._client_id = client_id
         self._host, self._port, self._keepalive = host, port, keepalive
@@ -478,6 +489,7 @@ class FetchBridge:
         self._queue = _FairQueue(max_queue)
         self._request_rate = RateLimiter(max_request_rate, request_burst)
         self._refusal_rate = RateLimiter(max_refusal_rate, 2 * max_refusal_rate)
+        self._message_rate = RateLimiter(max_device_message_rate, device_message_burst)
         self._repeats = RepeatLog(logger)
         self._lock = threading.Lock()  # guards the five fields below
         # device -> request id -> accepted windows not yet served. The per-device
@@ -738,6 +750,13 @@ class FetchBridge:
                               payload: bytes | bytearray, *,
                               retained: bool = False) -> None:
         """Hand a status/telemetry/online message to the dispatcher, or drop and count it."""
+        if not retained and not self._message_rate.allow(device_id):
+            # The dispatcher's queue (and the sink's) is every device's: one device
+            # sending without end must not crowd the others' reports out of it.
+            self._counters.bump("device_rate_limited")
+            self._repeats.log(("messages", device_id), "device %s sends status, telemetry "
+                              "or presence beyond its rate: dropped", device_id)
+            return
         if len(payload) > self._max_device_payload:
             self._counters.bump("device_oversize")
             # Debug only: a device could flood the log; the counter shows it.

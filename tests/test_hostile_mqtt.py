@@ -501,17 +501,18 @@ WORST_FETCH = 2.0  # seconds: the slowest single fetch while (or just after) the
 
 
 def _flood(port: int, tls: MqttTls, device_id: str, rate: int, seconds: float,
-           report: multiprocessing.Queue[int]) -> None:
+           report: multiprocessing.Queue[int], kind: str = "fetch") -> None:
     """The flooding device, in a process of its own (the attacker gets no share of our GIL).
 
-    Sends valid fetch requests for a small file at ``rate`` a second for
-    ``seconds`` (in batches every 10 ms), reading whatever comes back, then
-    reports how many it sent.
+    Sends valid fetch requests for a small file (``kind`` "fetch") or valid
+    telemetry ("telemetry") at ``rate`` a second for ``seconds`` (in batches
+    every 10 ms), reading whatever comes back, then reports how many it sent.
     """
     raw = RawClient(port, tls, device_id)
     assert raw.accepted
     raw.subscribe(TOPICS.device(device_id, DeviceTopic.RX))
-    topic = _string(TOPICS.device(device_id, DeviceTopic.FETCH))
+    topic = _string(TOPICS.device(device_id, DeviceTopic(kind)))
+    telemetry = json.dumps({"v": 1, "models": {}}).encode()
     stop = threading.Event()
 
     def drain() -> None:
@@ -526,7 +527,8 @@ def _flood(port: int, tls: MqttTls, device_id: str, rate: int, seconds: float,
                 return
 
     def packet(rid: str) -> bytes:
-        payload = encode_request(FetchRequest(rid, "image/metadata/timestamp.json", 0, 1))
+        payload = (telemetry if kind == "telemetry" else
+                   encode_request(FetchRequest(rid, "image/metadata/timestamp.json", 0, 1)))
         return b"\x30" + _remaining_length(len(topic) + len(payload)) + topic + payload
 
     reader = threading.Thread(target=drain, daemon=True)
@@ -585,6 +587,51 @@ def test_a_flooding_device_does_not_starve_the_others(
     assert max(after) < WORST_FETCH and statistics.median(after) < bound, (after, unloaded)
     assert rss.growth < RSS_BOUND, rss.growth
     assert len(lines) < 20, [r.getMessage() for r in lines][:30]
+
+
+@pytest.mark.parametrize("broker", ["embedded", "mosquitto"])
+def test_a_device_flooding_telemetry_does_not_crowd_out_the_others_reports(
+        tmp_path: Path, broker: str) -> None:
+    # The bridge's queue of device messages, and the sink's, are every device's:
+    # 5 000 telemetry messages a second from one device must not push another
+    # device's status reports out of them.
+    make = embedded_world if broker == "embedded" else mosquitto_world
+    with make(tmp_path) as world:
+        flooder, victim = world.enroll("pi-flood"), world.enroll("pi-v")
+        spawn = multiprocessing.get_context("spawn")
+        sent: multiprocessing.Queue[int] = spawn.Queue()
+        attack = spawn.Process(target=_flood, args=(
+            world.device_port, flooder.tls(), flooder.device_id, FLOOD_RATE, FLOOD_SECONDS,
+            sent, "telemetry"), daemon=True)
+        with world.connection(victim) as connection:
+            try:
+                with PeakRss() as rss:
+                    attack.start()
+                    for seq in range(1, 11):  # one report every 0.2 s while it lasts
+                        assert connection.publish(DeviceTopic.STATUS,
+                                                  report(victim, seq, "downloading"))
+                        time.sleep(0.2)  # the victim's own pace, not synchronisation
+                    attack.join(WAIT)
+                    flood_sent = sent.get(timeout=WAIT)
+
+                    def all_in() -> bool:
+                        world.flush()
+                        return world.device("pi-v").report_seq == 10
+
+                    wait_for(all_in, WAIT, "every report of the victim")
+            finally:
+                if attack.is_alive():
+                    attack.kill()
+                attack.join(WAIT)
+        bridge, sink = world.transport.bridge, world.transport.sink
+        assert bridge is not None and sink is not None
+        counters, stored = bridge.counters(), sink.counters()
+    print(f"\n{broker}: {flood_sent} telemetry messages; the bridge took "
+          f"{counters.device_messages}, dropped {counters.device_rate_limited} over the rate; "
+          f"RSS +{rss.growth / MIB:.1f} MiB")
+    assert flood_sent >= FLOOD_RATE * FLOOD_SECONDS * 0.8, flood_sent
+    assert (counters.device_dropped, stored.dropped) == (0, 0), (counters, stored)
+    assert rss.growth < RSS_BOUND, rss.growth
 
 
 # -- resource limits: a device that never acknowledges, or never reads -----------------------------
