@@ -223,6 +223,12 @@ class Tensor:
         if kind is float and not all(map(_finite, values)):
             bad = next(v for v in values if not _finite(v))
             _require(False, f"{where}.data holds {bad!r}: values must be finite")
+        # JSON integers are unbounded; numpy cannot hold one outside the datatype's
+        # range (the validation gate would fail with OverflowError, not a refusal).
+        if kind is int and values:
+            low, high = _INT_RANGES[spec.datatype]
+            _require(low <= min(values) and max(values) <= high,
+                     f"{where}.data holds a value outside {spec.datatype}'s range")
         return cls(spec.name, spec.datatype, shape, tuple(values))
 
     def to_dict(self) -> dict[str, Any]:
@@ -236,6 +242,11 @@ class Tensor:
 
 # The exact Python types JSON gives for each kind of tensor value (bool is an int
 # subclass, so it never counts as a number here).
+_INT_RANGES: dict[str, tuple[int, int]] = {
+    f"{'U' if unsigned else ''}INT{bits}": ((0, 2**bits - 1) if unsigned
+                                            else (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1))
+    for bits in (8, 16, 32, 64) for unsigned in (False, True)
+}
 _EXACT_TYPES: dict[type, frozenset[type]] = {
     bool: frozenset({bool}),
     int: frozenset({int}),

@@ -2,7 +2,9 @@
 
 Invariant: any bytes either parse into a ``Manifest`` or raise ``ManifestError``
 (nothing else: no ``RecursionError`` from deep JSON, no ``OverflowError`` from a
-huge number), and an accepted manifest round-trips through its canonical bytes.
+huge number), an accepted manifest round-trips through its canonical bytes, and
+its validation vectors and golden set convert to the numpy arrays the
+validation gate runs (no value outside its datatype's range).
 The manifest is read from inside an authenticated bundle, but the release side
 builds it from operator files, and a bundle sealed with a leaked content key
 is only as safe as this parser.
@@ -19,6 +21,7 @@ from hypothesis import given
 with fuzz_support.instrumented(__name__):
     from edgeota.protocol.errors import ManifestError
     from edgeota.protocol.manifest import Manifest
+    from edgeota.runtime.validation import tensor_to_numpy
 
 
 def one_input(data: bytes) -> None:
@@ -28,6 +31,14 @@ def one_input(data: bytes) -> None:
         return
     again = Manifest.from_json(manifest.to_json())
     assert again == manifest, "an accepted manifest does not round-trip"
+    # What the validation gate does with the vectors and the golden set next.
+    tensors = []
+    if manifest.validation is not None:
+        tensors += [*manifest.validation.inputs, *manifest.validation.outputs]
+    if manifest.golden is not None:
+        tensors += manifest.golden.inputs
+    for tensor in tensors:
+        assert tensor_to_numpy(tensor).shape == tensor.shape
 
 
 def seeds() -> Mapping[str, bytes]:
