@@ -21,7 +21,6 @@ and numbers too large for a float.
 from __future__ import annotations
 
 import base64
-import binascii
 import functools
 import json
 import math
@@ -186,5 +185,6 @@ class SignedReport:
                 raise MalformedReportError("unknown report envelope version")
             return cls(base64.b64decode(envelope["report"], validate=True),
                        base64.b64decode(envelope["sig"], validate=True))
-        except (KeyError, TypeError, binascii.Error) as e:
+        except (KeyError, TypeError, ValueError) as e:  # binascii.Error is a ValueError;
+            # base64 of a str with non-ASCII characters raises a plain ValueError
             raise MalformedReportError(f"report envelope does not parse: {e}") from e

@@ -98,10 +98,15 @@ def _count(value: object, name: str) -> int:
 def _millis(value: object, name: str) -> float | None:
     if value is None:
         return None
-    if (not isinstance(value, int | float) or isinstance(value, bool)
-            or not math.isfinite(value) or value < 0):
+    if not isinstance(value, int | float) or isinstance(value, bool):
         raise MalformedMessageError(f"telemetry {name} must be a non-negative number or null")
-    return float(value)
+    try:
+        millis = float(value)  # an integer beyond any float raises OverflowError
+    except OverflowError:
+        millis = math.inf
+    if not math.isfinite(millis) or millis < 0:
+        raise MalformedMessageError(f"telemetry {name} must be a non-negative number or null")
+    return millis
 
 
 @dataclass(frozen=True)

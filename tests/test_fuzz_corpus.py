@@ -37,12 +37,6 @@ MAX_TRACED_BYTES = 64 * 1024 * 1024
 
 # (target, corpus file) -> why it still fails. Each was reported to the owner of the module.
 KNOWN_OPEN: dict[tuple[str, str], str] = {
-    ("reports", "crash-7f14d64ae00f4de06c480544b3c8450a310019cb"):
-        "protocol/reports.py: SignedReport.from_bytes lets the ValueError of base64 over a "
-        "non-ASCII string escape (not MalformedReportError)",
-    ("telemetry", "crash-c897dc414158a70c14dbecdc16de802be6853459"):
-        "protocol/telemetry.py: a p50_ms integer beyond float range raises OverflowError in "
-        "math.isfinite (not MalformedMessageError)",
 }
 
 

@@ -83,10 +83,6 @@ HARNESS = fuzz_support.Harness(
     max_len=20 * 1024,
     structure=report_structure,
     properties=(field_mutations,),
-    known_open=(fuzz_support.KnownBug(
-        ValueError, "protocol/reports.py",
-        "SignedReport.from_bytes: base64 of a string with non-ASCII characters raises "
-        "ValueError, not MalformedReportError (reported; reports.py is being changed)"),),
 )
 
 if __name__ == "__main__":

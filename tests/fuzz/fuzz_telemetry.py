@@ -62,10 +62,6 @@ HARNESS = fuzz_support.Harness(
     max_len=10 * 1024,
     structure=fuzz_support.json_structure,
     properties=(field_mutations,),
-    known_open=(fuzz_support.KnownBug(
-        OverflowError, "protocol/telemetry.py",
-        "ModelTelemetry: a pNN_ms integer beyond float range raises OverflowError from "
-        "math.isfinite, not MalformedMessageError (reported; telemetry.py is being changed)"),),
 )
 
 if __name__ == "__main__":
