@@ -17,8 +17,8 @@ import pytest
 from server_support import RunningServer
 
 from edgeota.agent.clock import TimeFloor
-from edgeota.agent.conformance import TIME_FLOOR_FILE, main
 from edgeota.agent.config import AgentConfig
+from edgeota.agent.conformance import TIME_FLOOR_FILE, main
 
 
 def test_init_refresh_download_and_the_clock_floor(

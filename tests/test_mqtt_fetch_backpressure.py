@@ -21,9 +21,9 @@ from server_support import wait_for
 
 from edgeota.agent.mqtt_fetcher import MqttFetcher
 from edgeota.agent.mqtt_session import DeviceConnection
-from edgeota.simulator.mqtt_loop import SharedNetworkLoop
 from edgeota.server.mqtt_bridge import FetchBridge
 from edgeota.server.repo.storage import RepoStore
+from edgeota.simulator.mqtt_loop import SharedNetworkLoop
 
 DEVICES = 64
 CHUNK = 4 * 1024  # bytes per frame: many frames from little data
