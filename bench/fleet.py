@@ -3,11 +3,14 @@
 The production shape on one machine, every piece in its own process:
 
 * **broker**: Mosquitto with the files ``edgeota broker-config`` writes (TLS,
-  client certificates from the fleet CA, the fleet ACL), started from a copy
-  of its config that adds ``sys_interval 1`` and an ACL line letting a bench
-  identity (``_edgeota-bench``) read ``$SYS/#``;
-* **server**: ``edgeota serve --broker mqtts://...`` (HTTP API + fetch bridge),
-  so its RSS (``VmHWM``) and CPU (``utime + stime``) are its own;
+  client certificates, the fleet ACL; a device listener for fleet CA
+  certificates and a server listener for services CA ones), started from a
+  copy of its config that adds ``sys_interval 1`` and an ACL line letting a
+  bench identity (``_edgeota-bench``, issued by the services CA, on the server
+  listener) read ``$SYS/#``;
+* **server**: ``edgeota serve --broker mqtts://...`` on the server listener
+  (HTTP API + fetch bridge), so its RSS (``VmHWM``) and CPU (``utime + stime``)
+  are its own;
 * **devices**: ``--device-processes`` children, each running its share of
   the fleet as the simulator does: unmodified agents
   (:class:`~edgeota.simulator.device.SimulatedDevice`) on one
@@ -51,14 +54,23 @@ device's director metadata inside it).
 
 **Raw push** (the reference, same run, same broker, before the devices start):
 as many plain paho clients as devices, split over as many processes, each on
-its own ``SharedNetworkLoop``, each connecting with a device's certificate and
-subscribing (QoS 1; ``--raw-qos 0`` for QoS 0, as the devices take their
-frames) to that device's ``rx`` topic; one publisher process (the
-server's broker identity) pushes the sealed bundle's size to every client as
-64 KiB QoS 1 messages, round-robin, a bounded number unacknowledged (as
-``bench/mqtt_clients.py``). Timed from its first publish until every client
-holds every byte. The ratio rollout / raw should be at most
-:data:`TARGET_RATIO`.
+its own ``SharedNetworkLoop``, each connecting with a device's certificate (and
+that device's id as client id, the only one the broker gives it) to the device
+listener and subscribing (QoS 1; ``--raw-qos 0`` for QoS 0, as the devices take
+their frames) to that device's ``rx`` topic; one publisher process (the
+server's broker identity, ``bridge.crt.pem`` from the services CA, on the server
+listener with a client id of its own, ``_edgeota-server-bench-raw-publisher``)
+pushes the sealed bundle's size to every client as 64 KiB QoS 1 messages,
+round-robin, a bounded number unacknowledged (as ``bench/mqtt_clients.py``).
+Timed from its first publish until every client holds every byte. The ratio
+rollout / raw should be at most :data:`TARGET_RATIO`.
+
+The two listeners came with issue 21 (client ids bound to certificates): the
+figures below were measured with the server and the raw publisher on the one
+listener there was. Both moved to the server listener together (a second
+listener of the same Mosquitto process, same TLS settings), the devices and the
+raw clients stayed where they were, so the ratio should not move; the full-size
+run has not been repeated since.
 
 Before the timed rollout the bench waits until the server has taken in
 every warm-up report and its CPU use has dropped below 0.1 core.
@@ -236,6 +248,7 @@ HARDWARE = "rpi4"
 TAGS = {"bench": "fleet"}
 HOST = "127.0.0.1"
 BENCH_IDENTITY = "_edgeota-bench"  # reads $SYS; a service name, never a device's
+RAW_PUBLISHER_CLIENT_ID = "_edgeota-server-bench-raw-publisher"  # server identity + own suffix
 CHUNK = 64 * 1024  # the fetch protocol's chunk: the raw push's message size
 PUBLISHER_OUTSTANDING = 512  # raw publisher: messages not yet acknowledged by the broker
 WATCH_INTERVAL = 0.05  # seconds between two looks at what the devices serve
@@ -856,7 +869,7 @@ def _raw_child(args: argparse.Namespace) -> int:
         config = AgentConfig.load(folder / "agent.toml")
         rx_topics.append(topics.device(config.device_id, DeviceTopic.RX))
         client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2,
-                             client_id=f"raw-{config.device_id}", protocol=mqtt.MQTTv311)
+                             client_id=config.device_id, protocol=mqtt.MQTTv311)
         client.tls_set(ca_certs=str(config.ca_cert), certfile=str(config.tls_cert),
                        keyfile=str(config.tls_key))
         client.user_data_set(i)
@@ -901,7 +914,7 @@ def _raw_publisher(args: argparse.Namespace) -> int:
     sizes = [CHUNK] * (args.bytes // CHUNK) + ([args.bytes % CHUNK] if args.bytes % CHUNK else [])
     window = threading.BoundedSemaphore(args.inflight)
     connected = threading.Event()
-    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="bench-raw-publisher",
+    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=RAW_PUBLISHER_CLIENT_ID,
                          protocol=mqtt.MQTTv311)
     client.tls_set(ca_certs=args.ca, certfile=args.cert, keyfile=args.key)
     client.max_inflight_messages_set(args.inflight)
@@ -1038,7 +1051,8 @@ class _Setup:
     home: Path
     broker_dir: Path
     http_port: int
-    mqtt_port: int
+    mqtt_port: int  # the broker's device listener
+    server_port: int  # the broker's server listener (services CA certificates only)
     processes: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
     bench_tls: tuple[str, str, str] = ("", "", "")  # ca, cert, key of _edgeota-bench
 
@@ -1070,17 +1084,23 @@ def _infrastructure(workdir: Path, say: Callable[[str], None],
     import httpx
 
     from edgeota.protocol.files import write_private_file
-    from edgeota.server.broker_config import render_acl
+    from edgeota.server.broker_config import render_acl, service_ca
     from edgeota.server.fleet_ca import FleetCA, certificate_pem, private_key_pem
 
-    setup = _Setup(workdir, workdir / "home", workdir / "broker", free_port(), free_port())
+    ports: set[int] = set()
+    while len(ports) < 3:  # a port just released may come back: three different ones
+        ports.add(free_port())
+    http_port, mqtt_port, server_port = sorted(ports)
+    setup = _Setup(workdir, workdir / "home", workdir / "broker", http_port, mqtt_port,
+                   server_port)
     try:
         say("edgeota init, broker-config")
         _edgeota("init", "--home", str(setup.home), "--http", f"{HOST}:{setup.http_port}",
                  "--mqtt", f"{HOST}:{setup.mqtt_port}")
         user = ["--user", "root"] if os.geteuid() == 0 else []  # else it drops to "mosquitto"
         files = _edgeota("broker-config", "--home", str(setup.home), "--out",
-                         str(setup.broker_dir), "--port", str(setup.mqtt_port), *user)
+                         str(setup.broker_dir), "--port", str(setup.mqtt_port),
+                         "--server-port", str(setup.server_port), *user)
         config = Path(files["config"])
         acl = setup.broker_dir / "acl-bench"
         write_private_file(acl, (render_acl() + f"\n# bench: read the broker's counters\n"
@@ -1090,26 +1110,32 @@ def _infrastructure(workdir: Path, say: Callable[[str], None],
             raise RuntimeError("could not point the broker config at the bench ACL")
         bench_config = setup.broker_dir / "mosquitto-bench.conf"
         bench_config.write_text(text + "\n# bench: $SYS counters every second\nsys_interval 1\n")
-        ca = FleetCA.load(setup.home / "ca")
+        # The $SYS reader connects to the server listener, which trusts the services CA only.
+        ca = service_ca(FleetCA.load(setup.home / "ca"))
         key, cert = ca.issue_service_client_certificate(BENCH_IDENTITY)
         write_private_file(setup.broker_dir / "bench.key.pem", private_key_pem(key))
         (setup.broker_dir / "bench.crt.pem").write_bytes(certificate_pem(cert))
         setup.bench_tls = (files["ca_cert"], str(setup.broker_dir / "bench.crt.pem"),
                            str(setup.broker_dir / "bench.key.pem"))
 
-        say(f"mosquitto on {HOST}:{setup.mqtt_port}, edgeota serve on {setup.url}")
+        say(f"mosquitto on {HOST}:{setup.mqtt_port} (server listener {setup.server_port}), "
+            f"edgeota serve on {setup.url}")
         broker = _start_process([shutil.which("mosquitto") or "/usr/sbin/mosquitto", "-c",
                                  str(bench_config)], workdir / "mosquitto.log")
         setup.processes["broker"] = broker
         deadline = time.monotonic() + START_TIMEOUT
-        while broker.poll() is None and not accepts(setup.mqtt_port):
+
+        def listening() -> bool:
+            return accepts(setup.mqtt_port) and accepts(setup.server_port)
+
+        while broker.poll() is None and not listening():
             if time.monotonic() > deadline:
                 break
             time.sleep(0.05)
-        if broker.poll() is not None or not accepts(setup.mqtt_port):
+        if broker.poll() is not None or not listening():
             raise RuntimeError("mosquitto did not start:\n"
                                + (workdir / "mosquitto.log").read_text()[-2000:])
-        serve = ["serve", "--home", str(setup.home), "--broker", f"mqtts://{HOST}:{setup.mqtt_port}"]
+        serve = ["serve", "--home", str(setup.home), "--broker", files["serve_broker_url"]]
         command = ([sys.executable, __file__, "--server-child", "--share",
                     str(workdir / "server-profile.json"), "--", *serve] if profile
                    else [str(Path(sys.executable).parent / "edgeota"), *serve])
@@ -1141,7 +1167,7 @@ class _SysMonitor:
         self.values: dict[str, float] = {}
         self.seq: dict[str, int] = {}
         self._subscribed = threading.Event()
-        self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="bench-sys",
+        self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=BENCH_IDENTITY,
                                   protocol=mqtt.MQTTv311)
         ca, cert, key = setup.bench_tls
         self.client.tls_set(ca_certs=ca, certfile=cert, keyfile=key)
@@ -1149,7 +1175,7 @@ class _SysMonitor:
             [(k, 0) for k in SYS_KEYS])
         self.client.on_subscribe = lambda *_a: self._subscribed.set()
         self.client.on_message = self._on_message
-        self.client.connect(HOST, setup.mqtt_port, keepalive=60)
+        self.client.connect(HOST, setup.server_port, keepalive=60)
         self.client.loop_start()
         if not self._subscribed.wait(START_TIMEOUT):
             raise RuntimeError("the $SYS reader did not subscribe")
@@ -1351,7 +1377,7 @@ def _raw_push(setup: _Setup, folders: list[Path], size: int, args: argparse.Name
             raise RuntimeError(f"raw clients did not all subscribe: {subscribed}")
         ca = str(setup.broker_dir / "ca.crt.pem")
         publisher = _Child("raw-publisher", [
-            "--raw-publisher", "--share", str(ids), "--port", str(setup.mqtt_port),
+            "--raw-publisher", "--share", str(ids), "--port", str(setup.server_port),
             "--bytes", str(size), "--timeout", str(args.timeout), "--ca", ca,
             "--inflight", str(args.raw_inflight),
             "--cert", str(setup.broker_dir / "bridge.crt.pem"),

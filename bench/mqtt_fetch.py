@@ -18,7 +18,23 @@ For each broker the script measures, best of N, in the same run:
   one paho client as 64 KiB QoS 1 messages on a device's ``rx`` topic and
   received by another paho client subscribed to it. Same broker, same TLS and
   certificate identities as the fetch (server identity publishes, device
-  identity receives), same TCP_NODELAY.
+  identity receives), same listeners, same TCP_NODELAY.
+
+Client ids are bound to certificate identities on both TLS brokers, as in
+production: each device connects as its own device id (the fetching device
+``bench-device``, the raw subscriber ``bench-raw``), and the serving side as
+the server identity with a replica suffix of its own
+(``_edgeota-server-bench-bridge-{tag}`` for the bridge,
+``_edgeota-server-bench-raw-pub`` for the raw publisher: one id each, so
+neither drops the other's session). On ``mosquitto-tls`` the server identity
+is issued by the services CA (``broker_config.service_ca``) and connects to
+the server listener (``BrokerFiles.server_port``), the devices to the device
+listener, as ``edgeota serve --broker`` and the agents do. The figures
+measured before that change (2026-11-26, below) had the bridge and the raw
+publisher on the device listener, with a fleet CA certificate: both sides of
+the ratio moved to the server listener together, a second listener of the
+same Mosquitto process with the same TLS settings, so the ratio should not
+move; the absolute rates were not re-measured at full size since.
 
 Process shape, as in production: the serving side runs in a child process
 (this script with a hidden ``--serve-child`` flag), the receiving side in
@@ -44,7 +60,8 @@ Brokers:
   with a minimal plain-TCP config (as ``tests/mosquitto_support.py``);
 * ``mosquitto-tls`` (skipped with ``--no-tls``): the production setup written by
   ``broker_config.write_mosquitto_files`` from a temporary fleet CA (TLS,
-  client certificates, ACL, persistence);
+  client certificates, ACL, persistence; a device listener and a server
+  listener on two free ports);
 * ``embedded``: ``EmbeddedBroker`` (amqtt, TLS with client certificates and
   the ACL plugin) on a thread of the server child, beside the bridge, as the
   server runs it: the broker shares the serving side's GIL, for the raw
@@ -146,8 +163,9 @@ from edgeota.protocol.fetch import (
     MqttTls,
 )
 from edgeota.protocol.files import write_private_file
+from edgeota.protocol.identity import SERVER_IDENTITY
 from edgeota.protocol.topics import DeviceTopic, Topics
-from edgeota.server.broker_config import write_mosquitto_files
+from edgeota.server.broker_config import service_ca, write_mosquitto_files
 from edgeota.server.embedded_broker import EmbeddedBroker
 from edgeota.server.fleet_ca import (
     CA_CERT_FILE,
@@ -163,8 +181,12 @@ from edgeota.server.repo.storage import RepoStore
 
 TARGET_RATIO = 0.6  # fetch/raw, on Mosquitto
 MOSQUITTO = os.environ.get("EDGEOTA_TEST_MOSQUITTO", "/usr/sbin/mosquitto")
-DEVICE_ID = "bench-device"  # the fetching device
+DEVICE_ID = "bench-device"  # the fetching device (and its client id: bound to its certificate)
 RAW_DEVICE_ID = "bench-raw"  # the raw subscriber: its own rx topic, so neither sees the other's
+# The serving side's client ids: the server identity with a replica suffix each (the brokers
+# accept ``_edgeota-server-{tag}`` from the server identity only).
+BRIDGE_CLIENT_ID = f"{SERVER_IDENTITY}-bench-bridge"  # + "-{tag}"
+RAW_PUBLISHER_CLIENT_ID = f"{SERVER_IDENTITY}-bench-raw-pub"
 TARGET_NAME = "models/bench/1.0.0.eotb"
 CHUNK = MAX_PAYLOAD  # 64 KiB: the fetch chunk and the raw message size
 HOST = "127.0.0.1"
@@ -184,7 +206,8 @@ class Endpoint:
     """How the clients reach one running broker, and with which identities."""
 
     name: str
-    port: int
+    port: int  # the devices' listener
+    server_port: int = 0  # the server's listener (Mosquitto-TLS: its own; else = port)
     server_tls: MqttTls | None = None  # the bridge and the raw publisher
     device_tls: MqttTls | None = None  # the device
     raw_tls: MqttTls | None = None  # the raw subscriber (a device identity too)
@@ -192,11 +215,12 @@ class Endpoint:
     embedded_ca: Path | None = None  # set: the server child runs the amqtt broker with this CA
 
 
-def _identities(ca: FleetCA, folder: Path, endpoint: Endpoint) -> None:
-    """Client TLS for the server identity and both device identities, issued by ``ca``."""
+def _identities(ca: FleetCA, folder: Path, endpoint: Endpoint, server_ca: FleetCA) -> None:
+    """Client TLS for the server identity (issued by ``server_ca``) and both device identities
+    (by ``ca``, the fleet CA that also issued the broker's certificate)."""
     server = folder / "server-identity"
     server.mkdir(mode=0o700)
-    key, cert = ca.issue_service_client_certificate()
+    key, cert = server_ca.issue_service_client_certificate(SERVER_IDENTITY)
     write_private_file(server / "key.pem", private_key_pem(key))
     (server / "crt.pem").write_bytes(certificate_pem(cert))
     ca_file = ca.folder / CA_CERT_FILE
@@ -233,30 +257,39 @@ def _mosquitto(folder: Path, tls: bool) -> Iterator[Endpoint]:
     endpoint = Endpoint("mosquitto-tls" if tls else "mosquitto", 0, target=TARGET_RATIO)
     ca = FleetCA.create(folder / "ca") if tls else None
     if ca is not None:
-        _identities(ca, folder, endpoint)
+        # The server listener trusts only the services CA: the server identity comes from it.
+        _identities(ca, folder, endpoint, server_ca=service_ca(ca))
     log = folder / "mosquitto.log"
-    for _ in range(3):  # another process may take the free port before mosquitto binds it
+    for _ in range(3):  # another process may take a free port before mosquitto binds it
         port = free_port()
         if ca is not None:
+            server_port = free_port()
+            if server_port == port:
+                continue
             run_as = "root" if os.geteuid() == 0 else None  # else it drops to "mosquitto"
             files = write_mosquitto_files(ca, folder / f"broker-{port}", host=HOST, port=port,
-                                          run_as=run_as)
+                                          server_port=server_port, run_as=run_as)
             config = files.config
         else:
+            server_port = port
             config = _plain_mosquitto_config(folder, port)
         with log.open("ab") as out:
             process = subprocess.Popen([MOSQUITTO, "-c", str(config)], stdout=out,
                                        stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+
+        def listening(ports: tuple[int, ...] = (port, server_port)) -> bool:
+            return all(accepts(p) for p in ports)
+
         deadline = time.monotonic() + START_TIMEOUT
-        while process.poll() is None and not accepts(port) and time.monotonic() < deadline:
+        while process.poll() is None and not listening() and time.monotonic() < deadline:
             with contextlib.suppress(subprocess.TimeoutExpired):
                 process.wait(0.01)  # returns at once if mosquitto exits (bad config)
-        if process.poll() is None and accepts(port):
+        if process.poll() is None and listening():
             break
         _stop_process(process)
     else:
         raise RuntimeError(f"mosquitto did not start:\n{log.read_text(errors='replace')[-2000:]}")
-    endpoint.port = port
+    endpoint.port, endpoint.server_port = port, server_port
     try:
         yield endpoint
     finally:
@@ -278,12 +311,14 @@ def _embedded(folder: Path) -> Iterator[Endpoint]:
     """A fleet CA and identities for the amqtt broker, which each server child starts itself.
 
     In production the embedded broker runs inside the server process, beside
-    the bridge, so here it runs in the server child (port chosen there).
+    the bridge, so here it runs in the server child (port chosen there). It
+    has one listener, trusting the fleet CA, which issues the server identity
+    too (as ``edgeota serve`` does for its embedded broker).
     """
     folder.mkdir()
     ca = FleetCA.create(folder / "ca")
     endpoint = Endpoint("embedded", 0, embedded_ca=ca.folder)
-    _identities(ca, folder, endpoint)
+    _identities(ca, folder, endpoint, server_ca=ca)
     yield endpoint
 
 
@@ -311,7 +346,8 @@ class ServerChild:
     """The serving side in a child process: ``FetchBridge`` on the store and the raw publisher.
 
     Controlled over its stdin/stdout, one line each way: the parent writes a
-    JSON config, the child answers ``ready {"port": N}``; then ``publish``
+    JSON config, the child answers ``ready {"port": N}`` (the devices' listener:
+    the embedded broker's is only known there); then ``publish``
     (answer ``published {...}`` once every raw message is handed to paho) and
     ``stop`` (answer ``stopped {"counters": ..., "profile": ...}``). The child
     answers ``error ...`` and exits on any failure, and stops when its stdin
@@ -331,12 +367,12 @@ class ServerChild:
         try:
             self._write(json.dumps({
                 "store": str(store.root), "target_path": target.path, "length": target.length,
-                "port": endpoint.port,
+                "port": endpoint.port, "server_port": endpoint.server_port,
                 "embedded_ca": str(endpoint.embedded_ca) if endpoint.embedded_ca else None,
                 "server_tls": _tls_json(endpoint.server_tls), "max_window": max_window,
                 "tag": tag, "profile": profile, "profile_clock": profile_clock, "top": top}))
             # Python start-up and imports, the broker (embedded), bridge and publisher.
-            self.port = int(self._expect("ready", 3 * START_TIMEOUT)["port"])
+            self.port = int(self._expect("ready", 3 * START_TIMEOUT)["port"])  # for devices
         except BaseException:
             self.close()
             raise
@@ -419,7 +455,7 @@ class _RawPublisher:
 
     def __init__(self, port: int, tls: MqttTls | None) -> None:
         connected = threading.Event()
-        self.client = _client("bench-raw-pub", tls)
+        self.client = _client(RAW_PUBLISHER_CLIENT_ID, tls)
         self.client.on_connect = lambda *_a: connected.set()
         self.client.connect(HOST, port, keepalive=60)
         self.client.loop_start()
@@ -456,12 +492,12 @@ def _child_main() -> int:
             profiles = (stack.enter_context(_profiled_threads("server main thread (commands)",
                                                               config["profile_clock"]))
                         if config["profile"] else None)
-            port = config["port"]
+            port, server_port = config["port"], config["server_port"]
             if config["embedded_ca"]:
                 broker = EmbeddedBroker(Path(config["embedded_ca"]), host=HOST, port=0)
                 broker.start()
                 stack.callback(broker.stop)
-                port = broker.port
+                port = server_port = broker.port  # one listener for devices and server
             store = RepoStore(Path(config["store"]))
             data = store.file_for_request(config["target_path"]).read_bytes()
             if len(data) != config["length"]:
@@ -469,12 +505,12 @@ def _child_main() -> int:
             chunks = [data[i:i + CHUNK] for i in range(0, len(data), CHUNK)]
             del data
             tls = _tls_from_json(config["server_tls"])
-            bridge = FetchBridge(store, host=HOST, port=port,
-                                 client_id=f"bench-bridge-{config['tag']}", tls=tls,
+            bridge = FetchBridge(store, host=HOST, port=server_port,
+                                 client_id=f"{BRIDGE_CLIENT_ID}-{config['tag']}", tls=tls,
                                  max_window=config["max_window"])
             bridge.start(timeout=START_TIMEOUT)
             stack.callback(bridge.stop)
-            publisher = _RawPublisher(port, tls)
+            publisher = _RawPublisher(server_port, tls)
             stack.callback(publisher.close)
             reply("ready", {"port": port})
             for line in sys.stdin:
@@ -527,7 +563,7 @@ class _RawSubscriber:
         self._cond = threading.Condition()
         self._received = 0
         self._subscribed = threading.Event()
-        self.client = _client("bench-raw-sub", endpoint.raw_tls)
+        self.client = _client(RAW_DEVICE_ID, endpoint.raw_tls)  # its certificate's CN
         self.client.on_connect = self._on_connect
         self.client.on_subscribe = lambda *_a: self._subscribed.set()
         self.client.on_message = self._on_message
@@ -604,10 +640,10 @@ def _sha256_file(path: Path) -> str:
 class _Device:
     """The device: one DeviceConnection (this process), fetching from the server child."""
 
-    def __init__(self, endpoint: Endpoint, port: int, tag: str) -> None:
+    def __init__(self, endpoint: Endpoint, port: int) -> None:
         self.connection = DeviceConnection(DEVICE_ID, host=HOST, port=port,
                                            tls=endpoint.device_tls,
-                                           client_id=f"bench-device-{tag}")
+                                           client_id=DEVICE_ID)  # its certificate's CN
         self.connection.start()
         if not self.connection.wait_ready(START_TIMEOUT):
             self.close()
@@ -770,7 +806,7 @@ def profile_download(endpoint: Endpoint, store: RepoStore, target: Target, windo
     try:
         with _profiled_threads("device: consumer (ResumableDownload, main thread)",
                                clock) as profiles:
-            device = _Device(endpoint, server.port, "prof")
+            device = _Device(endpoint, server.port)
             try:
                 elapsed = device.download(target, window, workdir / "profiled")
             finally:
@@ -799,7 +835,7 @@ def bench_broker(endpoint: Endpoint, store: RepoStore, target: Target, windows: 
         raw = device = None
         try:  # the clients go first: the broker may be in the child
             raw = _RawSubscriber(endpoint, server.port)
-            device = _Device(endpoint, server.port, endpoint.name)
+            device = _Device(endpoint, server.port)
             # Interleaved rounds: on a shared machine, drift hits raw and fetch alike.
             for n in range(repeat):
                 raw_times.append(raw.run(server, target.length))
