@@ -334,8 +334,8 @@ def iter_members_from_blocks(
     generic checks and before any of its bytes touch the disk.
     ``new_digest=None`` skips per-member hashing. Blocks are written and
     hashed without a copy, so each must stay unchanged once passed: ``bytes``,
-    or a read-only view of a buffer no one writes again (``digest`` takes a
-    read-only view at that word).
+    or a read-only view of a buffer no one writes while the view lives
+    (``digest`` takes a read-only view at that word).
     """
     cursor = _Cursor(blocks)
     total = 0
@@ -417,8 +417,11 @@ def _write_file(
                 on_bytes(batched)
             written += batched
         if writeback is not None:
-            writeback.wait()
+            # fsync first: it waits for a background flush still running (the
+            # pages under writeback) instead of after it. Then ``wait`` for that
+            # flush, which re-raises an error it took from this descriptor.
             os.fsync(fd)
+            writeback.wait()
     except BaseException:
         if writeback is not None:
             # Never close a descriptor a background flush still uses. Its own

@@ -12,8 +12,8 @@ open on two cores).
 Hand-overs are batched (a list of blocks per queue item, ~1 MiB) because each
 one costs a lock round trip, and nothing is joined or copied on the way. A
 block is kept as it is when nothing can change it: ``bytes``, or a read-only
-``memoryview`` (read-only is taken as a promise that its buffer is never
-written again); anything else is copied once, so a reused buffer cannot
+``memoryview`` (read-only is taken as a promise that its buffer is not
+written while the view lives); anything else is copied once, so a reused buffer cannot
 change under the worker. Large blocks also matter on the worker's side:
 every ``update`` gives up and takes back the GIL. Memory stays bounded:
 each stream's queue holds at most ``max_pending`` batches, and a producer
@@ -58,8 +58,8 @@ def _frozen(data: Block) -> bytes | memoryview:
     """``data`` itself if no one changes it before the worker reads it, else a copy.
 
     ``bytes`` cannot change; a read-only ``memoryview`` is taken at its word:
-    whoever made it read-only (``StreamOpener.chunks``, say) promises that
-    the buffer under it is never written again.
+    whoever made it read-only (``StreamOpener.blocks``, say) promises that
+    the buffer under it is not written while the view lives.
     """
     if isinstance(data, bytes):
         return data
