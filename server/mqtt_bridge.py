@@ -435,7 +435,7 @@ class FetchBridge:
         workers: int = 4,
         max_requests_per_device: int = 4,
         max_queue: int = 256,
-        max_queued_frames: int = 256,  # ~17 MiB of chunk frames; paho has 20 on the wire
+        max_queued_frames: int = 512,  # ~34 MiB of chunk frames; paho has 20 on the wire
         send_timeout: float = 30.0,  # seconds a worker waits for room in paho's queue
         keepalive: int = 30,
         reconnect_min_delay: float = 0.5,  # seconds; paho doubles it up to the max
