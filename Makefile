@@ -75,7 +75,8 @@ fuzz-api: $(STAMP)
 # Coverage-guided fuzzing of every parser of outside bytes (tests/fuzz/fuzz_*.py):
 # FUZZ_SECONDS of atheris per harness, then a merge of what added coverage into
 # tests/fuzz/corpus/<target>/ (crashes land there too), then its hypothesis
-# properties; `make test` replays that corpus (tests/test_fuzz_corpus.py).
+# properties, then (unless FUZZ_TARGETS names some) `make fuzz-api`; `make test`
+# replays that corpus (tests/test_fuzz_corpus.py).
 # FUZZ_TARGETS=manifest,journal runs a few. atheris comes with the dev extra
 # (a wheel on x86_64); elsewhere it is built here, which needs clang and libFuzzer.
 FUZZ_SECONDS ?= 60
@@ -83,6 +84,7 @@ FUZZ_TARGETS ?=
 .PHONY: fuzz fuzz-deps
 fuzz: $(STAMP) fuzz-deps
 	$(BIN)/python tests/fuzz/run_fuzz.py --seconds $(FUZZ_SECONDS) --targets "$(FUZZ_TARGETS)"
+	@test -n "$(FUZZ_TARGETS)" || $(MAKE) --no-print-directory fuzz-api
 
 fuzz-deps: $(STAMP)
 	@$(BIN)/python -c "import atheris" 2>/dev/null || { \
