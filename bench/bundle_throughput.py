@@ -1,25 +1,104 @@
 """Throughput of opening a sealed bundle against the crypto limit of this machine.
 
 For each AEAD suite this script builds a large dummy model (random bytes named
-``model.onnx``), seals it with ``seal_bundle`` and then measures, best of N:
+``model.onnx``), seals it with ``seal_bundle`` and then measures, best of N
+(the three measurements take turns in every round, so a burst of load on a
+shared machine hits all of them alike):
 
 * **open**: what a device does with a downloaded target, end to end:
-  ``open_bundle`` with the TUF target hash, which in one pass over the file
-  verifies its sha256, decrypts and authenticates each chunk, hashes the
-  plaintext, untars with per-file digests, fsyncs and renames into place.
-* **limit**: the same work without any of the plumbing: sha256 over the same
-  number of sealed bytes plus ``cryptography``'s AEAD ``decrypt`` of the same
-  64 KiB chunks, all ciphertexts prepared in memory beforehand (no I/O).
+  ``open_bundle`` called the way ``agent/update_cycle.py`` calls it, with the
+  plaintext digest from the target's signed ``custom``: decrypt and
+  authenticate each chunk, hash the plaintext, untar with the member checks,
+  write, fsync and rename into place. The sealed sha256 (the TUF target hash)
+  is not part of it: the device checks it while downloading, and the
+  download's cost is not measured here.
+* **limit**: the same crypto without any of the plumbing, on one thread: one
+  sha256 over the same number of sealed bytes plus ``cryptography``'s AEAD
+  ``decrypt`` of the same 64 KiB chunks, all ciphertexts prepared in memory
+  beforehand (no I/O).
+* **open, two digests**: ``open_bundle`` also hashing the sealed bytes
+  against the TUF target hash in the same pass, as the server's release
+  ingest (``server/services/releases.py``) calls it. Reported against the
+  same limit, which makes it the figure this bench printed as "open" until
+  2026-12 (the history below).
 
 Rates are payload megabytes (10**6 bytes of model) per second, so the ratio
 open/limit is the share of the machine's crypto speed the bundle path keeps.
 The target is a ratio of at least 0.6. The sealed file is in the page cache
 when it is opened (it was just written), which matches the limit (no I/O),
-but ``open_bundle`` still writes and fsyncs the unpacked model.
+but ``open_bundle`` still writes and fsyncs the unpacked model. ``open_bundle``
+hashes on threads of its own beside the decryption, so on several cores open
+may pass the single-threaded limit.
+
+Why open no longer hashes the sealed bytes (2026-12): the agent stopped
+passing ``expected_sealed_sha256`` (commit d421976: its download has just
+checked the target hash, and the AEAD tags and the signed plaintext digest
+catch any change since), so "open with the TUF target hash" measured a second
+sha256 pass no device makes at install time, against a limit that holds one.
+Open and limit now do the same crypto (one sha256, one decrypt), so the
+ratio is what the plumbing costs; the two-digest figure is still printed.
+
+History. 2 vCPU Xeon VM (SHA-NI, AES-NI/VAES) shared with other people's test
+runs; each figure is the best of 5 (x10: of 10) of one run, started when the
+machine was >= 90 % idle (>= 97 % for 7a2b7e5); a range spans separate runs.
+"open" as defined above (the agent's call), "2-dig" the two-digest open,
+both against the same limit. The 0e772f8 rows ran that commit's protocol
+code under this script; "old script" is the script before this change.
+
+==============================  ===  ========  =========  =========  =========
+run                             MiB  suite     open MB/s  ratio      2-dig
+==============================  ===  ========  =========  =========  =========
+0e772f8, as the brief saw it    128  chacha20                        0.51
+0e772f8, as the brief saw it    128  aes-gcm                         0.39
+0e772f8, old script, 2 runs     128  chacha20                        0.46-0.48
+0e772f8, old script, 2 runs     128  aes-gcm                         0.36-0.37
+0e772f8, 3 runs                 128  chacha20  429-436    0.46-0.48  0.42-0.47
+0e772f8, 3 runs                 128  aes-gcm   452-488    0.40       0.27-0.37
+0e772f8, 3 runs                 32   chacha20  406-420    0.43-0.45  0.44-0.46
+0e772f8, 3 runs                 32   aes-gcm   459-482    0.38-0.39  0.34-0.35
+9af39ab, 4 runs                 128  chacha20  986-1093   1.07-1.15  0.69-0.71
+9af39ab, 4 runs                 128  aes-gcm   1102-1203  0.92-0.98  0.60-0.61
+9af39ab, 2 runs                 32   chacha20  820-843    0.86-0.89  0.66-0.69
+9af39ab, 2 runs                 32   aes-gcm   896-917    0.73-0.75  0.55-0.57
+7a2b7e5, 2 runs, x10            128  chacha20  975-988    1.04-1.05  0.69
+7a2b7e5, 2 runs, x10            128  aes-gcm   1095-1118  0.90-0.93  0.58
+7a2b7e5, 2 runs, x10            32   chacha20  786-829    0.83-0.87  0.61-0.67
+7a2b7e5, 2 runs, x10            32   aes-gcm   861-893    0.71-0.73  0.54-0.58
+==============================  ===  ========  =========  =========  =========
+
+The limit was 899-955 MB/s (ChaCha20) and 1123-1225 MB/s (AES-GCM) in those
+runs. 9af39ab and 7a2b7e5 differ only in the order of the closing fsync and
+the wait for the background flush: interleaved in one process they time the
+same, so their rows differ by the machine's noise. The two-digest open has
+two sha256s (~190 ms of CPU for 128 MiB) and a decrypt to spread over two
+cores that other jobs also use, so it stays near 0.6 and drops first when
+the machine is busy (runs taken under load ranged 0.39-1.03 for open and
+0.22-0.74 for two digests). The 32 MiB ratios are lower because a fixed
+~8-10 ms weighs more: the closing fsync of the model (~7 ms: the last
+unflushed MiB and the flush in flight), threads, the manifest's and the
+folders' fsyncs.
+
+Where the time went, 128 MiB ChaCha20, the agent's call (direct timing with
+``time.perf_counter`` around the pieces, best of 5; cProfile inflates the
+pure-Python parts). Before: decrypt 55 ms and sha256 95 ms, both on the one
+thread (the plaintext digest ran inline when it was the only stream to hash),
+the read 18-28 ms, every byte copied two or three times more by
+``io.BufferedReader`` and ``tarfile``'s stream buffer (~40 ms), the writes
+30-45 ms, and the closing fsync 65 ms after the last chunk: ~300 ms in all.
+After, ~135 ms: the decrypting thread reads (28 ms), decrypts (54 ms) into a
+recycled 1 MiB buffer per 16 chunks, writes with ``os.writev`` straight from
+those buffers (30 ms; ``archive`` frames the tar stream itself and leaves
+only the headers to ``tarfile``) and spends ~15 ms in Python; the sha256
+runs on a thread of its own fed 1 MiB at a time, and the model is flushed
+every 8 MiB on another while it is written, so the closing fsync waits ~6 ms.
+Both cores are then busy (~230 ms of CPU in ~135 ms), which is why writing
+on one more thread gained nothing (tried: same best, worse medians). With
+two digests the three CPU-bound streams (decrypt, two sha256s: ~340 ms of
+CPU) share two cores, ~200 ms.
 
 Usage::
 
-    python bench/bundle_throughput.py [--size-mib 128] [--repeat 3] [--json]
+    python bench/bundle_throughput.py [--size-mib 128] [--repeat 5] [--json]
 
 Exits 0 whatever the result: it is a benchmark, not a test.
 """
@@ -76,16 +155,17 @@ def _sha256_file(path: Path) -> str:
 
 
 def _time_open(
-    sealed: Path, key: bytes, out: Path, expected_sha256: str, expected_plaintext: str
+    sealed: Path, key: bytes, out: Path, plaintext_sha256: str, sealed_sha256: str | None
 ) -> float:
+    """Seconds for one ``open_bundle`` into the new folder ``out`` (removed afterwards)."""
+    shutil.rmtree(out, ignore_errors=True)
     start = time.perf_counter()
-    # The TUF target hash is verified inside open_bundle, in the same pass as decryption.
     open_bundle(
         sealed,
         key,
         out,
-        expected_sealed_sha256=expected_sha256,
-        expected_plaintext_sha256=expected_plaintext,
+        expected_sealed_sha256=sealed_sha256,
+        expected_plaintext_sha256=plaintext_sha256,
     )
     return time.perf_counter() - start
 
@@ -159,26 +239,31 @@ def bench_suite(suite: AeadSuite, size_mib: int, repeat: int, workdir: Path) -> 
     payload.unlink()  # the open only needs the sealed file; keep the disk footprint small
 
     cached = _page_cache_share(sealed)
-    out = folder / "opened"
-    open_times = []
-    for _ in range(repeat):
-        shutil.rmtree(out, ignore_errors=True)
-        open_times.append(_time_open(sealed, key, out, info.sealed_sha256, info.plaintext_sha256))
-    if _sha256_file(out / "model.onnx") != manifest.model.sha256:
-        raise SystemExit("opened model does not match the original")
-    shutil.rmtree(out)
-
     cipher, chunks, aad, limit_sealed = _limit_inputs(suite, info.plaintext_size)
-    limit_times = [_time_limit(cipher, chunks, aad) for _ in range(repeat)]
+    out = folder / "opened"
+    open_times: list[float] = []
+    two_digest_times: list[float] = []
+    limit_times: list[float] = []
+    for _ in range(repeat):  # in turns, so that load on a shared machine hits all three
+        open_times.append(_time_open(sealed, key, out, info.plaintext_sha256, None))
+        if len(open_times) == 1 and _sha256_file(out / "model.onnx") != manifest.model.sha256:
+            raise SystemExit("opened model does not match the original")
+        two_digest_times.append(
+            _time_open(sealed, key, out, info.plaintext_sha256, info.sealed_sha256)
+        )
+        limit_times.append(_time_limit(cipher, chunks, aad))
+    shutil.rmtree(out)
     del chunks
 
     model_mb = manifest.model.size / 1e6
     open_rate = model_mb / min(open_times)
+    two_digest_rate = model_mb / min(two_digest_times)
     limit_rate = model_mb / min(limit_times)
     ratio = open_rate / limit_rate
     result: dict[str, object] = {
         "suite": suite.value,
         "size_mib": size_mib,
+        "cpus": len(os.sched_getaffinity(0)),
         "sealed_bytes": info.sealed_size,
         "limit_sealed_bytes": limit_sealed,
         "seal_mb_s": round(model_mb / min(seal_times), 1),
@@ -187,7 +272,10 @@ def bench_suite(suite: AeadSuite, size_mib: int, repeat: int, workdir: Path) -> 
         "ratio": round(ratio, 3),
         "target_ratio": TARGET_RATIO,
         "verdict": "PASS" if ratio >= TARGET_RATIO else "BELOW",
+        "two_digest_open_mb_s": round(two_digest_rate, 1),
+        "two_digest_ratio": round(two_digest_rate / limit_rate, 3),
         "open_s": [round(t, 3) for t in open_times],
+        "two_digest_open_s": [round(t, 3) for t in two_digest_times],
         "limit_s": [round(t, 3) for t in limit_times],
         "seal_s": [round(t, 3) for t in seal_times],
         "sealed_page_cache_share": None if cached is None else round(cached, 3),
@@ -198,7 +286,7 @@ def bench_suite(suite: AeadSuite, size_mib: int, repeat: int, workdir: Path) -> 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--size-mib", type=int, default=128, help="model size (default 128)")
-    parser.add_argument("--repeat", type=int, default=3, help="best of N (default 3)")
+    parser.add_argument("--repeat", type=int, default=5, help="best of N (default 5)")
     parser.add_argument("--json", action="store_true", help="print a JSON summary instead")
     parser.add_argument(
         "--suite",
@@ -224,7 +312,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     header = (
         f"{'suite':<18} {'MiB':>5} {'open MB/s':>10} {'limit MB/s':>11} "
-        f"{'ratio':>6} {'target':>7} {'verdict':>7} {'seal MB/s':>10}"
+        f"{'ratio':>6} {'target':>7} {'verdict':>7} {'2-dig MB/s':>11} {'2-dig':>6} "
+        f"{'seal MB/s':>10}"
     )
     print()
     print(header)
@@ -233,17 +322,20 @@ def main(argv: list[str] | None = None) -> int:
         print(
             f"{r['suite']:<18} {r['size_mib']:>5} {r['open_mb_s']:>10} {r['limit_mb_s']:>11} "
             f"{r['ratio']:>6.2f} {'>=' + str(TARGET_RATIO):>7} {r['verdict']:>7} "
+            f"{r['two_digest_open_mb_s']:>11} {r['two_digest_ratio']:>6.2f} "
             f"{r['seal_mb_s']:>10}"
         )
     print()
     for r in results:
         share = r["sealed_page_cache_share"]
-        state = "unknown" if share is None else f"{100 * share:.0f}% resident"
+        state = "unknown" if not isinstance(share, float) else f"{100 * share:.0f}% resident"
         print(f"sealed file of {r['suite']} in page cache before open: {state}")
     print(
-        "open = open_bundle verifying the sealed sha256 and plaintext sha256 in one pass "
-        "(decrypt, untar, fsync) from the page cache; "
-        "limit = sha256 + AEAD decrypt of the same chunks in memory. MB = 10**6 model bytes."
+        f"{results[0]['cpus'] if results else '?'} CPUs. open = open_bundle as the agent calls "
+        "it (signed plaintext sha256; decrypt, untar, fsync) from the page cache; "
+        "limit = one sha256 + AEAD decrypt of the same chunks in memory, one thread; "
+        "2-dig = open_bundle also checking the sealed sha256 (TUF target hash), as the "
+        "server's release ingest does, against the same limit. MB = 10**6 model bytes."
     )
     return 0
 
